@@ -1,0 +1,79 @@
+"""Thin click layer. Commands parse flags, call scanner.api, and print; `main` maps domain
+errors to exit codes and one-line messages (tracebacks only with --debug)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import ShapscanError, UsageError
+
+EXAMPLES = """
+\b
+Examples:
+  shapscan scan vendor.onnx --data few_shot/ --out safe.onnx --html report.html
+  shapscan scan vendor.onnx --data-free --fail-on high
+  shapscan inspect vendor.onnx
+  shapscan eval safe.onnx --data test.npz --attack badnets --target 0
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shapscan")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """shapscan: find and remove backdoors in ONNX models before they ship."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="shapscan: %(levelname)s: %(message)s")
+
+
+def echo_json(payload: object) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def use_color() -> bool:
+    return "NO_COLOR" not in os.environ and sys.stdout.isatty()
+
+
+from . import commands  # noqa: E402,F401  (registers the subcommands on `cli`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="shapscan", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("shapscan: aborted", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"shapscan: error: {exc.format_message()}", err=True)
+        return UsageError.exit_code
+    except ShapscanError as exc:
+        if debug:
+            raise
+        click.echo(f"shapscan: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("shapscan: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        click.echo(f"shapscan: internal error: {type(exc).__name__}: {exc} "
+                   "(rerun with --debug for a traceback)", err=True)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""CLI subcommands; importing a module registers its command on scanner.cli.cli."""
+
+from . import evaluate  # noqa: F401

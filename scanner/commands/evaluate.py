@@ -1,0 +1,86 @@
+"""`shapscan eval`: clean accuracy and attack success rate of any model (red-team check)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..api import evaluate
+from ..attacks import ATTACKS, Attack, parse_params
+from ..cli import cli, echo_json
+from ..errors import DataError, UsageError
+from .common import device_option, preprocess_options, preprocess_overrides
+
+
+def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> dict:
+    candidates = [zoo] if zoo else [model.resolve().parent.parent / "zoo.json",
+                                    Path("samples/zoo.json")]
+    for path in candidates:
+        if path and path.is_file():
+            try:
+                entries = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc})") from None
+            for entry in entries:
+                if entry.get("name") == name:
+                    return entry
+            raise UsageError(f"zoo entry {name!r} not in {path}")
+    raise UsageError("no zoo.json found; pass --zoo PATH")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help="Test images: a .npz (x, y) or a folder of images.")
+@click.option("--attack", type=click.Choice(sorted(ATTACKS)), default=None,
+              help="Trigger to stamp on the test images.")
+@click.option("--target", type=int, default=None, help="Attack target class.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Trigger parameter, repeatable (e.g. --param size=3).")
+@click.option("--zoo-entry", default=None, help="Take attack, target and params from zoo.json.")
+@click.option("--zoo", type=click.Path(path_type=Path), default=None,
+              help="zoo.json to read --zoo-entry from (default: next to the model).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@preprocess_options
+@device_option
+def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
+             params: tuple[str, ...], zoo_entry: str | None, zoo: Path | None, as_json: bool,
+             device: str, **prep: str | None) -> int:
+    """Clean accuracy and attack success rate (ASR) of MODEL on --data.
+
+    ASR is the share of images whose true label is not the target that the triggered
+    input sends to the target.
+    """
+    if zoo_entry and attack:
+        raise UsageError("give either --zoo-entry or --attack, not both")
+    trigger = None
+    if zoo_entry:
+        entry = find_zoo_entry(zoo_entry, model, zoo)
+        if entry.get("attack"):
+            trigger, target = Attack(entry["attack"], entry.get("params", {})), entry["target"]
+    elif attack:
+        if target is None:
+            raise UsageError("--attack needs --target")
+        try:
+            trigger = Attack(attack, parse_params(params))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        result = evaluate(model, data, trigger, target, preprocess_overrides(**prep), device)
+    except TypeError as exc:  # an attack parameter the trigger does not take
+        raise UsageError(f"bad attack parameter: {exc}") from None
+    if as_json:
+        echo_json({"model": str(model), "clean_acc": result.clean_acc, "asr": result.asr,
+                   "images": result.n_images, "attack_images": result.n_attack_images,
+                   "attack": trigger.name if trigger else None, "target": target})
+        return 0
+    asr = "-" if result.asr is None else f"{100 * result.asr:.2f}%"
+    rows = [("model", str(model)), ("images", str(result.n_images)),
+            ("clean accuracy", f"{100 * result.clean_acc:.2f}%"),
+            ("attack", f"{trigger.name} -> {target}" if trigger else "-"), ("ASR", asr)]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    return 0

@@ -1,0 +1,43 @@
+"""The domain exceptions. Each carries the exit code the CLI maps it to."""
+
+from __future__ import annotations
+
+
+class ShapscanError(Exception):
+    """Base class: a problem the user can act on, shown as one line (no traceback)."""
+
+    exit_code = 2
+
+
+class DataError(ShapscanError):
+    """Few-shot/test data missing, unreadable or of the wrong shape."""
+
+    exit_code = 2
+
+
+class ModelRefused(ShapscanError):
+    """The model failed a load or security check and will not be run."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, rule_id: str | None = None, location: str | None = None):
+        super().__init__(message)
+        self.rule_id = rule_id
+        self.location = location
+
+
+class Inconclusive(ShapscanError):
+    """The model is valid but cannot be scanned (nothing to scan, op without gradient rule)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, rule_id: str | None = None, location: str | None = None):
+        super().__init__(message)
+        self.rule_id = rule_id
+        self.location = location
+
+
+class UsageError(ShapscanError):
+    """Bad flag, bad policy file, unknown rule id."""
+
+    exit_code = 4

@@ -1,0 +1,151 @@
+"""The result model: findings, severities, and ScanResult.
+
+Reporters (scanner/report/) read only these types, never the engine. Findings, errors and
+skipped items are three separate outcomes: a result with errors still reports its findings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Severity(enum.IntEnum):
+    INFO = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    CRITICAL = 4
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            names = ", ".join(s.name.lower() for s in cls)
+            raise ValueError(f"unknown severity {text!r} (expected one of: {names})") from None
+
+
+class Verdict(enum.Enum):
+    CLEAN = "clean"
+    BACKDOOR = "backdoor"
+    INCONCLUSIVE = "inconclusive"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One observation with a stable rule id (see rules/catalog.toml)."""
+
+    rule_id: str
+    severity: Severity
+    message: str
+    location: str | None = None  # node, initializer or graph input name
+    details: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """An activation layer: the players of the Shapley game are its channels."""
+
+    name: str  # the activation's output tensor name
+    op: str  # Relu, SiLU (pattern), HardSwish, ...
+    node: str  # name of the node producing the tensor
+    channels: int
+    rank: int  # 4 for NCHW feature maps, 2 for [N, C] features
+
+
+@dataclass
+class ClassReverse:
+    """Trigger reverse for one candidate target class."""
+
+    target: int
+    mask_l1: float  # L1 norm of the reversed mask (pixels)
+    anomaly_index: float
+    reversed_asr: float  # share of non-target few-shot images sent to `target`
+    universal_norm: float | None = None  # mask-free perturbation family (full-image triggers)
+    universal_anomaly_index: float | None = None
+    flagged: bool = False
+
+
+@dataclass
+class Detection:
+    classes: list[ClassReverse]
+    flagged_targets: list[int]
+    threshold: float
+    data_free: bool
+    bn_layers_matched: int = 0  # data-free synthesis: BatchNormalization nodes used as prior
+    # reversed trigger of each flagged class, pixel space [0, 1]: mask [H, W], pattern [C, H, W]
+    masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    patterns: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # one stamped example image per flagged class, pixel space [C, H, W]
+    examples: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    forward_passes: int = 0
+
+
+@dataclass(frozen=True)
+class ChannelValue:
+    layer: str
+    channel: int
+    shapley: float  # backdoor Shapley value (utility: target probability of reversed trigger)
+    clean: float  # contribution to clean utility on the few-shot images
+    pruned: bool = False
+
+
+@dataclass
+class Repair:
+    target: int
+    channels_total: int
+    pruned: list[ChannelValue]
+    top_channels: list[ChannelValue]  # highest backdoor value, for the report
+    reversed_asr_before: float
+    reversed_asr_after: float
+    fewshot_acc_before: float
+    fewshot_acc_after: float
+    permutations: int
+    forward_passes: int
+    estimator: str  # "eps-greedy", "truncated-mc", "clp", "fine-pruning"
+    output_path: str | None = None
+    target_reached: bool = True
+
+    @property
+    def pruned_fraction(self) -> float:
+        return len(self.pruned) / max(1, self.channels_total)
+
+
+@dataclass
+class ModelSummary:
+    path: str
+    sha256: str
+    opset: int
+    inputs: list[tuple[str, list[int | str]]]
+    outputs: list[tuple[str, list[int | str]]]
+    layers: list[LayerInfo]
+    size_bytes: int
+
+    @property
+    def channels_total(self) -> int:
+        return sum(layer.channels for layer in self.layers)
+
+
+@dataclass
+class ScanResult:
+    model_path: str
+    verdict: Verdict = Verdict.INCONCLUSIVE
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    model: ModelSummary | None = None
+    detection: Detection | None = None
+    repair: Repair | None = None
+    method: str = "shapley"
+    device: str = "cpu"
+    seed: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    tool_version: str = ""
+
+    @property
+    def max_severity(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)

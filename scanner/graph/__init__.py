@@ -1,0 +1,1 @@
+"""ONNX graph engine: safe loading, activation discovery, mask insertion, export."""
