@@ -1,0 +1,156 @@
+"""Inline SVG charts and PNG images for the HTML report (no scripts, no external assets).
+
+Every label that can come from the model (layer and node names) is attacker-controlled,
+so all text goes through `esc` before it is placed in markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..findings import ChannelValue, ClassReverse
+
+FLAG = "#c62828"
+WARN = "#ef6c00"
+BAR = "#5c7ea8"
+MUTED = "#607080"
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "∞" if value > 0 else ("−∞" if value < 0 else "n/a")
+    return f"{value:.2f}"
+
+
+def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
+                  warn: float | None = None) -> str:
+    """Vertical bars of the anomaly index per class, threshold drawn as a dashed line.
+
+    Non-finite indices (all masks equal, MAD = 0) are drawn at the top of the axis.
+    """
+    width, height = 760, 300
+    left, right, top, bottom = 48, 16, 20, 44
+    finite = [c.anomaly_index for c in classes if math.isfinite(c.anomaly_index)]
+    levels = [threshold] if warn is None else [threshold, warn]
+    hi = max([*levels, *finite, 0.0]) * 1.15 + 0.1
+    lo = min([0.0, *finite]) * 1.15
+    plot_h = height - top - bottom
+    plot_w = width - left - right
+
+    def y(v: float) -> float:
+        v = hi if v == math.inf else (lo if v == -math.inf else v)
+        return top + (hi - v) / (hi - lo) * plot_h
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" aria-label="anomaly index per class">']
+    for tick in _ticks(lo, hi):
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
+                     f'y2="{y(tick):.1f}" stroke="#e3e7ec"/>'
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end" '
+                     f'class="tick">{tick:g}</text>')
+    slot = plot_w / max(1, len(classes))
+    bar_w = min(48.0, slot * 0.7)
+    for i, c in enumerate(classes):
+        a = c.anomaly_index if not math.isnan(c.anomaly_index) else 0.0
+        x = left + slot * i + (slot - bar_w) / 2
+        y0, y1 = sorted((y(0.0), y(a)))
+        color = FLAG if c.flagged else (WARN if warn is not None and a > warn else BAR)
+        parts.append(f'<rect x="{x:.1f}" y="{y0:.1f}" width="{bar_w:.1f}" '
+                     f'height="{max(1.0, y1 - y0):.1f}" fill="{color}">'
+                     f'<title>class {esc(c.target)}: anomaly index {_fmt(c.anomaly_index)}, '
+                     f'mask L1 {_fmt(c.mask_l1)}</title></rect>')
+        label_y = y(a) - 5 if a >= 0 else y(a) + 14
+        if slot >= 34 or c.flagged:  # with many classes only the flagged ones get a value
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{label_y:.1f}" '
+                         f'text-anchor="middle" class="value">{_fmt(c.anomaly_index)}</text>')
+        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height - bottom + 18}" '
+                     f'text-anchor="middle" class="tick">{esc(c.target)}</text>')
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}" '
+                 f'stroke="{MUTED}"/>')
+    for level, color, name in ((threshold, FLAG, "flag threshold"), (warn, WARN, "warn")):
+        if level is None:
+            continue
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(level):.1f}" '
+                     f'y2="{y(level):.1f}" stroke="{color}" stroke-width="2" '
+                     f'stroke-dasharray="6 4" class="threshold"/>'
+                     f'<text x="{width - right - 4}" y="{y(level) - 5:.1f}" '
+                     f'text-anchor="end" class="threshold-label" fill="{color}">'
+                     f'{name} {level:g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" '
+                 'class="axis">class</text>')
+    parts.append('</svg>')
+    return "".join(parts)
+
+
+def shapley_chart(channels: Sequence[ChannelValue], max_label: int = 34) -> str:
+    """Horizontal bars of the backdoor Shapley value; zeroed channels in red."""
+    row, width, label_w, right = 22, 760, 260, 70
+    height = 28 + row * len(channels)
+    values = [c.shapley for c in channels if math.isfinite(c.shapley)]
+    hi = max([0.0, *values]) or 1.0
+    lo = min([0.0, *values])
+    plot_w = width - label_w - right
+
+    def x(v: float) -> float:
+        v = min(max(v, lo), hi)
+        return label_w + (v - lo) / (hi - lo) * plot_w
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" aria-label="backdoor Shapley value per channel">']
+    for i, c in enumerate(channels):
+        cy = 10 + row * i
+        name = f"{c.layer}[{c.channel}]"
+        short = name if len(name) <= max_label else "…" + name[-(max_label - 1):]
+        x0, x1 = sorted((x(0.0), x(c.shapley if math.isfinite(c.shapley) else 0.0)))
+        color = FLAG if c.pruned else BAR
+        parts.append(f'<text x="{label_w - 8}" y="{cy + 14}" text-anchor="end" class="tick">'
+                     f'<title>{esc(name)}</title>{esc(short)}</text>'
+                     f'<rect x="{x0:.1f}" y="{cy + 3}" width="{max(1.0, x1 - x0):.1f}" '
+                     f'height="{row - 6}" fill="{color}"><title>{esc(name)}: Shapley '
+                     f'{c.shapley:.4f}, clean {c.clean:.4f}'
+                     f'{" (zeroed)" if c.pruned else ""}</title></rect>'
+                     f'<text x="{x1 + 6:.1f}" y="{cy + 14}" class="value">'
+                     f'{c.shapley:.3f}</text>')
+    parts.append(f'<line x1="{x(0):.1f}" x2="{x(0):.1f}" y1="6" y2="{height - 14}" '
+                 f'stroke="{MUTED}"/>')
+    parts.append('</svg>')
+    return "".join(parts)
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    start = math.ceil(lo / step) * step
+    return [round(start + k * step, 10) for k in range(int((hi - start) / step) + 1)]
+
+
+def png_data_uri(pixels: np.ndarray, size: int = 140) -> str:
+    """A base64 PNG of a [H, W] or [C, H, W] image in [0, 1], enlarged with nearest
+    neighbour so every pixel of a 28x28 trigger stays a visible block."""
+    arr = np.asarray(pixels, dtype=np.float64)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr[:3], (1, 2, 0))
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected an image of rank 2 or 3, got shape {pixels.shape}")
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+    image = Image.fromarray((np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8))
+    scale = max(1, size // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

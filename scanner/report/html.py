@@ -1,0 +1,208 @@
+"""Self-contained HTML report for a security reviewer: one file, no scripts, no network.
+
+Everything the model controls (node, tensor and layer names, metadata, error texts that
+quote them) is escaped with `esc`; images are PNG data URIs and charts are inline SVG.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+from .. import __version__
+from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Verdict
+from .charts import BAR, FLAG, anomaly_chart, esc, png_data_uri, shapley_chart
+
+_TITLES = {Verdict.BACKDOOR: "BACKDOOR DETECTED", Verdict.CLEAN: "CLEAN",
+           Verdict.INCONCLUSIVE: "INCONCLUSIVE", Verdict.ERROR: "ERROR — MODEL NOT SCANNED"}
+
+
+def _css() -> str:
+    return resources.files("scanner.report").joinpath("report.css").read_text("utf-8")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if math.isfinite(value) else ("∞" if value > 0 else "n/a")
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit} ({n:,} B)"
+        size /= 1024
+    return f"{n} B"
+
+
+def _kv(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def _banner(result: ScanResult) -> str:
+    sub: list[str] = []
+    d, r = result.detection, result.repair
+    if result.verdict is Verdict.BACKDOOR and d is not None and d.flagged_targets:
+        targets = ", ".join(esc(t) for t in d.flagged_targets)
+        sub.append(f"target class {targets}")
+    if r is not None:
+        sub.append(f"{len(r.pruned)} of {r.channels_total:,} channels zeroed, reversed "
+                   f"trigger success {_pct(r.reversed_asr_before)} → "
+                   f"{_pct(r.reversed_asr_after)}")
+        if r.output_path:
+            sub.append(f"repaired model: <code>{esc(r.output_path)}</code>")
+    if result.verdict is Verdict.CLEAN:
+        sub.append("no class is reachable with an anomalously small trigger")
+    if result.errors:
+        sub.append(f"{len(result.errors)} error(s): see below")
+    top = result.max_severity
+    if top is not None:
+        sub.append(f"highest finding severity: {top.name}")
+    return (f'<div class="banner {esc(result.verdict.value)}"><div class="verdict">'
+            f'{_TITLES[result.verdict]}</div><div class="sub">{" · ".join(sub)}</div></div>')
+
+
+def _model(result: ScanResult, m: ModelSummary | None) -> str:
+    rows = [("Model", f"<code>{esc(result.model_path)}</code>")]
+    if m is not None:
+        io = [(esc(name), "×".join(esc(d) for d in shape)) for name, shape in m.inputs]
+        out = [(esc(name), "×".join(esc(d) for d in shape)) for name, shape in m.outputs]
+        rows += [
+            ("SHA-256", f'<span class="mono">{esc(m.sha256)}</span>'),
+            ("Size", esc(_bytes(m.size_bytes))),
+            ("Opset", esc(m.opset)),
+            ("Inputs", "<br>".join(f"<code>{n}</code> [{s}]" for n, s in io)),
+            ("Outputs", "<br>".join(f"<code>{n}</code> [{s}]" for n, s in out)),
+            ("Activation layers", f"{len(m.layers)} ({m.channels_total:,} channels)"),
+        ]
+    rows += [("Method", esc(result.method)), ("Device", esc(result.device)),
+             ("Seed", esc(result.seed))]
+    html = _kv(rows)
+    if m is not None and m.layers:
+        body = "".join(f"<tr><td><code>{esc(x.name)}</code></td><td>{esc(x.op)}</td>"
+                       f"<td><code>{esc(x.node)}</code></td><td class=num>{x.channels}</td></tr>"
+                       for x in m.layers)
+        html += (f"<details><summary>{len(m.layers)} activation layers</summary><table>"
+                 "<tr><th>Tensor</th><th>Op</th><th>Node</th><th class=num>Channels</th></tr>"
+                 f"{body}</table></details>")
+    return html
+
+
+def _detection(d: Detection) -> str:
+    source = ("data-free (synthesised inputs, "
+              f"{d.bn_layers_matched} BatchNormalization layers as prior)"
+              if d.data_free else "few-shot clean images")
+    parts = [f'<p class="note">Anomaly index of each class\'s reversed trigger '
+             f'(how much smaller its mask is than the median, in robust standard deviations). '
+             f'Classes above the threshold ({_num(d.threshold, 2)}) are flagged. Inputs: '
+             f'{esc(source)}; {d.forward_passes:,} forward passes.</p>',
+             anomaly_chart(d.classes, d.threshold)]
+    rows = "".join(
+        f'<tr class="{"flagged" if c.flagged else ""}"><td class=num>{esc(c.target)}</td>'
+        f"<td class=num>{_num(c.mask_l1, 1)}</td><td class=num>{_num(c.anomaly_index, 2)}</td>"
+        f"<td class=num>{_pct(c.reversed_asr)}</td><td>{'yes' if c.flagged else ''}</td></tr>"
+        for c in d.classes)
+    parts.append("<details><summary>Per-class table</summary><table><tr>"
+                 "<th class=num>Class</th><th class=num>Mask L1</th>"
+                 "<th class=num>Anomaly index</th><th class=num>Reversed trigger success</th>"
+                 f"<th>Flagged</th></tr>{rows}</table></details>")
+    for t in d.flagged_targets:
+        if t not in d.masks:
+            continue
+        mask = d.masks[t]
+        figures = [("mask", mask)]
+        if t in d.patterns:
+            figures += [("pattern", d.patterns[t]), ("trigger (mask × pattern)",
+                                                     d.patterns[t] * mask[None])]
+        if t in d.examples:
+            figures.append(("stamped example", d.examples[t]))
+        imgs = "".join(f'<figure><img src="{png_data_uri(img)}" alt="{esc(label)}">'
+                       f"<figcaption>{esc(label)}</figcaption></figure>"
+                       for label, img in figures)
+        parts.append(f"<h3>Reversed trigger for class {esc(t)}</h3>"
+                     f'<div class="triggers">{imgs}</div>')
+    return "".join(parts)
+
+
+def _repair(r: Repair) -> str:
+    rows = [
+        ("Reversed trigger success (few-shot)", _pct(r.reversed_asr_before),
+         _pct(r.reversed_asr_after)),
+        ("Clean accuracy (few-shot)", _pct(r.fewshot_acc_before), _pct(r.fewshot_acc_after)),
+        ("Channels zeroed", "0", f"{len(r.pruned)} of {r.channels_total:,} "
+                                 f"({_pct(r.pruned_fraction)})"),
+    ]
+    table = "".join(f"<tr><th>{esc(k)}</th><td class=num>{b}</td><td class=num>{a}</td></tr>"
+                    for k, b, a in rows)
+    parts = [f'<p class="note">Target class {esc(r.target)}; estimator {esc(r.estimator)}, '
+             f"{r.permutations} permutations, {r.forward_passes:,} forward passes. "
+             f"Target reached: <b>{'yes' if r.target_reached else 'no'}</b>.</p>",
+             f"<table><tr><th></th><th class=num>Before</th><th class=num>After</th></tr>"
+             f"{table}</table>"]
+    if r.output_path:
+        parts.append(f"<p>Repaired model written to <code>{esc(r.output_path)}</code>.</p>")
+    if r.top_channels:
+        parts.append(f'<h3>Top channels by backdoor Shapley value</h3><p class="legend note">'
+                     f'<span style="background:{FLAG}"></span>zeroed'
+                     f'<span style="background:{BAR}"></span>kept</p>'
+                     f"{shapley_chart(r.top_channels)}")
+    if r.pruned:
+        body = "".join(f"<tr><td><code>{esc(c.layer)}</code></td><td class=num>{c.channel}"
+                       f"</td><td class=num>{_num(c.shapley, 4)}</td>"
+                       f"<td class=num>{_num(c.clean, 4)}</td></tr>" for c in r.pruned)
+        parts.append("<h3>Zeroed channels</h3><table><tr><th>Layer</th><th class=num>Channel"
+                     "</th><th class=num>Backdoor Shapley</th><th class=num>Clean contribution"
+                     f"</th></tr>{body}</table>")
+    return "".join(parts)
+
+
+def _findings(findings: list[Finding]) -> str:
+    if not findings:
+        return '<p class="note">No findings.</p>'
+    ordered = sorted(findings, key=lambda f: -f.severity)
+    body = "".join(
+        f'<tr><td><span class="sev {f.severity.name.lower()}">{f.severity.name}</span></td>'
+        f"<td><code>{esc(f.rule_id)}</code></td><td>{esc(f.message)}</td>"
+        f"<td>{f'<code>{esc(f.location)}</code>' if f.location else ''}</td></tr>"
+        for f in ordered)
+    return ("<table><tr><th>Severity</th><th>Rule</th><th>Message</th><th>Location</th></tr>"
+            f"{body}</table>")
+
+
+def _timings(result: ScanResult) -> str:
+    if not result.timings:
+        return '<p class="note">No timings recorded.</p>'
+    rows = "".join(f"<tr><td>{esc(stage)}</td><td class=num>{_num(s, 2)} s</td></tr>"
+                   for stage, s in result.timings.items())
+    total = sum(s for s in result.timings.values() if math.isfinite(s))
+    return (f"<table><tr><th>Stage</th><th class=num>Time</th></tr>{rows}"
+            f"<tr><th>total</th><th class=num>{total:.2f} s</th></tr></table>")
+
+
+def render_html(result: ScanResult) -> str:
+    """One self-contained HTML page for one model's result."""
+    sections = [f"<h1>shapscan report — <code>{esc(result.model_path)}</code></h1>",
+                _banner(result), "<h2>Model</h2>", _model(result, result.model)]
+    if result.errors or result.skipped:
+        items = "".join(f"<li>{esc(e)}</li>" for e in result.errors)
+        items += "".join(f"<li>skipped: {esc(s)}</li>" for s in result.skipped)
+        sections.append(f"<h2>Errors and skipped items</h2><ul class=\"errors\">{items}</ul>")
+    if result.detection is not None:
+        sections += ["<h2>Detection</h2>", _detection(result.detection)]
+    if result.repair is not None:
+        sections += ["<h2>Repair</h2>", _repair(result.repair)]
+    sections += ["<h2>Findings</h2>", _findings(result.findings),
+                 "<h2>Timings</h2>", _timings(result),
+                 f"<footer>shapscan {esc(result.tool_version or __version__)} · seed "
+                 f"{esc(result.seed)} · device {esc(result.device)}</footer>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>shapscan: {esc(result.verdict.value)} — {esc(result.model_path)}</title>"
+            f"<style>{_css()}</style></head><body><main>{''.join(sections)}</main>"
+            "</body></html>\n")
