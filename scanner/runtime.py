@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,13 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 _warned_cuda = False
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+THREADS_ENV = "SHAPSCAN_THREADS"
+
+# ORT's default logger prints provider and optimizer warnings to stderr; errors only.
+ort.set_default_logger_severity(3)
+
 
 @dataclass(frozen=True)
 class Device:
@@ -23,21 +30,41 @@ class Device:
 
     @property
     def name(self) -> str:
-        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        return "cuda" if self.providers[0] == CUDA else "cpu"
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    providers: tuple[str, ...]
+    warning: str | None  # set when CUDA was asked for and cannot be used
+
+
+def choose_providers(requested: str, available: Sequence[str], cuda_usable: bool
+                     ) -> ProviderChoice:
+    """Pure provider selection: CUDA when asked (or auto) and usable, else CPU.
+
+    Only an explicit `cuda` request that cannot be met warns; `auto` falls back silently.
+    """
+    if requested not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"unknown device {requested!r}")
+    if requested != "cpu" and CUDA in available and cuda_usable:
+        return ProviderChoice((CUDA, CPU), None)
+    if requested == "cuda":
+        reason = ("onnxruntime has no CUDA execution provider (install the `gpu` extra)"
+                  if CUDA not in available else "no NVIDIA device found")
+        return ProviderChoice((CPU,), f"CUDA requested but unavailable: {reason}; "
+                              "running on CPU")
+    return ProviderChoice((CPU,), None)
 
 
 def resolve_device(requested: str = "auto") -> Device:
     """CUDA when asked (or auto) and available; otherwise CPU, with one warning if asked."""
     global _warned_cuda
-    if requested not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"unknown device {requested!r}")
-    available = ort.get_available_providers()
-    if requested != "cpu" and "CUDAExecutionProvider" in available and _cuda_usable():
-        return Device(requested, ("CUDAExecutionProvider", "CPUExecutionProvider"))
-    if requested == "cuda" and not _warned_cuda:
+    choice = choose_providers(requested, ort.get_available_providers(), _cuda_usable())
+    if choice.warning and not _warned_cuda:
         _warned_cuda = True
-        warnings.warn("CUDA execution provider not available; running on CPU", stacklevel=2)
-    return Device(requested, ("CPUExecutionProvider",))
+        warnings.warn(choice.warning, stacklevel=2)
+    return Device(requested, choice.providers)
 
 
 def _cuda_usable() -> bool:
@@ -45,10 +72,16 @@ def _cuda_usable() -> bool:
     return os.path.exists("/dev/nvidia0") or os.environ.get("SHAPSCAN_ASSUME_CUDA") == "1"
 
 
+def default_threads() -> int | None:
+    value = os.environ.get(THREADS_ENV)
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings are noise for our users
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or default_threads()
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -57,10 +90,60 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device | None = None,
                  threads: int | None = None) -> ort.InferenceSession:
+    """A session on `device`; if the CUDA provider fails to initialise, one on CPU."""
+    global _warned_cuda
     device = device or resolve_device("cpu")
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(payload, sess_options=session_options(threads),
-                                providers=list(device.providers))
+    opts = session_options(threads)
+    try:
+        session = ort.InferenceSession(payload, sess_options=opts,
+                                       providers=list(device.providers))
+    except Exception:
+        if device.providers[0] != CUDA:
+            raise
+        session = None
+    if session is None or (device.providers[0] == CUDA
+                           and session.get_providers()[0] != CUDA):
+        # CUDA listed but the provider library or driver failed to load (e.g. a CUDA/cuDNN
+        # version mismatch): warn once, then run on CPU.
+        if not _warned_cuda:
+            _warned_cuda = True
+            warnings.warn("CUDA execution provider failed to initialise; running on CPU",
+                          stacklevel=2)
+        session = ort.InferenceSession(payload, sess_options=opts, providers=[CPU])
+    return session
+
+
+class Runner:
+    """One session; on CUDA, inputs and outputs go through IOBinding.
+
+    IOBinding lets ORT copy host inputs once and write outputs straight into host memory,
+    instead of the per-run staging `session.run` does on a GPU provider.
+    """
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.on_cuda = session.get_providers()[0] == CUDA
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.on_cuda else "cpu"
+
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self.on_cuda:
+            return self.session.run(list(outputs), feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+def make_runner(model: onnx.ModelProto | bytes | str, device: Device | None = None,
+                threads: int | None = None) -> Runner:
+    return Runner(make_session(model, device, threads))
 
 
 def batches(n: int, size: int) -> Iterator[slice]:
@@ -73,6 +156,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
     """Run `session` over the leading axis of every feed, `batch_size` rows at a time."""
     n = len(next(iter(feeds.values())))
     names = [output] if output else [session.get_outputs()[0].name]
-    parts = [session.run(names, {k: v[s] for k, v in feeds.items()})[0]
+    runner = Runner(session)
+    parts = [runner.run(names, {k: v[s] for k, v in feeds.items()})[0]
              for s in batches(n, batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0,), np.float32)

@@ -1,15 +1,39 @@
-"""Safe model loading. Every refusal raises ModelRefused with a stable rule id."""
+"""Safe model loading. Every refusal raises ModelRefused with a stable rule id.
+
+Loading is an attack surface: the checks here run on the parsed protobuf *before* onnx or
+onnxruntime touch external data or execute anything, in this order: file (SS101, SS112),
+op domains (SS102), tensor storage (SS103-SS105), graph structure (SS106, SS107), opset
+(SS108/SS109), image input type (SS110), then onnx.checker and strict shape inference
+(SS111). The model kept in `LoadedModel.proto` is the shape-inferred one.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto, external_data_helper, version_converter
 
 from ..errors import ModelRefused
-from ..findings import Finding
+from ..findings import Finding, Severity
+
+log = logging.getLogger(__name__)
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+MIN_OPSET = 13
+TARGET_OPSET = 17
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
+                         TensorProto.BFLOAT16})
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
+                "double_data", "uint64_data")
+_FOUR_BIT = frozenset(getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                      if hasattr(TensorProto, n))
 
 
 @dataclass
@@ -24,27 +48,320 @@ class LoadedModel:
     def metadata(self) -> dict[str, str]:
         return {p.key: p.value for p in self.proto.metadata_props}
 
+    @property
+    def opset(self) -> int:
+        return default_opset(self.proto) or 0
+
     def image_input(self) -> tuple[str, list[int | str]]:
         """The (name, shape) of the model's image input (the first non-initializer input)."""
-        inits = {i.name for i in self.proto.graph.initializer}
-        for inp in self.proto.graph.input:
-            if inp.name not in inits:
-                dims = inp.type.tensor_type.shape.dim
-                return inp.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                                  for d in dims]
-        raise ModelRefused("model has no graph input", rule_id="SS107")
+        inp = first_input(self.proto)
+        if inp is None:
+            raise ModelRefused("model has no graph input", rule_id="SS107")
+        return inp.name, value_shape(inp)
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def refuse(rule_id: str, message: str, location: str | None = None) -> ModelRefused:
+    return ModelRefused(f"{rule_id}: {message}", rule_id=rule_id, location=location)
+
+
+def value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+def first_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto | None:
+    inits = {i.name for i in proto.graph.initializer}
+    return next((i for i in proto.graph.input if i.name not in inits), None)
+
+
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None,
+               max_bytes: int | None = None) -> LoadedModel:
+    """Parse, vet and shape-infer the model at `path`; raise ModelRefused on any rule."""
     path = Path(path)
     if not path.is_file():
-        raise ModelRefused(f"{path}: no such file", rule_id="SS101")
+        raise refuse("SS101", f"{path}: no such file")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise refuse("SS112", f"{path}: {size} bytes exceeds the limit of {max_bytes}")
     raw = path.read_bytes()
+    proto = _parse(raw, path)
+    findings: list[Finding] = []
+
+    _check_domains(proto, STANDARD_DOMAINS | set(allowed_domains or ()))
+    external = _check_tensors(proto, path.parent)
+    if max_bytes is not None and size + external > max_bytes:
+        raise refuse("SS112", f"{path}: {size + external} bytes with external data exceeds "
+                     f"the limit of {max_bytes}")
+    if external:
+        # Every location was checked to lie inside the model folder and to hold its bytes.
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    _toposort_checked(proto.graph)
+    proto, converted = _check_opset(proto)
+    if converted:
+        findings.append(converted)
+    _check_image_input(proto)
+    proto = _check_and_infer(proto)
+    return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings)
+
+
+def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
     try:
-        proto = onnx.load_model_from_string(raw)
+        proto = onnx.ModelProto.FromString(raw)
     except Exception:
-        raise ModelRefused(f"{path}: not an ONNX model (protobuf parse failed)",
-                           rule_id="SS101") from None
-    if not proto.graph.node:
-        raise ModelRefused(f"{path}: not an ONNX model (no graph nodes)", rule_id="SS101")
-    return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), len(raw))
+        raise refuse("SS101", f"{path}: not an ONNX model (protobuf parse failed)") from None
+    # Arbitrary bytes sometimes parse as a protobuf with only unknown fields.
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise refuse("SS101", f"{path}: not an ONNX model (no IR version or graph nodes)")
+    return proto
+
+
+# ---------------------------------------------------------------- walking the model
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for graph in _graphs(proto.graph):
+        yield from graph.node
+    for function in proto.functions:
+        yield from function.node
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    for graph in _graphs(proto.graph):
+        for t in graph.initializer:
+            yield t.name, t
+        for s in graph.sparse_initializer:
+            yield s.values.name, s.values
+            yield s.indices.name, s.indices
+    for node in _all_nodes(proto):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield f"{node.name or node.op_type}.{attr.name}", attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield f"{node.name or node.op_type}.{attr.name}", t
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield f"{node.name or node.op_type}.{attr.name}", attr.sparse_tensor.values
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_domains(proto: onnx.ModelProto, allowed: set[str]) -> None:
+    local = {(f.domain, f.name) for f in proto.functions}
+    for entry in proto.opset_import:
+        if entry.domain not in allowed and not any(d == entry.domain for d, _ in local):
+            raise refuse("SS102", f"opset import of custom domain {entry.domain!r}",
+                         entry.domain)
+    for node in _all_nodes(proto):
+        if node.domain not in allowed:
+            where = node.name or node.op_type
+            raise refuse("SS102", f"node {where!r} uses op {node.op_type!r} from custom "
+                         f"domain {node.domain!r}", where)
+
+
+def _check_tensors(proto: onnx.ModelProto, folder: Path) -> int:
+    """SS103-SS105 on every stored tensor; returns the external data bytes referenced."""
+    external = 0
+    for name, tensor in _all_tensors(proto):
+        is_external = (tensor.data_location == TensorProto.EXTERNAL
+                       or len(tensor.external_data) > 0)
+        fields = [f for f in _DATA_FIELDS if len(getattr(tensor, f))]
+        if len(fields) + is_external > 1:
+            stored = fields + (["external_data"] if is_external else [])
+            raise refuse("SS104", f"tensor {name!r} stores data in more than one field "
+                         f"({', '.join(stored)})", name)
+        if any(d < 0 for d in tensor.dims):
+            raise refuse("SS105", f"tensor {name!r} declares negative dims "
+                         f"{list(tensor.dims)}", name)
+        if is_external:
+            external += _check_external(name, tensor, folder)
+        else:
+            _check_stored_size(name, tensor, fields[0] if fields else None)
+    return external
+
+
+def _element_count(tensor: TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+def _byte_size(tensor: TensorProto) -> int | None:
+    n = _element_count(tensor)
+    if tensor.data_type in _FOUR_BIT:
+        return (n + 1) // 2
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    return n * itemsize
+
+
+def _check_stored_size(name: str, tensor: TensorProto, stored: str | None) -> None:
+    n = _element_count(tensor)
+    if stored is None:
+        if n:
+            raise refuse("SS105", f"tensor {name!r} declares {n} elements but stores none",
+                         name)
+        return
+    if stored == "raw_data":
+        expected = _byte_size(tensor)
+        have = len(tensor.raw_data)
+        unit = "bytes"
+    else:
+        complex_types = (TensorProto.COMPLEX64, TensorProto.COMPLEX128)
+        expected = 2 * n if tensor.data_type in complex_types else n
+        if tensor.data_type in _FOUR_BIT:  # packed two per entry
+            expected = (n + 1) // 2
+        have = len(getattr(tensor, stored))
+        unit = f"{stored} entries"
+    if expected is not None and have != expected:
+        raise refuse("SS105", f"tensor {name!r} declares dims {list(tensor.dims)} "
+                     f"({expected} {unit}) but stores {have}", name)
+
+
+def _check_external(name: str, tensor: TensorProto, folder: Path) -> int:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise refuse("SS103", f"tensor {name!r} has external data without a location", name)
+    if (os.path.isabs(location) or location.startswith(("/", "\\"))
+            or (len(location) > 1 and location[1] == ":")):
+        raise refuse("SS103", f"tensor {name!r} external data path {location!r} is absolute",
+                     name)
+    base = folder.resolve()
+    target = (base / location).resolve()
+    if not target.is_relative_to(base):
+        raise refuse("SS103", f"tensor {name!r} external data path {location!r} escapes "
+                     "the model folder", name)
+    if not target.is_file():
+        raise refuse("SS105", f"tensor {name!r} external data file {location!r} is missing",
+                     name)
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise refuse("SS105", f"tensor {name!r} external data offset/length are not "
+                     "integers", name) from None
+    file_size = target.stat().st_size
+    if length is None:
+        length = file_size - offset
+    if offset < 0 or length < 0 or offset + length > file_size:
+        raise refuse("SS105", f"tensor {name!r} external data [{offset}, {offset + length}) "
+                     f"lies outside {location!r} ({file_size} bytes)", name)
+    expected = _byte_size(tensor)
+    if expected is not None and expected != length:
+        raise refuse("SS105", f"tensor {name!r} declares dims {list(tensor.dims)} "
+                     f"({expected} bytes) but its external data holds {length}", name)
+    return length
+
+
+def _toposort_checked(graph: onnx.GraphProto) -> None:
+    """SS107 (dangling input) and SS106 (cycle); reorders the nodes topologically."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    available |= {s.values.name for s in graph.sparse_initializer}
+    producer: dict[str, int] = {}
+    for idx, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producer[out] = idx
+    for node in graph.node:
+        for inp in node.input:
+            if inp and inp not in available and inp not in producer:
+                where = node.name or node.op_type
+                raise refuse("SS107", f"node {where!r} reads {inp!r}, which nothing produces",
+                             where)
+    deps = [{producer[i] for i in node.input if i in producer} for node in graph.node]
+    deps = [_outer_deps(node, producer) | d for node, d in zip(graph.node, deps, strict=True)]
+    order: list[int] = []
+    done: set[int] = set()
+    remaining = list(range(len(graph.node)))
+    while remaining:
+        ready = [i for i in remaining if deps[i] <= done]
+        if not ready:
+            stuck = graph.node[remaining[0]]
+            where = stuck.name or stuck.op_type
+            raise refuse("SS106", f"graph has a cycle through node {where!r}", where)
+        order.extend(ready)
+        done.update(ready)
+        remaining = [i for i in remaining if i not in done]
+    if order != list(range(len(graph.node))):
+        nodes = [graph.node[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _outer_deps(node: onnx.NodeProto, producer: dict[str, int]) -> set[int]:
+    """Subgraph bodies may read outer-scope tensors: those are dependencies too."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in subgraphs:
+            for sub in _graphs(g):
+                for n in sub.node:
+                    names.update(n.input)
+    return {producer[n] for n in names if n in producer}
+
+
+def _check_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Finding | None]:
+    version = default_opset(proto)
+    newest = onnx.defs.onnx_opset_version()
+    if version is None:
+        raise refuse("SS109", "model imports no default-domain opset")
+    if version > newest:
+        raise refuse("SS109", f"opset {version} is newer than this onnx supports ({newest})")
+    if version >= MIN_OPSET:
+        return proto, None
+    try:
+        converted = version_converter.convert_version(proto, TARGET_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise refuse("SS109", f"opset {version} is older than {MIN_OPSET} and could not be "
+                     f"converted to {TARGET_OPSET} ({_first_line(exc)})") from None
+    finding = Finding("SS108", Severity.INFO,
+                      f"opset {version} converted to {TARGET_OPSET} with onnx.version_converter",
+                      details={"from": version, "to": TARGET_OPSET})
+    return converted, finding
+
+
+def _check_image_input(proto: onnx.ModelProto) -> None:
+    inp = first_input(proto)
+    if inp is None:
+        raise refuse("SS107", "model has no graph input")
+    elem = inp.type.tensor_type.elem_type
+    if elem not in FLOAT_TYPES:
+        type_name = TensorProto.DataType.Name(elem) if elem else "non-tensor"
+        raise refuse("SS110", f"image input {inp.name!r} has type {type_name}; a float "
+                     "tensor is required", inp.name)
+
+
+def _check_and_infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+                                                 data_prop=True)
+    except Exception as exc:
+        raise refuse("SS111", f"onnx checker / shape inference failed: {_first_line(exc)}"
+                     ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

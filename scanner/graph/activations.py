@@ -1,0 +1,113 @@
+"""Activation discovery: the layers whose output channels are the Shapley players."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+from ..findings import LayerInfo
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid",
+                            "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Softplus"})
+SILU = "SiLU"  # the Mul(x, Sigmoid(x)) pattern
+# f(0) = 0: zeroing the pre-activation zeroes the output (what export's folding relies on).
+# Clip only when its range contains 0: the node-level check is `clip_keeps_zero`.
+_ZERO_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Tanh", "Elu",
+                              "Selu", "Gelu", SILU})
+
+
+def activation_maps_zero(op: str) -> bool:
+    """True when the activation maps 0 to 0 (Sigmoid, HardSigmoid and Softplus do not)."""
+    return op in _ZERO_PRESERVING
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Where a discovered layer sits in the graph."""
+
+    layer: LayerInfo
+    pre: str  # the activation's input tensor (x of f(x), or of x * Sigmoid(x))
+    nodes: tuple[str, ...]  # the nodes that make up the activation (Sigmoid + Mul for SiLU)
+
+
+def graph_index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto],
+                                                   dict[str, list[onnx.NodeProto]]]:
+    """Producer of each tensor, and the consumers of each tensor."""
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for out in node.output:
+            producer[out] = node
+        for inp in node.input:
+            if inp:
+                consumers.setdefault(inp, []).append(node)
+    return producer, consumers
+
+
+def tensor_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes known to shape inference (None for unknown dims)."""
+    shapes: dict[str, list[int | None]] = {}
+    graph = proto.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                              for d in tensor_type.shape.dim]
+    return shapes
+
+
+def silu_parts(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]
+               ) -> tuple[str, onnx.NodeProto] | None:
+    """(x, the Sigmoid node) when `node` is Mul(x, Sigmoid(x)) in either operand order."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    a, b = node.input
+    for x, s in ((a, b), (b, a)):
+        sig = producer.get(s)
+        if sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == x:
+            return x, sig
+    return None
+
+
+def find_activations(proto: onnx.ModelProto) -> list[Activation]:
+    """Activations with a known channel count, in topological (graph node) order."""
+    graph = proto.graph
+    producer, _ = graph_index(graph)
+    shapes = tensor_shapes(proto)
+    silu_sigmoids: set[str] = set()
+    candidates: list[tuple[onnx.NodeProto, str, str, tuple[str, ...]]] = []
+    for node in graph.node:
+        silu = silu_parts(node, producer)
+        if silu is not None:
+            x, sig = silu
+            silu_sigmoids.add(sig.output[0])
+            candidates.append((node, SILU, x, (sig.name, node.name)))
+        elif node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
+            candidates.append((node, node.op_type, node.input[0], (node.name,)))
+    found: list[Activation] = []
+    for node, op, pre, nodes in candidates:
+        out = node.output[0]
+        if op == "Sigmoid" and out in silu_sigmoids:
+            continue  # part of a SiLU, not a layer of its own
+        shape = shapes.get(out)
+        if shape is None or len(shape) not in (2, 4) or shape[1] is None:
+            log.debug("skipping activation %s (%s): channel count unknown (shape %s)",
+                      out, op, shape)
+            continue
+        layer = LayerInfo(name=out, op=op, node=node.name, channels=int(shape[1]),
+                          rank=len(shape))
+        found.append(Activation(layer, pre, nodes))
+    return found
+
+
+def discover_activations(proto: onnx.ModelProto) -> list[LayerInfo]:
+    """The activation layers of `proto` (shape-inferred), in topological order.
+
+    Channel axis is 1: NCHW feature maps (rank 4) and [N, C] features (rank 2).
+    """
+    return [a.layer for a in find_activations(proto)]

@@ -1,0 +1,54 @@
+"""Differential check: run two models in onnxruntime on the same feeds and compare outputs.
+
+Used by the tests and by export (onnxsim's model_checking.compare, in our terms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import ShapscanError
+from ..runtime import make_session
+
+
+class ModelMismatch(ShapscanError):
+    """Two models that should compute the same outputs do not (a bug in a graph edit)."""
+
+    exit_code = 2
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All outputs of `model`; feeds it does not take are ignored."""
+    session = make_session(model)
+    names = {i.name for i in session.get_inputs()}
+    missing = names - set(feeds)
+    if missing:
+        raise ValueError(f"no feed for input(s) {sorted(missing)}")
+    outputs = [o.name for o in session.get_outputs()]
+    values = session.run(outputs, {k: v for k, v in feeds.items() if k in names})
+    return dict(zip(outputs, values, strict=True))
+
+
+def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                   atol: float | None = None) -> float:
+    """Max absolute difference over the outputs the two models share (by name).
+
+    Raises ModelMismatch when the output names differ, a shape differs, or the difference
+    exceeds `atol` (when given).
+    """
+    out_a, out_b = run_model(a, feeds), run_model(b, feeds)
+    if set(out_a) != set(out_b):
+        raise ModelMismatch(f"output names differ: {sorted(out_a)} vs {sorted(out_b)}")
+    worst = 0.0
+    for name, va in out_a.items():
+        vb = out_b[name]
+        if va.shape != vb.shape:
+            raise ModelMismatch(f"output {name!r} has shape {va.shape} vs {vb.shape}")
+        if va.size:
+            diff = np.abs(va.astype(np.float64) - vb.astype(np.float64))
+            diff[np.isnan(va) & np.isnan(vb)] = 0.0  # NaN in the same place is agreement
+            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+    if atol is not None and worst > atol:
+        raise ModelMismatch(f"models differ by {worst:.3g} (> {atol:g})")
+    return worst

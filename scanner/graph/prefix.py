@@ -1,0 +1,219 @@
+"""Prefix caching and the coalition evaluator the Shapley stage calls.
+
+Every node that does not (transitively) read a mask input computes the same tensors for
+every coalition. Those nodes form the prefix: it runs once for the K images, and its tensors
+that the rest of the graph reads (the cut) are cached. The suffix, the nodes downstream of
+the masks, runs per coalition batch with the cached tensors as inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..findings import LayerInfo
+from ..runtime import Device, Runner, batches, make_runner
+from .mask import MaskSpec, batch_dim, insert_masks, mask_inputs
+
+
+@dataclass(frozen=True)
+class PrefixSplit:
+    prefix: onnx.ModelProto | None  # None when the cut reads only graph inputs
+    suffix: onnx.ModelProto | None  # None when the output does not depend on any mask
+    cut: tuple[str, ...]  # tensors crossing from prefix to suffix
+    output: str
+
+
+def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -> PrefixSplit:
+    """Split a masked model into the mask-independent prefix and the mask-dependent suffix."""
+    masked = onnx.shape_inference.infer_shapes(masked)  # dtypes for the cut tensors
+    graph = gs.import_onnx(masked)
+    tensors = graph.tensors()
+    downstream: set[str] = set(masks)
+    suffix_nodes: set[int] = set()
+    for idx, node in enumerate(graph.toposort().nodes):
+        if any(t.name in downstream for t in node.inputs):
+            suffix_nodes.add(idx)
+            downstream.update(t.name for t in node.outputs)
+    graph_inputs = {t.name for t in graph.inputs}
+    cut: list[str] = []
+    for idx in sorted(suffix_nodes):
+        for t in graph.nodes[idx].inputs:
+            if (isinstance(t, gs.Variable) and t.name not in downstream
+                    and t.name not in cut):
+                cut.append(t.name)
+    if output not in downstream:
+        return PrefixSplit(_subgraph(masked, [i for i in graph_inputs if i not in masks],
+                                     [output], tensors), None, (), output)
+    image_inputs = [t.name for t in graph.inputs if t.name not in masks]
+    produced = [c for c in cut if c not in graph_inputs]
+    prefix = _subgraph(masked, image_inputs, produced, tensors) if produced else None
+    suffix = _subgraph(masked, [*cut, *masks], [output], tensors)
+    return PrefixSplit(prefix, suffix, tuple(cut), output)
+
+
+def _subgraph(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str],
+              reference: dict[str, gs.Tensor]) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for name in [*inputs, *outputs]:
+        if tensors[name].dtype is None:
+            tensors[name].dtype = reference[name].dtype or np.float32
+    graph.inputs = [tensors[n] for n in inputs]
+    graph.outputs = [tensors[n] for n in outputs]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    return out
+
+
+@dataclass
+class _Engine:
+    """Sessions shared by evaluators over different image sets."""
+
+    masks: list[MaskSpec]
+    input_name: str
+    output: str
+    full: Runner | None
+    split: PrefixSplit | None
+    prefix: Runner | None
+    suffix: Runner | None
+    fixed_batch: int | None  # the model's batch dim when it is not dynamic
+
+
+class CoalitionEvaluator:
+    """Logits of the model with channel coalitions switched on, on a fixed set of K images.
+
+    A coalition is a row of `n_channels` values in {0, 1} (floats allowed: a soft mask);
+    flat channel index order follows `layers`. One batch row is one (coalition, image) pair.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, layers: Sequence[LayerInfo],
+                 images: np.ndarray, device: Device | None = None, max_batch_rows: int = 1024,
+                 prefix_cache: bool = True, threads: int | None = None,
+                 _engine: _Engine | None = None):
+        if not layers:
+            raise ValueError("no layers to mask")
+        self.layers = list(layers)
+        self.offsets = np.cumsum([0] + [layer.channels for layer in self.layers])
+        self.n_channels = int(self.offsets[-1])
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.prefix_cache = prefix_cache
+        self.forward_passes = 0
+        self.images = np.ascontiguousarray(images)
+        self._engine = _engine or _build_engine(proto, self.layers, device, prefix_cache,
+                                                threads)
+        self._cache = self._run_prefix()
+
+    def with_images(self, images: np.ndarray) -> CoalitionEvaluator:
+        """An evaluator on other images sharing this one's sessions (no rebuild)."""
+        return CoalitionEvaluator(None, self.layers, images,  # type: ignore[arg-type]
+                                  max_batch_rows=self.max_batch_rows,
+                                  prefix_cache=self.prefix_cache, _engine=self._engine)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def device(self) -> str:
+        runner = self._engine.suffix or self._engine.full or self._engine.prefix
+        return runner.device if runner else "cpu"
+
+    def channel(self, flat: int) -> tuple[LayerInfo, int]:
+        if not 0 <= flat < self.n_channels:
+            raise IndexError(f"channel {flat} out of range [0, {self.n_channels})")
+        i = int(np.searchsorted(self.offsets, flat, side="right")) - 1
+        return self.layers[i], int(flat - self.offsets[i])
+
+    def flat_index(self, layer: str, channel: int) -> int:
+        i = next(k for k, info in enumerate(self.layers) if info.name == layer)
+        return int(self.offsets[i]) + channel
+
+    def logits(self, coalitions: np.ndarray) -> np.ndarray:
+        """[M, n_channels] -> [M, K, classes]."""
+        coalitions = np.asarray(coalitions, np.float32)
+        if coalitions.ndim == 1:
+            coalitions = coalitions[None]
+        if coalitions.shape[1] != self.n_channels:
+            raise ValueError(f"coalitions have {coalitions.shape[1]} columns; expected "
+                             f"{self.n_channels}")
+        m, k = len(coalitions), self.n_images
+        eng = self._engine
+        if eng.split is not None and eng.suffix is None:  # output ignores every mask
+            out = np.broadcast_to(self._cache[eng.output], (m, *self._cache[eng.output].shape))
+            self.forward_passes += m * k
+            return np.array(out)
+        runner = eng.suffix if eng.split is not None else eng.full
+        parts = []
+        for rows in self._row_chunks(m * k):
+            idx = np.arange(rows.start, rows.stop)
+            image, coalition = idx % k, idx // k
+            feeds = {name: cached[image] for name, cached in self._cache.items()}
+            for i, spec in enumerate(eng.masks):
+                block = coalitions[coalition, self.offsets[i]:self.offsets[i + 1]]
+                feeds[spec.input_name] = spec.feed(block)
+            parts.append(self._run(runner, feeds, len(idx)))
+        self.forward_passes += m * k
+        out = np.concatenate(parts)
+        return out.reshape(m, k, *out.shape[1:])
+
+    def _row_chunks(self, total: int) -> list[slice]:
+        size = self._engine.fixed_batch or self.max_batch_rows
+        return list(batches(total, size))
+
+    def _run(self, runner: Runner, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
+        fixed = self._engine.fixed_batch
+        if fixed and rows < fixed:  # a static batch dim: pad the last chunk, drop the padding
+            feeds = {n: np.concatenate([v, np.repeat(v[:1], fixed - rows, axis=0)])
+                     for n, v in feeds.items()}
+        return runner.run([self._engine.output], feeds)[0][:rows]
+
+    def _run_prefix(self) -> dict[str, np.ndarray]:
+        eng = self._engine
+        if eng.split is None:
+            return {eng.input_name: self.images}
+        cache: dict[str, np.ndarray] = {}
+        if eng.input_name in eng.split.cut:
+            cache[eng.input_name] = self.images
+        produced = [c for c in eng.split.cut if c != eng.input_name]
+        if eng.suffix is None:
+            produced = [eng.output]
+        if produced and eng.prefix is not None:
+            parts: dict[str, list[np.ndarray]] = {c: [] for c in produced}
+            for rows in self._row_chunks(self.n_images):
+                feeds = {eng.input_name: self.images[rows]}
+                n = rows.stop - rows.start
+                fixed = eng.fixed_batch
+                if fixed and n < fixed:
+                    feeds = {k: np.concatenate([v, np.repeat(v[:1], fixed - n, axis=0)])
+                             for k, v in feeds.items()}
+                outs = eng.prefix.run(produced, feeds)
+                for c, value in zip(produced, outs, strict=True):
+                    parts[c].append(value[:n])
+            cache.update({c: np.concatenate(v) for c, v in parts.items()})
+        return cache
+
+
+def _build_engine(proto: onnx.ModelProto, layers: list[LayerInfo], device: Device | None,
+                  prefix_cache: bool, threads: int | None) -> _Engine:
+    masked = insert_masks(proto, layers)
+    masks = mask_inputs(proto, layers)
+    inits = {i.name for i in proto.graph.initializer}
+    input_name = next(i.name for i in proto.graph.input if i.name not in inits)
+    output = proto.graph.output[0].name
+    fixed = batch_dim(proto)
+    fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+    if not prefix_cache:
+        return _Engine(masks, input_name, output, make_runner(masked, device, threads), None,
+                       None, None, fixed_batch)
+    split = split_at_masks(masked, [m.input_name for m in masks], output)
+    prefix = make_runner(split.prefix, device, threads) if split.prefix is not None else None
+    suffix = make_runner(split.suffix, device, threads) if split.suffix is not None else None
+    return _Engine(masks, input_name, output, None, split, prefix, suffix, fixed_batch)
