@@ -1,0 +1,308 @@
+"""Stage 1: trigger reverse (few-shot or on synthesised data) and data-free synthesis.
+
+Two trigger families are reversed for every candidate target class in the same batched ORT
+runs (one gradient program call per optimisation step):
+
+* ``patch`` — the Neural Cleanse model x' = (1 − m)·x + m·p with an L1 penalty on the mask m
+  whose weight adapts so the attack succeeds with the smallest mask. Finds patch triggers
+  (BadNets, Trojan-style).
+* ``universal`` — a mask-free additive perturbation x' = clip(x + δ) with an adaptive L2
+  penalty. Finds full-image triggers (Blended, SIG, warps) that a small mask cannot
+  express: FINDINGS.md showed Neural Cleanse alone misses Blended.
+
+All work happens in pixel space (float32 NCHW in [0, 1]); `Preprocess` maps to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .autodiff import GradientProgram
+from .data import ImageSet, Preprocess
+from .optim import Adam
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("patch", "universal")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReverseConfig:
+    steps: int = 300
+    lr: float = 0.1
+    asr_goal: float = 0.95  # a reversed trigger "works" when this share of rows flips
+    init_cost: float = 1e-3
+    cost_multiplier: float = 1.5
+    patience: int = 5  # steps between penalty-weight updates
+    early_stop: int = 50  # stop when no class's best norm improved by 1% for this many steps
+    families: tuple[str, ...] = FAMILIES
+    shifts: int = 0  # extra copies of each image shifted by ±1 pixel (more rows, less noise)
+
+
+@dataclass
+class ReversedTrigger:
+    family: str
+    target: int
+    pattern: np.ndarray  # patch: pattern p [C, H, W]; universal: perturbation δ [C, H, W]
+    mask: np.ndarray | None  # patch: mask m [H, W]
+    norm: float  # patch: L1 of m (pixels); universal: L2 of δ
+    asr: float  # on the rows it was optimised on
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        if self.mask is not None:
+            m = self.mask[None, None]
+            return ((1 - m) * pixels + m * self.pattern[None]).astype(np.float32)
+        return np.clip(pixels + self.pattern[None], 0, 1).astype(np.float32)
+
+
+@dataclass
+class ReverseResult:
+    triggers: dict[tuple[str, int], ReversedTrigger]
+    steps: int
+    forward_passes: int
+    seconds: float
+    classes: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+def _shifted(images: ImageSet, shifts: int) -> ImageSet:
+    if shifts <= 0:
+        return images
+    rng = np.random.default_rng(0)
+    pixels, labels = [images.pixels], [images.labels]
+    for _ in range(shifts):
+        dy, dx = rng.choice([-1, 1], size=2)
+        pixels.append(np.roll(images.pixels, (dy, dx), axis=(2, 3)))
+        labels.append(images.labels)
+    return ImageSet(np.concatenate(pixels), np.concatenate(labels))
+
+
+class _Family:
+    """Parameters, rows and penalty schedule of one trigger family for all targets."""
+
+    def __init__(self, name: str, targets: np.ndarray, shape: tuple[int, int, int],
+                 cfg: ReverseConfig, rng: np.random.Generator) -> None:
+        c, h, w = shape
+        t = len(targets)
+        self.name = name
+        self.targets = targets
+        self.cfg = cfg
+        if name == "patch":
+            # tanh parametrisation keeps m and p inside [0, 1] without clipping
+            self.params = [rng.normal(0, 0.1, (t, h, w)).astype(np.float32) - 1.0,
+                           rng.normal(0, 0.1, (t, c, h, w)).astype(np.float32)]
+        else:
+            self.params = [np.zeros((t, c, h, w), np.float32)]
+            self.params[0] += rng.normal(0, 1e-3, self.params[0].shape).astype(np.float32)
+        self.adam = Adam(self.params, lr=cfg.lr if name == "patch" else cfg.lr * 0.1)
+        self.cost = np.zeros(t)
+        self.cost_set = np.zeros(t, bool)
+        self.up = np.zeros(t, int)
+        self.down = np.zeros(t, int)
+        self.best_norm = np.full(t, np.inf)
+        self.best: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * t
+        self.best_asr = np.zeros(t)
+        self.last_improved = np.zeros(t, int)
+
+    def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.name == "patch":
+            return (np.tanh(self.params[1]) + 1) / 2, (np.tanh(self.params[0]) + 1) / 2
+        return self.params[0], None
+
+    def norms(self, pattern: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        if mask is not None:
+            return mask.reshape(len(mask), -1).sum(1)
+        return np.sqrt((pattern.reshape(len(pattern), -1) ** 2).sum(1))
+
+    def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
+        pattern, mask = self.trigger()
+        if mask is not None:
+            m = mask[tix][:, None]
+            return (1 - m) * pixels + m * pattern[tix]
+        return np.clip(pixels + pattern[tix], 0, 1)
+
+    def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
+        """d loss / d params from d loss / d stamped pixels, plus the penalty term."""
+        pattern, mask = self.trigger()
+        t = len(self.targets)
+        if mask is not None:
+            m = mask[tix][:, None]
+            g_mask = np.zeros_like(mask)
+            np.add.at(g_mask, tix, (g * (pattern[tix] - pixels)).sum(1))
+            g_pattern = np.zeros_like(pattern)
+            np.add.at(g_pattern, tix, g * m)
+            g_mask += self.cost[:, None, None]  # d(cost·|m|_1)/dm, m ≥ 0
+            a_mask, a_pattern = self.params
+            return [g_mask * (1 - np.tanh(a_mask) ** 2) / 2,
+                    g_pattern * (1 - np.tanh(a_pattern) ** 2) / 2]
+        stamped = pixels + pattern[tix]
+        g = g * ((stamped > 0) & (stamped < 1))  # clip passes no gradient where it saturates
+        g_delta = np.zeros_like(pattern)
+        np.add.at(g_delta, tix, g)
+        norms = self.norms(pattern, None).reshape(t, 1, 1, 1) + 1e-8
+        g_delta += self.cost.reshape(t, 1, 1, 1) * pattern / norms
+        return [g_delta]
+
+    def update(self, step: int, asr: np.ndarray) -> None:
+        """Neural Cleanse schedule: raise the penalty while the attack works, lower it if not."""
+        pattern, mask = self.trigger()
+        norms = self.norms(pattern, mask)
+        cfg = self.cfg
+        for i in range(len(self.targets)):
+            if asr[i] >= cfg.asr_goal and norms[i] < self.best_norm[i]:
+                if norms[i] < 0.99 * self.best_norm[i]:
+                    self.last_improved[i] = step
+                self.best_norm[i] = norms[i]
+                self.best[i] = (pattern[i].copy(), None if mask is None else mask[i].copy())
+                self.best_asr[i] = asr[i]
+            if not self.cost_set[i]:
+                if asr[i] >= cfg.asr_goal:
+                    self.cost_set[i] = True
+                    self.cost[i] = cfg.init_cost * (1.0 if mask is not None else 10.0)
+                continue
+            if asr[i] >= cfg.asr_goal:
+                self.up[i] += 1
+                self.down[i] = 0
+            else:
+                self.down[i] += 1
+                self.up[i] = 0
+            if self.up[i] >= cfg.patience:
+                self.up[i] = 0
+                self.cost[i] *= cfg.cost_multiplier
+            elif self.down[i] >= cfg.patience:
+                self.down[i] = 0
+                self.cost[i] /= cfg.cost_multiplier**1.5
+
+    def results(self, asr_now: np.ndarray) -> list[ReversedTrigger]:
+        pattern, mask = self.trigger()
+        norms_now = self.norms(pattern, mask)
+        out = []
+        for i, t in enumerate(self.targets):
+            if self.best[i] is not None:
+                p, m = self.best[i]
+                out.append(ReversedTrigger(self.name, int(t), p, m, float(self.best_norm[i]),
+                                           float(self.best_asr[i])))
+            else:  # the attack never reached the goal: its norm is whatever it ended at
+                out.append(ReversedTrigger(self.name, int(t), pattern[i].copy(),
+                                           None if mask is None else mask[i].copy(),
+                                           float(norms_now[i]), float(asr_now[i])))
+        return out
+
+
+def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSet,
+                     n_classes: int, cfg: ReverseConfig = ReverseConfig(), seed: int = 0,
+                     progress: Progress | None = None) -> ReverseResult:
+    """Reverse one trigger per (family, candidate target) from the given clean images."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    data = _shifted(images, cfg.shifts)
+    targets = np.arange(n_classes)
+    families = [_Family(name, targets, data.pixels.shape[1:], cfg, rng) for name in cfg.families]
+    # rows: (family, target, image) for every image whose label is not the target
+    row_family, row_target, row_image = [], [], []
+    for f in range(len(families)):
+        for t in targets:
+            idx = np.flatnonzero(data.labels != t)
+            row_family += [f] * len(idx)
+            row_target += [t] * len(idx)
+            row_image += idx.tolist()
+    row_family_a = np.array(row_family)
+    row_target_a = np.array(row_target)
+    row_image_a = np.array(row_image)
+    counts = np.zeros((len(families), n_classes))
+    np.add.at(counts, (row_family_a, row_target_a), 1)
+    weights = np.zeros((len(row_target_a), n_classes), np.float32)
+    weights[np.arange(len(row_target_a)), row_target_a] = 1.0 / counts[row_family_a, row_target_a]
+
+    passes = 0
+    asr = np.zeros((len(families), n_classes))
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        stamped = np.empty((len(row_target_a), *data.pixels.shape[1:]), np.float32)
+        for f, fam in enumerate(families):
+            sel = row_family_a == f
+            stamped[sel] = fam.stamp(data.pixels[row_image_a[sel]], row_target_a[sel])
+        res = program.run(prep.to_model(stamped), weights)
+        passes += len(stamped)
+        g_pixels = prep.grad_to_pixels(res.grad)
+        hit = res.logits.argmax(1) == row_target_a
+        asr = np.zeros((len(families), n_classes))
+        np.add.at(asr, (row_family_a, row_target_a), hit)
+        asr /= np.maximum(counts, 1)
+        for f, fam in enumerate(families):
+            sel = row_family_a == f
+            grads = fam.backward(data.pixels[row_image_a[sel]], row_target_a[sel], g_pixels[sel])
+            fam.adam.step(grads)
+            fam.update(step, asr[f])
+        if progress:
+            progress(step, cfg.steps)
+        stalled = all((step - fam.last_improved >= cfg.early_stop).all() and
+                      np.isfinite(fam.best_norm).all() for fam in families)
+        if stalled:
+            log.debug("trigger reverse converged after %d steps", step)
+            break
+
+    triggers = {}
+    for f, fam in enumerate(families):
+        for trig in fam.results(asr[f]):
+            triggers[(fam.name, trig.target)] = trig
+    return ReverseResult(triggers, step, passes, time.perf_counter() - start, n_classes)
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    steps: int = 400
+    lr: float = 0.1
+    bn_weight: float = 1.0
+    tv_weight: float = 2e-3
+    per_class: int = 1
+
+
+def synthesize(program: GradientProgram, prep: Preprocess, n_classes: int,
+               cfg: SynthesisConfig = SynthesisConfig(), seed: int = 0,
+               progress: Progress | None = None) -> tuple[ImageSet, int]:
+    """Data-free: one image per class from noise, maximising the class logit while matching
+    the BatchNormalization running statistics (when the model has BN) and a smoothness prior.
+
+    Returns the images and the number of BN nodes used as a prior (0: logit + prior only).
+    """
+    rng = np.random.default_rng(seed)
+    c, h, w = prep.channels, prep.height, prep.width
+    labels = np.repeat(np.arange(n_classes), cfg.per_class)
+    param = rng.normal(0, 0.5, (len(labels), c, h, w)).astype(np.float32)
+    adam = Adam([param], lr=cfg.lr)
+    weights = np.eye(n_classes, dtype=np.float32)[labels]
+    bn_weight = cfg.bn_weight if program.bn_layers else 0.0
+    for step in range(1, cfg.steps + 1):
+        pixels = 1 / (1 + np.exp(-param))
+        # random jitter: features must not depend on exact pixel positions
+        dy, dx = rng.integers(-2, 3, size=2)
+        jittered = np.roll(pixels, (dy, dx), axis=(2, 3))
+        res = program.run(prep.to_model(jittered), weights, bn_weight=bn_weight)
+        g = np.roll(prep.grad_to_pixels(res.grad), (-dy, -dx), axis=(2, 3))
+        g = g + cfg.tv_weight * _tv_grad(pixels)
+        adam.step([g * pixels * (1 - pixels)])
+        if progress:
+            progress(step, cfg.steps)
+    pixels = (1 / (1 + np.exp(-param))).astype(np.float32)
+    return ImageSet(pixels, labels.astype(np.int64)), program.bn_layers
+
+
+def _tv_grad(x: np.ndarray) -> np.ndarray:
+    """Gradient of the squared total variation sum((x[i+1]-x[i])^2) over H and W."""
+    g = np.zeros_like(x)
+    dv = x[:, :, 1:, :] - x[:, :, :-1, :]
+    dh = x[:, :, :, 1:] - x[:, :, :, :-1]
+    g[:, :, 1:, :] += 2 * dv
+    g[:, :, :-1, :] -= 2 * dv
+    g[:, :, :, 1:] += 2 * dh
+    g[:, :, :, :-1] -= 2 * dh
+    return g
