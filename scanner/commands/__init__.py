@@ -2,3 +2,4 @@
 
 from . import evaluate  # noqa: F401
 from . import inspect  # noqa: F401
+from . import rules  # noqa: F401
