@@ -30,12 +30,15 @@ def _shape(shape: list[int | str]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-domain", "allowed", multiple=True, metavar="DOMAIN",
               help="Accept ops from this custom domain (repeatable).")
-def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...]) -> int:
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse models (with external data) larger than this.")
+def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
+                max_bytes: int | None) -> int:
     """Activation layers, inputs/outputs, opset, size, SHA-256 and load findings of MODEL.
 
     Exit 2 when the model is refused, 3 when it has no activation layers to scan.
     """
-    loaded = load_model(model, allowed_domains=allowed)
+    loaded = load_model(model, allowed_domains=allowed, max_bytes=max_bytes)
     layers = discover_activations(loaded.proto)
     summary = summarize(loaded, layers)
     if as_json:

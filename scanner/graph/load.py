@@ -165,15 +165,15 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
 
 def _check_domains(proto: onnx.ModelProto, allowed: set[str]) -> None:
     local = {(f.domain, f.name) for f in proto.functions}
-    for entry in proto.opset_import:
-        if entry.domain not in allowed and not any(d == entry.domain for d, _ in local):
-            raise refuse("SS102", f"opset import of custom domain {entry.domain!r}",
-                         entry.domain)
     for node in _all_nodes(proto):
         if node.domain not in allowed:
             where = node.name or node.op_type
             raise refuse("SS102", f"node {where!r} uses op {node.op_type!r} from custom "
                          f"domain {node.domain!r}", where)
+    for entry in proto.opset_import:
+        if entry.domain not in allowed and not any(d == entry.domain for d, _ in local):
+            raise refuse("SS102", f"opset import of custom domain {entry.domain!r}",
+                         entry.domain)
 
 
 def _check_tensors(proto: onnx.ModelProto, folder: Path) -> int:

@@ -1,0 +1,120 @@
+"""Activation discovery on hand-built graphs and on the sample zoo."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES, zoo_entries
+from graph_builders import head, model, tensor
+from onnx import TensorProto, helper, numpy_helper
+
+from scanner.graph.activations import (
+    ACTIVATION_OPS,
+    activation_maps_zero,
+    discover_activations,
+)
+from scanner.graph.load import load_model
+
+ZOO = zoo_entries()
+# Activation channels per architecture (make_zoo.py: count_channels).
+EXPECTED_CHANNELS = {"cnn": 416, "resnet": 1136, "silunet": 304}
+EXPECTED_OPS = {"cnn": {"Relu"}, "resnet": {"Relu"}, "silunet": {"SiLU", "HardSwish"}}
+
+
+def inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
+def act_node(op: str, src: str, out: str) -> tuple[list[onnx.NodeProto], list]:
+    if op == "PRelu":
+        return [helper.make_node(op, [src, "slope"], [out], name=out)], \
+            [numpy_helper.from_array(np.full((4, 1, 1), 0.1, np.float32), "slope")]
+    if op == "Clip":
+        return [helper.make_node(op, [src, "lo", "hi"], [out], name=out)], \
+            [numpy_helper.from_array(np.float32(0), "lo"),
+             numpy_helper.from_array(np.float32(6), "hi")]
+    return [helper.make_node(op, [src], [out], name=out)], []
+
+
+@pytest.mark.parametrize("op", sorted(ACTIVATION_OPS))
+def test_each_activation_op_on_feature_maps(op):
+    conv = helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1])
+    nodes, inits = act_node(op, "c", "a")
+    hn, hi = head("a", 4)
+    opset = 20 if op == "Gelu" else 17
+    proto = inferred(model([conv, *nodes, *hn], [tensor("w", [4, 3, 1, 1]), *inits, *hi],
+                           opset=opset))
+    layers = discover_activations(proto)
+    assert [(la.name, la.op, la.channels, la.rank) for la in layers] == [("a", op, 4, 4)]
+
+
+def test_rank2_features_and_topological_order():
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+             helper.make_node("Gemm", ["t", "w2"], ["logits"], name="fc2", transB=1)]
+    proto = inferred(model(nodes, [tensor("w", [4, 3, 1, 1]), tensor("w1", [6, 4]),
+                                   tensor("w2", [5, 6])]))
+    layers = discover_activations(proto)
+    assert [(la.name, la.channels, la.rank) for la in layers] == [("r", 4, 4), ("t", 6, 2)]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_silu_pattern_is_one_layer_and_hides_its_sigmoid(swap):
+    operands = ["s", "c"] if swap else ["c", "s"]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+             helper.make_node("Mul", operands, ["silu"], name="mul")]
+    hn, hi = head("silu", 4)
+    proto = inferred(model(nodes + hn, [tensor("w", [4, 3, 1, 1]), *hi]))
+    layers = discover_activations(proto)
+    assert [(la.name, la.op, la.node) for la in layers] == [("silu", "SiLU", "mul")]
+
+
+def test_sigmoid_gate_of_another_tensor_is_a_sigmoid_layer():
+    # Mul(y, Sigmoid(x)) with y != x is a gate, not SiLU: the Sigmoid is its own layer
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["image", "w2"], ["d"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+             helper.make_node("Mul", ["d", "s"], ["m"], name="mul")]
+    hn, hi = head("m", 4)
+    proto = inferred(model(nodes + hn, [tensor("w", [4, 3, 1, 1]), tensor("w2", [4, 3, 1, 1]),
+                                        *hi]))
+    assert [(la.name, la.op) for la in discover_activations(proto)] == [("s", "Sigmoid")]
+
+
+def test_unknown_channel_count_is_skipped_with_a_debug_log(caplog):
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", "C", 8, 8])]
+    nodes = [helper.make_node("Relu", ["image"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["logits"], name="flat")]
+    proto = model(nodes, [], inputs=inputs)
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    with caplog.at_level(logging.DEBUG, logger="scanner.graph.activations"):
+        assert discover_activations(inferred(proto)) == []
+    assert "channel count unknown" in caplog.text
+
+
+def test_activation_maps_zero_table():
+    zero = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Tanh", "Elu", "Selu", "Gelu",
+            "SiLU"}
+    for op in ACTIVATION_OPS | {"SiLU"}:
+        assert activation_maps_zero(op) is (op in zero), op
+    assert not activation_maps_zero("Sigmoid")
+    assert not activation_maps_zero("Softplus")
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
+def test_zoo_discovery_counts(entry):
+    loaded = load_model(SAMPLES / entry["model"])
+    layers = discover_activations(loaded.proto)
+    assert sum(la.channels for la in layers) == EXPECTED_CHANNELS[entry["arch"]]
+    assert sum(la.channels for la in layers) == entry["channels"]
+    assert {la.op for la in layers} == EXPECTED_OPS[entry["arch"]]
+    assert all(la.rank in (2, 4) for la in layers)

@@ -1,0 +1,210 @@
+"""Safe loading: every refusal rule, driven through the real CLI (`shapscan inspect`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import conv_relu_model, model, save, tensor
+from onnx import TensorProto, helper, numpy_helper
+
+from scanner.errors import ModelRefused
+from scanner.findings import Severity
+from scanner.graph.load import load_model
+
+
+def assert_refused(result, rule_id: str, tmp_path, before: set) -> None:
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert rule_id in lines[0]
+    assert "Traceback" not in result.err + result.out
+    assert set(tmp_path.rglob("*")) == before, "refusal left a file behind"
+
+
+@pytest.fixture
+def refused(run_cli, tmp_path):
+    def _check(proto_or_path, rule_id: str, *args: str) -> str:
+        path = proto_or_path
+        if isinstance(proto_or_path, onnx.ModelProto):
+            path = save(proto_or_path, tmp_path / "model.onnx")
+        before = set(tmp_path.rglob("*"))
+        result = run_cli("inspect", path, *args)
+        assert_refused(result, rule_id, tmp_path, before)
+        return result.err
+    return _check
+
+
+def test_valid_model_loads_with_inferred_shapes(tmp_path):
+    loaded = load_model(save(conv_relu_model(), tmp_path / "m.onnx"))
+    assert loaded.findings == []
+    assert loaded.opset == 17
+    assert any(v.name == "r" for v in loaded.proto.graph.value_info)
+    assert len(loaded.sha256) == 64 and loaded.size_bytes == (tmp_path / "m.onnx").stat().st_size
+
+
+def test_ss101_missing_and_garbage_files(refused, tmp_path):
+    refused(tmp_path / "absent.onnx", "SS101")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff\x00 this is not a protobuf \x12\x99" * 10)
+    refused(garbage, "SS101")
+    text = tmp_path / "text.onnx"
+    text.write_text("hello")
+    refused(text, "SS101")
+
+
+def test_ss102_custom_domain(refused):
+    proto = conv_relu_model()
+    proto.graph.node[1].domain = "com.evil"
+    proto.opset_import.append(helper.make_opsetid("com.evil", 1))
+    err = refused(proto, "SS102")
+    assert "relu" in err and "com.evil" in err
+
+
+def test_ss102_allowed_domain_passes_the_domain_check(run_cli, tmp_path):
+    proto = conv_relu_model()
+    proto.graph.node[1].domain = "com.evil"
+    proto.opset_import.append(helper.make_opsetid("com.evil", 1))
+    path = save(proto, tmp_path / "m.onnx")
+    # accepted by the domain rule, then the checker cannot verify the unknown op
+    result = run_cli("inspect", path, "--allow-domain", "com.evil")
+    assert "SS102" not in result.err
+
+
+def _external(proto: onnx.ModelProto, location: str, offset: int = 0,
+              length: int | None = None) -> onnx.ModelProto:
+    init = proto.graph.initializer[0]
+    init.ClearField("raw_data")
+    init.ClearField("float_data")
+    init.data_location = TensorProto.EXTERNAL
+    entries = {"location": location, "offset": str(offset)}
+    if length is not None:
+        entries["length"] = str(length)
+    for key, value in entries.items():
+        init.external_data.add(key=key, value=value)
+    return proto
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../secret.bin", "sub/../../x.bin"])
+def test_ss103_external_data_outside_the_model_folder(refused, tmp_path, location):
+    err = refused(_external(conv_relu_model(), location, length=432), "SS103")
+    assert "'w'" in err
+
+
+def test_ss103_symlink_escaping_the_folder(refused, tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.bin"
+    outside.write_bytes(b"\0" * 432)
+    (tmp_path / "link.bin").symlink_to(outside)
+    refused(_external(conv_relu_model(), "link.bin", length=432), "SS103")
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    proto = conv_relu_model()
+    weights = numpy_helper.to_array(proto.graph.initializer[0])
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16 + weights.tobytes())
+    path = save(_external(proto, "weights.bin", offset=16, length=weights.nbytes),
+                tmp_path / "m.onnx")
+    loaded = load_model(path)
+    stored = next(t for t in loaded.proto.graph.initializer if t.name == "w")
+    np.testing.assert_array_equal(numpy_helper.to_array(stored), weights)
+
+
+def test_ss104_two_data_fields(refused):
+    proto = conv_relu_model()
+    init = proto.graph.initializer[0]  # raw_data set by from_array
+    init.float_data.extend([0.0] * 108)
+    err = refused(proto, "SS104")
+    assert "raw_data" in err and "float_data" in err
+
+
+def test_ss105_declared_size_larger_than_stored(refused):
+    proto = conv_relu_model()
+    proto.graph.initializer[0].dims[0] = 400
+    refused(proto, "SS105")
+
+
+def test_ss105_typed_field_count(refused):
+    proto = conv_relu_model()
+    bias = proto.graph.initializer[1]
+    bias.ClearField("raw_data")
+    bias.float_data.extend([1.0, 2.0])  # declares 4
+    refused(proto, "SS105")
+
+
+def test_ss105_external_data_past_end_of_file(refused, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 100)
+    refused(_external(conv_relu_model(), "weights.bin", offset=0, length=432), "SS105")
+
+
+def test_ss106_cycle(refused):
+    nodes = [helper.make_node("Add", ["image", "b"], ["a"], name="add_a"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu_b"),
+             helper.make_node("GlobalAveragePool", ["b"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], name="fc", transB=1)]
+    err = refused(model(nodes, [tensor("fc_w", [5, 3])]), "SS106")
+    assert "cycle" in err
+
+
+def test_ss107_dangling_input(refused):
+    proto = conv_relu_model()
+    proto.graph.node[1].input[0] = "ghost"
+    err = refused(proto, "SS107")
+    assert "ghost" in err and "relu" in err
+
+
+def test_ss108_old_opset_is_converted(run_cli, tmp_path):
+    path = save(conv_relu_model(opset=11), tmp_path / "old.onnx")
+    loaded = load_model(path)
+    assert loaded.opset == 17
+    assert [(f.rule_id, f.severity) for f in loaded.findings] == [("SS108", Severity.INFO)]
+    result = run_cli("inspect", path)
+    assert result.code == 0, result.err
+    assert "SS108" in result.out
+
+
+def test_ss109_unconvertible_and_too_new_opsets(refused):
+    proto = conv_relu_model(opset=11)
+    proto.graph.node[1].op_type = "NoSuchOp"
+    refused(proto, "SS109")
+    refused(conv_relu_model(opset=99), "SS109")
+
+
+def test_ss110_integer_image_input(refused):
+    proto = conv_relu_model()
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    proto.graph.node.insert(0, helper.make_node("Cast", ["image_u8"], ["image_f"], to=1))
+    proto.graph.input[0].name = "image_u8"
+    proto.graph.node[1].input[0] = "image_f"
+    err = refused(proto, "SS110")
+    assert "image_u8" in err
+
+
+def test_ss111_checker_failure(refused):
+    proto = conv_relu_model()
+    proto.graph.node[1].op_type = "NoSuchOp"
+    refused(proto, "SS111")
+
+
+def test_ss111_declared_shape_contradicts_inference(refused):
+    proto = conv_relu_model()
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # Gemm gives 5
+    refused(proto, "SS111")
+
+
+def test_ss112_size_policy(tmp_path, run_cli):
+    path = save(conv_relu_model(), tmp_path / "m.onnx")
+    with pytest.raises(ModelRefused) as info:
+        load_model(path, max_bytes=100)
+    assert info.value.rule_id == "SS112"
+    before = set(tmp_path.rglob("*"))
+    assert_refused(run_cli("inspect", path, "--max-bytes", "100"), "SS112", tmp_path, before)
+
+
+def test_loader_does_not_read_external_data_before_checking(tmp_path):
+    # a refused path must be refused even if the file it names exists and is readable
+    (tmp_path.parent / "shared.bin").write_bytes(b"\0" * 432)
+    path = save(_external(conv_relu_model(), "../shared.bin", length=432), tmp_path / "m.onnx")
+    with pytest.raises(ModelRefused) as info:
+        load_model(path)
+    assert info.value.rule_id == "SS103" and info.value.location == "w"

@@ -1,0 +1,188 @@
+"""Mask insertion, the full masked model and the prefix-cached coalition evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FEWSHOT, SAMPLES, zoo_entries
+from graph_builders import conv_relu_model, head, model, tensor
+from onnx import helper
+
+from scanner.data import load_images, resolve_preprocess
+from scanner.graph.activations import discover_activations
+from scanner.graph.load import load_model
+from scanner.graph.mask import MaskedModel, insert_masks, mask_inputs
+from scanner.graph.prefix import CoalitionEvaluator, split_at_masks
+from scanner.runtime import make_session
+
+ZOO = zoo_entries()
+ATOL = 1e-5
+
+
+def inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
+def residual_model() -> onnx.ModelProto:
+    """conv1 -> relu1 -> conv2 -> (+ relu1) -> relu2 -> head; relu1 feeds two consumers."""
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3],
+                              pads=[1] * 4),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2")]
+    hn, hi = head("r2", 4)
+    return inferred(model(nodes + hn, [tensor("w1", [4, 3, 1, 1]), tensor("w2", [4, 4, 3, 3]),
+                                       *hi]))
+
+
+def images(n: int, shape=(3, 8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+def plain(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return make_session(proto).run(None, {"image": x})[0]
+
+
+def test_insert_masks_copies_and_rewires_every_consumer():
+    proto = residual_model()
+    before = proto.SerializeToString()
+    layers = discover_activations(proto)
+    masked = insert_masks(proto, layers)
+    assert proto.SerializeToString() == before, "the caller's model was modified"
+    onnx.checker.check_model(masked, full_check=True)
+    assert [o.name for o in masked.graph.output] == ["logits"]
+    specs = mask_inputs(proto, layers)
+    names = [i.name for i in masked.graph.input]
+    assert names == ["image", *[s.input_name for s in specs]]
+    # r1 is read by conv2 and add: both must read the masked tensor now
+    readers = [n.name for n in masked.graph.node if "r1" in n.input]
+    assert readers == ["r1_masked/Mul"]
+    dims = [d.dim_param or d.dim_value for d in masked.graph.input[1].type.tensor_type.shape.dim]
+    assert dims == ["N", 4, 1, 1]
+
+
+def test_all_ones_and_zeroed_channels_on_a_residual_graph():
+    proto = residual_model()
+    layers = discover_activations(proto)
+    x = images(5)
+    mm = MaskedModel(proto, layers)
+    np.testing.assert_allclose(mm.run_ones(x), plain(proto, x), atol=1e-6, rtol=0)
+    # zeroing every channel of the last layer leaves only the classifier bias
+    masks = [np.ones((5, 4), np.float32), np.zeros((5, 4), np.float32)]
+    bias = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer
+                                           if t.name == "fc_b"))
+    np.testing.assert_allclose(mm.run(x, masks), np.broadcast_to(bias, (5, 5)), atol=1e-6)
+
+
+def test_activation_that_is_a_graph_output_keeps_the_output_name():
+    nodes = [helper.make_node("Flatten", ["image"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w"], ["h"], name="fc", transB=1),
+             helper.make_node("Relu", ["h"], ["logits"], name="relu")]
+    proto = inferred(model(nodes, [tensor("w", [5, 192])]))
+    layers = discover_activations(proto)
+    assert [la.name for la in layers] == ["logits"]
+    mm = MaskedModel(proto, layers)
+    assert [o.name for o in mm.proto.graph.output] == ["logits"]
+    x = images(3)
+    np.testing.assert_array_equal(mm.run_ones(x), plain(proto, x))
+    mask = np.ones((3, 5), np.float32)
+    mask[:, 2] = 0
+    out = mm.run(x, [mask])
+    assert np.all(out[:, 2] == 0)
+    np.testing.assert_array_equal(np.delete(out, 2, 1), np.delete(plain(proto, x), 2, 1))
+
+
+def test_split_puts_mask_independent_nodes_in_the_prefix():
+    proto = residual_model()
+    layers = discover_activations(proto)
+    last = layers[1:]
+    masked = insert_masks(proto, last)
+    split = split_at_masks(masked, [s.input_name for s in mask_inputs(proto, last)], "logits")
+    assert split.cut == ("r2",)
+    assert {n.name for n in split.prefix.graph.node} == {"conv1", "relu1", "conv2", "add",
+                                                         "relu2"}
+    assert {n.op_type for n in split.suffix.graph.node} == {"Mul", "GlobalAveragePool",
+                                                            "Flatten", "Gemm"}
+    first = split_at_masks(insert_masks(proto, layers),
+                           [s.input_name for s in mask_inputs(proto, layers)], "logits")
+    assert first.cut == ("r1",)  # the residual branch reads r1 after its mask
+
+
+@pytest.mark.parametrize("which", ["all", "last"])
+def test_evaluator_prefix_equals_full_on_a_residual_graph(which):
+    proto = residual_model()
+    layers = discover_activations(proto)
+    layers = layers if which == "all" else layers[-1:]
+    x = images(3)
+    fast = CoalitionEvaluator(proto, layers, x, max_batch_rows=4)
+    full = CoalitionEvaluator(proto, layers, x, max_batch_rows=4, prefix_cache=False)
+    coalitions = (np.random.default_rng(1).random((7, fast.n_channels)) > 0.4)
+    a, b = fast.logits(coalitions), full.logits(coalitions)
+    assert a.shape == (7, 3, 5)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    assert fast.forward_passes == full.forward_passes == 21
+    np.testing.assert_allclose(fast.logits(np.ones(fast.n_channels))[0], plain(proto, x),
+                               atol=1e-6, rtol=0)
+
+
+def test_evaluator_channel_indexing_and_soft_masks():
+    proto = residual_model()
+    layers = discover_activations(proto)
+    ev = CoalitionEvaluator(proto, layers, images(2))
+    assert ev.n_channels == 8
+    assert ev.channel(0) == (layers[0], 0)
+    assert ev.channel(5) == (layers[1], 1)
+    assert ev.flat_index(layers[1].name, 1) == 5
+    with pytest.raises(IndexError):
+        ev.channel(8)
+    half = ev.logits(np.full((1, 8), 0.5))
+    assert np.isfinite(half).all()
+    other = ev.with_images(images(4, seed=3))
+    assert other.logits(np.ones((2, 8))).shape == (2, 4, 5)
+
+
+def test_evaluator_on_a_fixed_batch_model_pads_the_last_chunk():
+    proto = conv_relu_model()
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    proto = inferred(proto)
+    layers = discover_activations(proto)
+    x = images(3)
+    ev = CoalitionEvaluator(proto, layers, x)
+    full = CoalitionEvaluator(proto, layers, x, prefix_cache=False)
+    coalitions = np.random.default_rng(2).random((3, 4)) > 0.5
+    np.testing.assert_allclose(ev.logits(coalitions), full.logits(coalitions), atol=ATOL)
+
+
+def zoo_images(entry: dict, n: int) -> tuple[object, np.ndarray]:
+    loaded = load_model(SAMPLES / entry["model"])
+    name, shape = loaded.image_input()
+    prep = resolve_preprocess(loaded.path, loaded.metadata, shape)
+    pixels = load_images(FEWSHOT, prep).pixels[:n]
+    return loaded, prep.to_model(pixels)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
+def test_zoo_all_ones_masks_reproduce_the_model(entry):
+    loaded, x = zoo_images(entry, 4)
+    name, _ = loaded.image_input()
+    layers = discover_activations(loaded.proto)
+    expected = make_session(loaded.proto).run(None, {name: x})[0]
+    got = MaskedModel(loaded.proto, layers).run_ones(x)
+    np.testing.assert_allclose(got, expected, atol=1e-6 * max(1.0, np.abs(expected).max()),
+                               rtol=0)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
+def test_zoo_prefix_cached_equals_full_masked(entry):
+    loaded, x = zoo_images(entry, 3)
+    layers = discover_activations(loaded.proto)
+    rng = np.random.default_rng(0)
+    for selected in (layers, layers[2 * len(layers) // 3:]):
+        fast = CoalitionEvaluator(loaded.proto, selected, x, max_batch_rows=8)
+        full = CoalitionEvaluator(loaded.proto, selected, x, prefix_cache=False)
+        coalitions = rng.random((4, fast.n_channels)) > 0.2
+        np.testing.assert_allclose(fast.logits(coalitions), full.logits(coalitions),
+                                   atol=ATOL, rtol=0)
