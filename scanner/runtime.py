@@ -59,11 +59,9 @@ def choose_providers(requested: str, available: Sequence[str], cuda_usable: bool
 
 def resolve_device(requested: str = "auto") -> Device:
     """CUDA when asked (or auto) and available; otherwise CPU, with one warning if asked."""
-    global _warned_cuda
     choice = choose_providers(requested, ort.get_available_providers(), _cuda_usable())
-    if choice.warning and not _warned_cuda:
-        _warned_cuda = True
-        warnings.warn(choice.warning, stacklevel=2)
+    if choice.warning:
+        _warn_cuda_once(choice.warning)
     return Device(requested, choice.providers)
 
 
@@ -90,28 +88,33 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device | None = None,
                  threads: int | None = None) -> ort.InferenceSession:
-    """A session on `device`; if the CUDA provider fails to initialise, one on CPU."""
-    global _warned_cuda
+    """A session on `device`; if the CUDA provider cannot start, one on CPU (one warning)."""
     device = device or resolve_device("cpu")
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     opts = session_options(threads)
-    try:
-        session = ort.InferenceSession(payload, sess_options=opts,
-                                       providers=list(device.providers))
-    except Exception:
-        if device.providers[0] != CUDA:
-            raise
-        session = None
-    if session is None or (device.providers[0] == CUDA
-                           and session.get_providers()[0] != CUDA):
-        # CUDA listed but the provider library or driver failed to load (e.g. a CUDA/cuDNN
-        # version mismatch): warn once, then run on CPU.
-        if not _warned_cuda:
-            _warned_cuda = True
-            warnings.warn("CUDA execution provider failed to initialise; running on CPU",
-                          stacklevel=2)
+    providers = [p for p in device.providers if p in ort.get_available_providers()] or [CPU]
+    session = None
+    if providers[0] == CUDA:
+        try:
+            with warnings.catch_warnings():  # ORT's own provider warning would be a second one
+                warnings.simplefilter("ignore")
+                session = ort.InferenceSession(payload, sess_options=opts, providers=providers)
+        except Exception as exc:  # e.g. a CUDA/cuDNN version mismatch in the provider library
+            log.debug("CUDA session failed: %s", exc)
+        if session is not None and session.get_providers()[0] != CUDA:
+            session = None
+    if session is None:
+        if device.providers[0] == CUDA:
+            _warn_cuda_once("CUDA execution provider failed to initialise; running on CPU")
         session = ort.InferenceSession(payload, sess_options=opts, providers=[CPU])
     return session
+
+
+def _warn_cuda_once(message: str) -> None:
+    global _warned_cuda
+    if not _warned_cuda:
+        _warned_cuda = True
+        warnings.warn(message, stacklevel=3)
 
 
 class Runner:

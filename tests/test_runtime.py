@@ -1,0 +1,94 @@
+"""Provider selection, CPU fallback, threads, batched runs (the CPU path; no GPU here)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from graph_builders import conv_relu_model
+
+from scanner import runtime
+from scanner.runtime import (
+    CPU,
+    CUDA,
+    Device,
+    Runner,
+    choose_providers,
+    make_runner,
+    make_session,
+    resolve_device,
+    run_batched,
+    session_options,
+)
+
+
+@pytest.mark.parametrize("requested,available,usable,providers,warns", [
+    ("cpu", [CUDA, CPU], True, (CPU,), False),
+    ("auto", [CUDA, CPU], True, (CUDA, CPU), False),
+    ("cuda", [CUDA, CPU], True, (CUDA, CPU), False),
+    ("auto", [CPU], False, (CPU,), False),
+    ("auto", [CUDA, CPU], False, (CPU,), False),
+    ("cuda", [CPU], False, (CPU,), True),
+    ("cuda", [CUDA, CPU], False, (CPU,), True),
+])
+def test_choose_providers_matrix(requested, available, usable, providers, warns):
+    choice = choose_providers(requested, available, usable)
+    assert choice.providers == providers
+    assert (choice.warning is not None) is warns
+
+
+def test_choose_providers_says_why_cuda_is_missing():
+    assert "gpu" in choose_providers("cuda", [CPU], True).warning
+    assert "device" in choose_providers("cuda", [CUDA, CPU], False).warning
+    with pytest.raises(ValueError):
+        choose_providers("tpu", [CPU], False)
+
+
+def test_cuda_request_on_a_cpu_build_warns_exactly_once(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned_cuda", False)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CPU])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = resolve_device("cuda"), resolve_device("cuda")
+    assert first.providers == second.providers == (CPU,)
+    assert first.name == "cpu"
+    assert len([w for w in caught if "CUDA" in str(w.message)]) == 1
+
+
+def test_auto_on_cpu_is_silent(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned_cuda", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_device("auto").name in ("cpu", "cuda")
+
+
+def test_session_options_threads_and_quiet_logs(monkeypatch):
+    opts = session_options(3)
+    assert opts.intra_op_num_threads == 3 and opts.log_severity_level == 3
+    monkeypatch.setenv(runtime.THREADS_ENV, "2")
+    assert session_options().intra_op_num_threads == 2
+
+
+def test_runner_and_run_batched_on_cpu():
+    proto = conv_relu_model()
+    x = np.random.default_rng(0).random((7, 3, 8, 8), dtype=np.float32)
+    session = make_session(proto, Device("cpu", (CPU,)), threads=1)
+    whole = session.run(None, {"image": x})[0]
+    np.testing.assert_array_equal(run_batched(session, {"image": x}, batch_size=3), whole)
+    runner = make_runner(proto)
+    assert isinstance(runner, Runner) and runner.device == "cpu" and not runner.on_cuda
+    np.testing.assert_array_equal(runner.run(["logits"], {"image": x})[0], whole)
+
+
+@pytest.mark.skipif(CUDA in runtime.ort.get_available_providers(),
+                    reason="needs an onnxruntime build without the CUDA provider")
+def test_cuda_device_without_the_provider_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned_cuda", False)
+    proto = conv_relu_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = make_session(proto, Device("cuda", (CUDA, CPU)))
+        make_session(proto, Device("cuda", (CUDA, CPU)))
+    assert session.get_providers() == [CPU]
+    assert len(caught) == 1 and "CUDA" in str(caught[0].message)
