@@ -44,7 +44,9 @@ def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
     finite = [c.anomaly_index for c in classes if math.isfinite(c.anomaly_index)]
     levels = [threshold] if warn is None else [threshold, warn]
     hi = max([*levels, *finite, 0.0]) * 1.15 + 0.1
-    lo = min([0.0, *finite]) * 1.15
+    lo = min([0.0, *finite])
+    if lo < 0:  # room under the lowest bar for its value label, above the class labels
+        lo -= 0.15 * (hi - lo)
     plot_h = height - top - bottom
     plot_w = width - left - right
 
@@ -89,6 +91,9 @@ def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
                      f'{name} {level:g}</text>')
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" '
                  'class="axis">class</text>')
+    mid = top + plot_h / 2
+    parts.append(f'<text x="12" y="{mid:.1f}" transform="rotate(-90 12 {mid:.1f})" '
+                 'text-anchor="middle" class="axis">anomaly index</text>')
     parts.append('</svg>')
     return "".join(parts)
 

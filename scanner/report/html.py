@@ -187,8 +187,9 @@ def _timings(result: ScanResult) -> str:
 
 def render_html(result: ScanResult) -> str:
     """One self-contained HTML page for one model's result."""
+    # Verdict first, then why (findings, errors), then the evidence, then context.
     sections = [f"<h1>shapscan report — <code>{esc(result.model_path)}</code></h1>",
-                _banner(result), "<h2>Model</h2>", _model(result, result.model)]
+                _banner(result), "<h2>Findings</h2>", _findings(result.findings)]
     if result.errors or result.skipped:
         items = "".join(f"<li>{esc(e)}</li>" for e in result.errors)
         items += "".join(f"<li>skipped: {esc(s)}</li>" for s in result.skipped)
@@ -197,7 +198,7 @@ def render_html(result: ScanResult) -> str:
         sections += ["<h2>Detection</h2>", _detection(result.detection)]
     if result.repair is not None:
         sections += ["<h2>Repair</h2>", _repair(result.repair)]
-    sections += ["<h2>Findings</h2>", _findings(result.findings),
+    sections += ["<h2>Model</h2>", _model(result, result.model),
                  "<h2>Timings</h2>", _timings(result),
                  f"<footer>shapscan {esc(result.tool_version or __version__)} · seed "
                  f"{esc(result.seed)} · device {esc(result.device)}</footer>"]

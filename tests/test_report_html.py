@@ -1,0 +1,159 @@
+"""HTML report: self-contained, escapes attacker-controlled names, renders in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from report_fixtures import (
+    LAYERS,
+    backdoor_result,
+    clean_result,
+    error_result,
+    inconclusive_result,
+    model_summary,
+)
+
+from scanner.findings import ChannelValue, Finding, LayerInfo, Severity
+from scanner.report import render_html, write_report
+from scanner.report.charts import png_data_uri
+
+EVIL = '<script>alert("x")</script>'
+
+
+class Collector(HTMLParser):
+    """Collects tags, attributes and text so tests check the parsed document."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: str) -> Collector:
+    collector = Collector()
+    collector.feed(page)
+    return collector
+
+
+def test_backdoor_report_has_every_section() -> None:
+    page = render_html(backdoor_result())
+    doc = parse(page)
+    text = " ".join(doc.text)
+    for heading in ("BACKDOOR DETECTED", "Model", "Detection", "Reversed trigger for class 3",
+                    "Repair", "Top channels by backdoor Shapley value", "Zeroed channels",
+                    "Findings", "Timings"):
+        assert heading in text, heading
+    assert "target class 3" in text and "4 of 416 channels zeroed" in text
+    assert "out/cnn_badnets.safe.onnx" in text
+    assert "SS201" in text and "9f2c4e7a" in text
+    # one anomaly bar per class and the dashed threshold line in the SVG chart
+    assert sum(1 for tag, _ in doc.tags if tag == "rect") >= 10 + 8
+    assert any(tag == "line" and a.get("class") == "threshold" for tag, a in doc.tags)
+    assert "flag threshold 2" in text
+    imgs = [a for tag, a in doc.tags if tag == "img"]
+    assert [a["alt"] for a in imgs] == ["mask", "pattern", "trigger (mask × pattern)",
+                                        "stamped example"]
+    assert all(a["src"].startswith("data:image/png;base64,") for a in imgs)
+
+
+def test_trigger_images_are_upscaled_with_nearest_neighbour() -> None:
+    result = backdoor_result()
+    uri = png_data_uri(result.detection.masks[3])
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert image.size == (140, 140)  # 28 px x 5
+    pixels = np.asarray(image)
+    # nearest neighbour: every 5x5 block is one flat colour
+    assert np.all(pixels.reshape(28, 5, 28, 5).std(axis=(1, 3)) == 0)
+    rgb = png_data_uri(np.random.default_rng(0).uniform(size=(3, 32, 32)))
+    assert Image.open(io.BytesIO(base64.b64decode(rgb.split(",", 1)[1]))).mode == "RGB"
+
+
+def test_model_controlled_strings_are_escaped() -> None:
+    result = backdoor_result()
+    evil_layer = LayerInfo(EVIL, "Relu", f'node"><img src=x onerror=alert(1)>{EVIL}', 8, 4)
+    result.model = model_summary(path=f"models/{EVIL}.onnx", layers=[*LAYERS, evil_layer])
+    result.model_path = result.model.path
+    result.repair.top_channels.append(ChannelValue(EVIL, 0, 0.01, 0.0, False))
+    result.repair.pruned.append(ChannelValue(EVIL, 1, 0.01, 0.0, True))
+    result.findings.append(Finding("SS107", Severity.HIGH, f"dangling input {EVIL}", EVIL))
+    result.errors.append(f"export failed at {EVIL}")
+    result.skipped.append(EVIL)
+    result.timings[EVIL] = 1.0
+    result.method = EVIL
+    page = render_html(result)
+    assert "<script" not in page.lower()
+    assert page.count("&lt;script&gt;") >= 9
+    doc = parse(page)
+    assert not any(tag in ("script", "iframe", "object", "embed") for tag, _ in doc.tags)
+    assert all(tag != "img" or a["src"].startswith("data:") for tag, a in doc.tags)
+    assert not any(name.startswith("on") for _, attrs in doc.tags for name in attrs)
+
+
+def test_self_contained_without_network_references() -> None:
+    for make in (backdoor_result, clean_result, error_result, inconclusive_result):
+        page = render_html(make())
+        # base64 payloads may contain "//": only the markup around them is checked
+        markup = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", page)
+        assert not re.search(r"https?:|//[a-z]|@import|url\(", markup, re.IGNORECASE), make
+        doc = parse(page)
+        assert not any(tag in ("link", "script") for tag, _ in doc.tags)
+
+
+def test_other_verdicts_render() -> None:
+    clean = render_html(clean_result())
+    assert 'class="banner clean"' in clean and "Reversed trigger for" not in clean
+    assert "Repair" not in clean and "No findings." in clean
+    error = render_html(error_result())
+    assert "ERROR — MODEL NOT SCANNED" in error and "Errors and skipped items" in error
+    assert "com.evil" in error and "Detection" not in error
+    inconclusive = render_html(inconclusive_result())
+    assert "INCONCLUSIVE" in inconclusive and "skipped: behavioural scan" in inconclusive
+
+
+def test_non_finite_anomaly_index_renders() -> None:
+    result = clean_result()
+    result.detection.classes[0].anomaly_index = float("inf")
+    result.detection.classes[1].anomaly_index = float("nan")
+    page = render_html(result)
+    assert "∞" in page and "nan" not in page.lower().replace("nan-", "")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_renders_in_headless_chromium(tmp_path: Path) -> None:
+    page = write_report(tmp_path / "report.html", render_html(backdoor_result()))
+    shot = tmp_path / "report.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             f"--screenshot={shot}", "--window-size=1200,2400", page.resolve().as_uri()],
+            check=True, capture_output=True, timeout=120)
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert image.shape[:2] == (2400, 1200)
+    assert image.std() > 20  # not a blank page
+    # the verdict banner (red) is near the top, and the trigger images (black) below it
+    red = (image[..., 0] > 170) & (image[..., 1] < 80) & (image[..., 2] < 80)
+    assert red[:300].sum() > 20_000
+    assert (image.sum(axis=2) < 40).sum() > 30_000
