@@ -1,0 +1,156 @@
+"""One ONNX graph that runs forward, loss heads and backward: what trigger reverse calls.
+
+Loss = sum_n CE_n + bn_weight * BN-statistics loss. Both heads are built in the graph, and
+their cotangents are written in closed form (the softmax cross-entropy gradient; the
+batch mean/variance gradient) and seeded into the backward pass, so one session.run
+returns logits, per-row CE, the BN loss and d loss / d input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import DataError, Inconclusive
+from ..runtime import Device, make_session
+from .backward import attach, backprop, dependents, float_type
+from .context import VJPContext
+
+TARGET_INPUT = "shapscan/target_weights"
+BN_WEIGHT_INPUT = "shapscan/bn_weight"
+CE_OUTPUT = "shapscan/ce"
+BN_LOSS_OUTPUT = "shapscan/bn_loss"
+GRAD_OUTPUT = "shapscan/grad"
+
+
+@dataclass
+class GradResult:
+    logits: np.ndarray  # [N, K]
+    ce: np.ndarray  # [N] cross-entropy per row against its target weights
+    bn_loss: float  # BN-statistics loss (0 without bn_stats)
+    grad: np.ndarray  # d (sum ce + bn_weight * bn_loss) / d input, shaped like the input
+
+
+@dataclass(frozen=True)
+class ProgramGraph:
+    model: onnx.ModelProto
+    input_name: str
+    logits_name: str
+    bn_layers: int
+
+
+def image_input(proto: onnx.ModelProto) -> str:
+    inits = {t.name for t in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name not in inits:
+            return vi.name
+    raise Inconclusive("model has no graph input to differentiate", rule_id="SS205")
+
+
+def inference_bn_nodes(proto: onnx.ModelProto, x: str) -> list[onnx.NodeProto]:
+    """BatchNormalization nodes (inference mode) whose input depends on `x`."""
+    dep = dependents(proto.graph, x)
+    return [n for n in proto.graph.node if n.op_type == "BatchNormalization"
+            and n.input[0] in dep and len([o for o in n.output if o]) == 1]
+
+
+def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGraph:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    x = image_input(model)
+    logits = model.graph.output[0].name
+    dtype = float_type(model, x)
+    elem = helper.np_dtype_to_tensor_dtype(dtype)
+    ctx = VJPContext(model, dtype)
+    logits_shape = ctx.static_shape(logits)
+    if logits_shape is not None and len(logits_shape) != 2:
+        raise Inconclusive(f"model output {logits} is not [N, K] (rank {len(logits_shape)})",
+                           rule_id="SS205", location=logits)
+    model.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, elem, ["N", "K"]))
+    model.graph.input.append(helper.make_tensor_value_info(BN_WEIGHT_INPUT, elem, []))
+
+    logp = ctx.op("LogSoftmax", [logits], axis=1)
+    picked = ctx.reduce("ReduceSum", ctx.op("Mul", [TARGET_INPUT, logp]), [1], keepdims=False)
+    ce = ctx.op("Neg", [picked])
+    mass = ctx.reduce("ReduceSum", TARGET_INPUT, [1], keepdims=True)
+    # d/dlogits sum_n CE_n = softmax * sum_k T - T
+    seeds = {logits: ctx.op("Sub", [ctx.op("Mul", [ctx.op("Exp", [logp]), mass]),
+                                    TARGET_INPUT])}
+
+    bn_nodes = inference_bn_nodes(model, x)
+    if bn_stats and bn_nodes:
+        losses = []
+        for node in bn_nodes:
+            loss, dz = _bn_head(ctx, node)
+            losses.append(loss)
+            z = node.input[0]
+            seeds[z] = ctx.op("Add", [seeds[z], dz]) if z in seeds else dz
+        bn_loss = ctx.add_all(losses)
+    else:
+        bn_loss = ctx.const(np.array(0.0))
+
+    grad = backprop(model, ctx, x, seeds)
+    for src, dst in ((ce, CE_OUTPUT), (bn_loss, BN_LOSS_OUTPUT), (grad, GRAD_OUTPUT)):
+        ctx.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
+    attach(model, ctx)
+    keep = model.graph.output[0]
+    del model.graph.output[:]
+    model.graph.output.extend([
+        keep, helper.make_tensor_value_info(CE_OUTPUT, elem, None),
+        helper.make_tensor_value_info(BN_LOSS_OUTPUT, elem, None),
+        helper.make_tensor_value_info(GRAD_OUTPUT, elem, None)])
+    return ProgramGraph(model, x, logits, len(bn_nodes))
+
+
+def _bn_head(ctx: VJPContext, node: onnx.NodeProto) -> tuple[str, str]:
+    """(loss, weighted cotangent of the BN input z) for one BN node.
+
+    loss = ||mean_b(z) - running_mean||^2 + ||var_b(z) - running_var||^2 with biased batch
+    statistics over every axis but channels; d loss/dz = 2/M (dm + 2 dv (z - mean_b)).
+    """
+    z, mean_r, var_r = node.input[0], node.input[3], node.input[4]
+    rank = ctx.rank(z, node)
+    axes = [0] + list(range(2, rank))
+    channel = ctx.const([1, -1] + [1] * (rank - 2))
+    mean_b = ctx.reduce("ReduceMean", z, axes, keepdims=True)
+    centered = ctx.op("Sub", [z, mean_b])
+    var_b = ctx.reduce("ReduceMean", ctx.op("Mul", [centered, centered]), axes, keepdims=True)
+    dm = ctx.op("Sub", [mean_b, ctx.op("Reshape", [mean_r, channel])])
+    dv = ctx.op("Sub", [var_b, ctx.op("Reshape", [var_r, channel])])
+    loss = ctx.op("Add", [ctx.reduce("ReduceSum", ctx.op("Mul", [dm, dm]), list(range(rank)),
+                                     keepdims=False),
+                          ctx.reduce("ReduceSum", ctx.op("Mul", [dv, dv]), list(range(rank)),
+                                     keepdims=False)])
+    per_channel = ctx.op("Div", [ctx.op("Size", [z]), ctx.op("Size", [mean_b])])
+    count = ctx.op("Cast", [per_channel], to=helper.np_dtype_to_tensor_dtype(ctx.dtype))
+    inner = ctx.op("Add", [dm, ctx.op("Mul", [ctx.op("Mul", [dv, centered]), ctx.const(2.0)])])
+    scale = ctx.op("Div", [ctx.op("Mul", [BN_WEIGHT_INPUT, ctx.const(2.0)]), count])
+    return loss, ctx.op("Mul", [inner, scale])
+
+
+class GradientProgram:
+    """Forward + loss + input gradient of a classifier in one onnxruntime session."""
+
+    def __init__(self, proto: onnx.ModelProto, *, bn_stats: bool = False,
+                 device: Device | None = None) -> None:
+        built = build_program(proto, bn_stats)
+        self.input_name = built.input_name
+        self.bn_layers = built.bn_layers  # inference BN nodes on the input path
+        self.bn_stats = bn_stats
+        self._dtype = float_type(built.model, built.input_name)
+        self._session = make_session(built.model, device)
+        self._outputs = [built.logits_name, CE_OUTPUT, BN_LOSS_OUTPUT, GRAD_OUTPUT]
+
+    def run(self, x: np.ndarray, target_weights: np.ndarray,
+            bn_weight: float = 0.0) -> GradResult:
+        if target_weights.ndim != 2 or len(target_weights) != len(x):
+            raise DataError(f"target_weights must be [N, K] with N = {len(x)}, "
+                            f"got {target_weights.shape}")
+        feeds = {self.input_name: np.ascontiguousarray(x, self._dtype),
+                 TARGET_INPUT: np.ascontiguousarray(target_weights, self._dtype),
+                 BN_WEIGHT_INPUT: np.asarray(bn_weight, self._dtype)}
+        logits, ce, bn_loss, grad = self._session.run(self._outputs, feeds)
+        return GradResult(logits, ce, float(bn_loss), grad)

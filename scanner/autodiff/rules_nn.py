@@ -1,0 +1,243 @@
+"""VJP rules for the layers: Conv, Gemm, MatMul, BatchNormalization, pooling.
+
+Only the image-side input is differentiated: a weight that depends on the image is refused.
+A convolution's input gradient is a ConvTranspose with the same weight and geometry; its
+output_padding recovers the input size (static spatial dims), or, with dynamic spatial
+dims, the largest output_padding plus a crop to the runtime shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .context import VJPContext, cannot, node_attrs, rule
+
+Grads = list[str | None]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sliding-window geometry with explicit pads (auto_pad resolved)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begin..., end...
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    def span(self, i: int) -> int:
+        return (self.kernel[i] - 1) * self.dilations[i] + 1
+
+    def out_size(self, i: int, size: int, ceil: bool = False) -> int:
+        room = size + self.pads[i] + self.pads[i + self.rank] - self.span(i)
+        return (-(-room // self.strides[i]) if ceil else room // self.strides[i]) + 1
+
+    def output_padding(self, spatial: tuple[int, ...] | None) -> list[int]:
+        """What a ConvTranspose needs on top of its natural size to give back `spatial`."""
+        if spatial is None:
+            return [max(s, d) - 1 for s, d in zip(self.strides, self.dilations)]
+        extra = []
+        for i, size in enumerate(spatial):
+            natural = (self.strides[i] * (self.out_size(i, size) - 1) + self.span(i)
+                       - self.pads[i] - self.pads[i + self.rank])
+            extra.append(size - natural)
+        return extra
+
+
+def _window(ctx: VJPContext, node: onnx.NodeProto, x: str, kernel: tuple[int, ...]) -> Window:
+    a = node_attrs(node)
+    r = len(kernel)
+    strides = tuple(a.get("strides", [1] * r))
+    dilations = tuple(a.get("dilations", [1] * r))
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", "VALID"):
+        pads = tuple(a.get("pads", [0] * 2 * r)) if auto_pad == "NOTSET" else (0,) * (2 * r)
+        return Window(kernel, strides, dilations, pads)
+    spatial = _spatial(ctx, x)
+    if spatial is None:
+        raise cannot(node, f"auto_pad={auto_pad} needs static spatial dims of {x}")
+    begin, end = [], []
+    for i, size in enumerate(spatial):
+        out = -(-size // strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else big)
+        end.append(big if auto_pad == "SAME_UPPER" else small)
+    return Window(kernel, strides, dilations, tuple(begin + end))
+
+
+def _spatial(ctx: VJPContext, x: str) -> tuple[int, ...] | None:
+    shape = ctx.static_shape(x)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return tuple(int(d) for d in shape[2:])  # type: ignore[arg-type]
+
+
+def _transpose_conv(ctx: VJPContext, g: str, w: str, x: str, win: Window, group: int) -> str:
+    """Adjoint of a convolution of `x` with `w` (same weights, strides, pads, dilations)."""
+    spatial = _spatial(ctx, x)
+    out = ctx.op("ConvTranspose", [g, w], strides=list(win.strides), pads=list(win.pads),
+                 dilations=list(win.dilations), group=group, kernel_shape=list(win.kernel),
+                 output_padding=win.output_padding(spatial))
+    if spatial is not None:
+        return out
+    # Positions below the input size do not depend on output_padding: crop the rest.
+    ends = ctx.op("Slice", [ctx.shape_of(x), ctx.const([2]), ctx.const([2 + win.rank])])
+    return ctx.op("Slice", [out, ctx.const([0] * win.rank), ends,
+                            ctx.const(list(range(2, 2 + win.rank)))])
+
+
+def _kernel_of(ctx: VJPContext, node: onnx.NodeProto, w: str) -> tuple[int, ...]:
+    kernel = node_attrs(node).get("kernel_shape")
+    if kernel:
+        return tuple(kernel)
+    wshape = ctx.static_dims(w)
+    if wshape is None:
+        raise cannot(node, "kernel_shape unknown (no attribute, weight shape not static)")
+    return wshape[2:]
+
+
+@rule("Conv")
+def _conv(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    if any(needs[1:]):
+        raise cannot(node, "gradient w.r.t. the weight or bias is not supported")
+    x, w = node.input[:2]
+    win = _window(ctx, node, x, _kernel_of(ctx, node, w))
+    group = int(node_attrs(node).get("group", 1))
+    return [_transpose_conv(ctx, g[0], w, x, win, group)] + [None] * (len(node.input) - 1)
+
+
+# ---------------------------------------------------------------- dense layers
+
+@rule("Gemm")
+def _gemm(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    a_attr = node_attrs(node)
+    alpha, beta = float(a_attr.get("alpha", 1.0)), float(a_attr.get("beta", 1.0))
+    ta, tb = int(a_attr.get("transA", 0)), int(a_attr.get("transB", 0))
+    a, b = node.input[:2]
+    out: Grads = [None] * len(node.input)
+    if needs[0]:
+        out[0] = (ctx.op("Gemm", [g[0], b], alpha=alpha, transB=1 - tb) if not ta else
+                  ctx.op("Gemm", [b, g[0]], alpha=alpha, transA=tb, transB=1))
+    if needs[1]:
+        out[1] = (ctx.op("Gemm", [a, g[0]], alpha=alpha, transA=1 - ta) if not tb else
+                  ctx.op("Gemm", [g[0], a], alpha=alpha, transA=1, transB=ta))
+    if len(node.input) > 2 and needs[2]:
+        scaled = ctx.op("Mul", [g[0], ctx.const(beta)]) if beta != 1.0 else g[0]
+        out[2] = ctx.unbroadcast(scaled, node.input[2], node.output[0], node)
+    return out
+
+
+def _swap_last(ctx: VJPContext, t: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return ctx.op("Transpose", [t], perm=perm)
+
+
+@rule("MatMul")
+def _matmul(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    a, b = node.input[:2]
+    y = node.output[0]
+    ra, rb, ry = ctx.rank(a, node), ctx.rank(b, node), ctx.rank(y, node)
+    if ra < 2 or rb < 2:
+        raise cannot(node, "1-D MatMul operands are not supported")
+    ys, as_, bs = ctx.static_shape(y), ctx.static_shape(a), ctx.static_shape(b)
+    assert ys is not None and as_ is not None and bs is not None
+    out: Grads = [None, None]
+    if needs[0]:  # dA = g B^T, summed over the batch dims A was broadcast along
+        full = ctx.op("MatMul", [g[0], _swap_last(ctx, b, rb)])
+        out[0] = ctx.unbroadcast(full, a, y, node, out_shape=ys[:-2] + as_[-2:])
+    if needs[1]:  # dB = A^T g
+        full = ctx.op("MatMul", [_swap_last(ctx, a, ra), g[0]])
+        out[1] = ctx.unbroadcast(full, b, y, node, out_shape=ys[:-2] + bs[-2:])
+    del ry
+    return out
+
+
+@rule("BatchNormalization")
+def _batchnorm(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    a = node_attrs(node)
+    if a.get("training_mode", 0) or len(node.output) > 1 and any(node.output[1:]):
+        raise cannot(node, "training-mode BatchNormalization")
+    if any(needs[1:]):
+        raise cannot(node, "gradient w.r.t. scale/bias/statistics is not supported")
+    x, scale, _, _, var = node.input[:5]
+    rank = ctx.rank(x, node)
+    inv_std = ctx.op("Div", [scale, ctx.op("Sqrt", [
+        ctx.op("Add", [var, ctx.const(float(a.get("epsilon", 1e-5)))])])])
+    factor = ctx.op("Reshape", [inv_std, ctx.const([-1] + [1] * (rank - 2))])
+    return [ctx.op("Mul", [g[0], factor]), None, None, None, None]
+
+
+# ---------------------------------------------------------------- pooling
+
+@rule("MaxPool")
+def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    a = node_attrs(node)
+    if a.get("storage_order", 0):
+        raise cannot(node, "storage_order=1")
+    x = node.input[0]
+    win = _window(ctx, node, x, tuple(a["kernel_shape"]))
+    overlapping = any(k * d > s for k, d, s in zip(win.kernel, win.dilations, win.strides))
+    if overlapping and ctx.opset < 16:
+        raise cannot(node, f"overlapping windows need ScatterElements reduction (opset >= 16, "
+                           f"model has {ctx.opset})")
+    if len(node.output) < 2 or not node.output[1]:
+        # The forward pass already knows where each maximum came from: ask for it.
+        del node.output[1:]
+        node.output.append(ctx.fresh("maxpool_indices"))
+    flat = ctx.const([-1])
+    zeros = ctx.op("Reshape", [ctx.zeros_like(x), flat])
+    extra = {"reduction": "add"} if ctx.opset >= 16 else {}
+    scattered = ctx.op("ScatterElements", [zeros, ctx.op("Reshape", [node.output[1], flat]),
+                                           ctx.op("Reshape", [g[0], flat])], axis=0, **extra)
+    return [ctx.op("Reshape", [scattered, ctx.shape_of(x)])]
+
+
+@rule("AveragePool")
+def _avgpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    a = node_attrs(node)
+    x = node.input[0]
+    win = _window(ctx, node, x, tuple(a["kernel_shape"]))
+    spatial = _spatial(ctx, x)
+    if a.get("ceil_mode", 0):
+        if spatial is None or any(win.out_size(i, s, True) != win.out_size(i, s)
+                                  for i, s in enumerate(spatial)):
+            raise cannot(node, "ceil_mode=1 with windows past the padded input")
+    volume = float(np.prod(win.kernel))
+    if a.get("count_include_pad", 0) or not any(win.pads):
+        scaled = ctx.op("Div", [g[0], ctx.const(volume)])
+    else:
+        # Divisor per output = number of real (non-pad) inputs in its window.
+        ones = ctx.op("ConstantOfShape", [ctx.shape_of(x)],
+                      value=numpy_helper.from_array(np.ones(1, ctx.dtype)))
+        dil = {"dilations": list(win.dilations)} if any(d != 1 for d in win.dilations) else {}
+        pooled = ctx.op("AveragePool", [ones], kernel_shape=list(win.kernel),
+                        strides=list(win.strides), pads=list(win.pads), count_include_pad=1,
+                        **dil)
+        scaled = ctx.op("Div", [g[0], ctx.op("Mul", [pooled, ctx.const(volume)])])
+    # Sum-pool adjoint per plane: fold N*C into the batch, one all-ones kernel.
+    planes = ctx.op("Reshape", [scaled, ctx.const([-1, 1] + [0] * win.rank)])
+    ones_k = ctx.const(np.ones((1, 1) + win.kernel))
+    spread = _transpose_conv(ctx, planes, ones_k, x, win, 1)  # x gives the spatial dims
+    return [ctx.op("Reshape", [spread, ctx.shape_of(x)])]
+
+
+@rule("GlobalAveragePool")
+def _gap(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    x = node.input[0]
+    spatial = _spatial(ctx, x)
+    if spatial is not None:
+        count = ctx.const(float(np.prod(spatial)))
+    else:
+        dims = ctx.op("Slice", [ctx.shape_of(x), ctx.const([2]), ctx.const([2 ** 62])])
+        count = ctx.op("Cast", [ctx.op("ReduceProd", [dims], keepdims=0)],
+                       to=onnx.helper.np_dtype_to_tensor_dtype(ctx.dtype))
+    return [ctx.op("Expand", [ctx.op("Div", [g[0], count]), ctx.shape_of(x)])]
