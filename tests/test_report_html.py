@@ -157,3 +157,22 @@ def test_renders_in_headless_chromium(tmp_path: Path) -> None:
     red = (image[..., 0] > 170) & (image[..., 1] < 80) & (image[..., 2] < 80)
     assert red[:300].sum() > 20_000
     assert (image.sum(axis=2) < 40).sum() > 30_000
+
+
+def test_recorded_total_is_not_double_counted() -> None:
+    result = clean_result()
+    result.timings["total"] = 15.0
+    page = render_html(result)
+    assert "<th class=num>15.00 s</th>" in page and page.count(">total<") == 1
+
+
+def test_rgb_trigger_and_batched_mask_shapes() -> None:
+    result = backdoor_result()
+    rng = np.random.default_rng(1)
+    result.detection.masks[3] = rng.uniform(size=(1, 28, 28))
+    result.detection.patterns[3] = rng.uniform(size=(3, 28, 28))
+    result.detection.examples[3] = rng.uniform(size=(3, 28, 28))
+    imgs = [a for tag, a in parse(render_html(result)).tags if tag == "img"]
+    modes = [Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1]))).mode
+             for a in imgs]
+    assert modes == ["L", "RGB", "RGB", "RGB"]

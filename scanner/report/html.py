@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from importlib import resources
 
+import numpy as np
+
 from .. import __version__
 from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Verdict
 from .charts import BAR, FLAG, anomaly_chart, esc, png_data_uri, shapley_chart
@@ -115,11 +117,13 @@ def _detection(d: Detection) -> str:
     for t in d.flagged_targets:
         if t not in d.masks:
             continue
-        mask = d.masks[t]
+        mask = np.asarray(d.masks[t])
+        if mask.ndim == 3 and mask.shape[0] == 1:  # [1, H, W] from a batched optimiser
+            mask = mask[0]
         figures = [("mask", mask)]
         if t in d.patterns:
-            figures += [("pattern", d.patterns[t]), ("trigger (mask × pattern)",
-                                                     d.patterns[t] * mask[None])]
+            pattern = np.asarray(d.patterns[t])
+            figures += [("pattern", pattern), ("trigger (mask × pattern)", pattern * mask)]
         if t in d.examples:
             figures.append(("stamped example", d.examples[t]))
         imgs = "".join(f'<figure><img src="{png_data_uri(img)}" alt="{esc(label)}">'
@@ -178,11 +182,13 @@ def _findings(findings: list[Finding]) -> str:
 def _timings(result: ScanResult) -> str:
     if not result.timings:
         return '<p class="note">No timings recorded.</p>'
+    # the CLI records wall time as "total"; otherwise the stages are summed
+    stages = {k: v for k, v in result.timings.items() if k != "total"}
+    total = result.timings.get("total", sum(v for v in stages.values() if math.isfinite(v)))
     rows = "".join(f"<tr><td>{esc(stage)}</td><td class=num>{_num(s, 2)} s</td></tr>"
-                   for stage, s in result.timings.items())
-    total = sum(s for s in result.timings.values() if math.isfinite(s))
+                   for stage, s in stages.items())
     return (f"<table><tr><th>Stage</th><th class=num>Time</th></tr>{rows}"
-            f"<tr><th>total</th><th class=num>{total:.2f} s</th></tr></table>")
+            f"<tr><th>total</th><th class=num>{_num(total, 2)} s</th></tr></table>")
 
 
 def render_html(result: ScanResult) -> str:
