@@ -11,6 +11,7 @@ from onnx import helper
 
 from scanner.data import load_images, resolve_preprocess
 from scanner.graph.activations import discover_activations
+from scanner.graph.export import sanitize
 from scanner.graph.load import load_model
 from scanner.graph.mask import MaskedModel, insert_masks, mask_inputs
 from scanner.graph.prefix import CoalitionEvaluator, split_at_masks
@@ -63,6 +64,36 @@ def test_insert_masks_copies_and_rewires_every_consumer():
     assert dims == ["N", 4, 1, 1]
 
 
+def test_mask_moves_past_sole_consumer_pooling_only():
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["c2"], ["s"], name="sig"),
+             helper.make_node("MaxPool", ["s"], ["p2"], name="pool2", kernel_shape=[2, 2]),
+             helper.make_node("Add", ["s", "s"], ["d"], name="double")]
+    hn, hi = head("d", 4)
+    proto = inferred(model(nodes + hn, [tensor("w", [4, 3, 1, 1]), tensor("w2", [4, 4, 1, 1]),
+                                        *hi]))
+    layers = discover_activations(proto)
+    specs = mask_inputs(proto, layers)
+    assert [(s.layer.name, s.gated) for s in specs] == [("r", "p"), ("s", "s")]
+    x = images(3)
+    mm = MaskedModel(proto, layers)
+    np.testing.assert_array_equal(mm.run_ones(x), plain(proto, x))
+    rng = np.random.default_rng(5)
+    masks = [rng.random((3, 4)).astype(np.float32) > 0.5 for _ in layers]
+    # the same zeros applied right after the activations (export: folded / constant Mul)
+    zeroed = {la.name: [1, 2] for la in layers}
+    fixed = [np.tile(np.isin(np.arange(4), [1, 2], invert=True), (3, 1)) for _ in layers]
+    np.testing.assert_allclose(mm.run(x, fixed), plain(sanitize(proto, zeroed), x),
+                               atol=1e-6, rtol=0)
+    assert mm.run(x, masks).shape == (3, 5)
+    with pytest.raises(ValueError):
+        CoalitionEvaluator(proto, layers, x).logits(-np.ones((1, 8)))
+
+
 def test_all_ones_and_zeroed_channels_on_a_residual_graph():
     proto = residual_model()
     layers = discover_activations(proto)
@@ -100,11 +131,12 @@ def test_split_puts_mask_independent_nodes_in_the_prefix():
     last = layers[1:]
     masked = insert_masks(proto, last)
     split = split_at_masks(masked, [s.input_name for s in mask_inputs(proto, last)], "logits")
-    assert split.cut == ("r2",)
+    # relu2's only reader is GlobalAveragePool, which commutes with the mask: the cut (and
+    # the cache) is the pooled [N, 4, 1, 1] tensor
+    assert split.cut == ("gap",)
     assert {n.name for n in split.prefix.graph.node} == {"conv1", "relu1", "conv2", "add",
-                                                         "relu2"}
-    assert {n.op_type for n in split.suffix.graph.node} == {"Mul", "GlobalAveragePool",
-                                                            "Flatten", "Gemm"}
+                                                         "relu2", "gap"}
+    assert {n.op_type for n in split.suffix.graph.node} == {"Mul", "Flatten", "Gemm"}
     first = split_at_masks(insert_masks(proto, layers),
                            [s.input_name for s in mask_inputs(proto, layers)], "logits")
     assert first.cut == ("r1",)  # the residual branch reads r1 after its mask

@@ -15,16 +15,29 @@ import onnx_graphsurgeon as gs
 
 from ..findings import LayerInfo
 from ..runtime import Device, Runner, make_runner
+from .activations import graph_index
 
 MASK_PREFIX = "shapscan_mask_"
 
 
+# Per-channel ops with f(m * x) = m * f(x) for every per-channel m >= 0. A mask on the
+# activation can move past them unchanged in meaning; doing so keeps ORT's NCHWc layout
+# chain (Conv -> Relu -> MaxPool -> Conv) unbroken and gates a smaller tensor, which is
+# what makes the masked model run at nearly the plain model's speed.
+COMMUTING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool"})
+
+
 @dataclass(frozen=True)
 class MaskSpec:
-    """The graph input that gates one layer's channels."""
+    """The graph input that gates one layer's channels.
+
+    `gated` is the tensor the Mul multiplies: the layer's own output, or the output of the
+    pooling ops that follow it alone (see COMMUTING_OPS); masks must be >= 0.
+    """
 
     input_name: str
     layer: LayerInfo
+    gated: str
 
     def shape(self, rows: int) -> tuple[int, ...]:
         c = self.layer.channels
@@ -57,10 +70,28 @@ def mask_names(proto: onnx.ModelProto, count: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(count)]
 
 
+def gate_point(graph: onnx.GraphProto, tensor: str,
+               consumers: dict[str, list[onnx.NodeProto]] | None = None) -> str:
+    """Follow `tensor` through sole-consumer pooling ops that commute with the mask."""
+    if consumers is None:
+        _, consumers = graph_index(graph)
+    outputs = {o.name for o in graph.output}
+    while tensor not in outputs:
+        readers = consumers.get(tensor, [])
+        if len(readers) != 1 or readers[0].op_type not in COMMUTING_OPS \
+                or readers[0].domain not in ("", "ai.onnx") \
+                or len([o for o in readers[0].output if o]) != 1:
+            break
+        tensor = readers[0].output[0]
+    return tensor
+
+
 def mask_inputs(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> list[MaskSpec]:
     """The mask inputs `insert_masks(proto, layers)` adds, in `layers` order."""
     names = mask_names(proto, len(layers))
-    return [MaskSpec(name, layer) for name, layer in zip(names, layers, strict=True)]
+    _, consumers = graph_index(proto.graph)
+    return [MaskSpec(name, layer, gate_point(proto.graph, layer.name, consumers))
+            for name, layer in zip(names, layers, strict=True)]
 
 
 def insert_masks(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> onnx.ModelProto:
@@ -73,13 +104,13 @@ def insert_masks(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> onnx.Mo
     n = batch_dim(proto)
     for spec in mask_inputs(proto, layers):
         layer = spec.layer
-        act = tensors.get(layer.name)
-        if act is None:
+        if layer.name not in tensors:
             raise KeyError(f"layer tensor {layer.name!r} not in the graph")
+        act = tensors[spec.gated]
         dtype = act.dtype if act.dtype is not None else np.float32
         shape = [n, layer.channels, 1, 1] if layer.rank == 4 else [n, layer.channels]
         mask = gs.Variable(spec.input_name, dtype=dtype, shape=shape)
-        gate_tensor(graph, act, mask, f"{layer.name}_masked")
+        gate_tensor(graph, act, mask, f"{spec.gated}_masked")
         graph.inputs.append(mask)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=True)

@@ -141,9 +141,11 @@ class CoalitionEvaluator:
         coalitions = np.asarray(coalitions, np.float32)
         if coalitions.ndim == 1:
             coalitions = coalitions[None]
-        if coalitions.shape[1] != self.n_channels:
-            raise ValueError(f"coalitions have {coalitions.shape[1]} columns; expected "
-                             f"{self.n_channels}")
+        if coalitions.ndim != 2 or coalitions.shape[1] != self.n_channels:
+            raise ValueError(f"coalitions have shape {coalitions.shape}; expected "
+                             f"[M, {self.n_channels}]")
+        if coalitions.size and coalitions.min() < 0:
+            raise ValueError("coalition values must be >= 0 (masks commute with pooling)")
         m, k = len(coalitions), self.n_images
         eng = self._engine
         if eng.split is not None and eng.suffix is None:  # output ignores every mask
