@@ -1,0 +1,195 @@
+"""Baselines: CLP on hand-built graphs with a planted high-Lipschitz channel, Fine-Pruning and
+CLP end to end on a zoo model (the sanitized model must load and run in onnxruntime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FEWSHOT, zoo_model
+from graph_builders import head, model, save
+from onnx import helper, numpy_helper
+
+from scanner.api import model_preprocess
+from scanner.baselines import (
+    BaselineConfig,
+    channel_lipschitz,
+    layer_lipschitz,
+    run_baseline,
+)
+from scanner.baselines.fine_pruning import last_conv_layer, shifted
+from scanner.cli import cli
+from scanner.data import ImageSet, Preprocess, load_images
+from scanner.errors import DataError
+from scanner.graph.activations import discover_activations
+from scanner.graph.export import sanitize, verify_sanitized
+from scanner.graph.load import load_model
+from scanner.policy import Policy
+from scanner.runtime import resolve_device
+
+CHANNELS = 16
+PLANTED = 5
+CPU = resolve_device("cpu")
+
+
+def conv_bn_relu(kernel_boost: float = 1.0, gamma_boost: float = 1.0,
+                 channel: int = PLANTED) -> onnx.ModelProto:
+    """image -> Conv(3->16) -> BatchNormalization -> Relu -> Gemm -> Relu -> head.
+
+    `kernel_boost` scales one channel's kernel, `gamma_boost` its BN γ; the Gemm-fed Relu is
+    a layer CLP must skip (no kernel)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((CHANNELS, 3, 3, 3)).astype(np.float32) * 0.3
+    w[channel] *= kernel_boost
+    gamma = rng.uniform(0.8, 1.2, CHANNELS).astype(np.float32)
+    gamma[channel] *= gamma_boost
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w", w), ("b", np.zeros(CHANNELS, np.float32)), ("gamma", gamma),
+        ("beta", rng.standard_normal(CHANNELS).astype(np.float32) * 0.1),
+        ("mean", rng.standard_normal(CHANNELS).astype(np.float32) * 0.1),
+        ("var", rng.uniform(0.5, 1.5, CHANNELS).astype(np.float32)),
+        ("fc1_w", rng.standard_normal((8, CHANNELS)).astype(np.float32)),
+        ("fc1_b", np.zeros(8, np.float32))]]
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["c"], name="conv", pads=[1] * 4,
+                              kernel_shape=[3, 3]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"],
+                              ["bn"], name="bn", epsilon=1e-5),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["gap0"], name="gap0"),
+             helper.make_node("Flatten", ["gap0"], ["flat0"], name="flat0"),
+             helper.make_node("Gemm", ["flat0", "fc1_w", "fc1_b"], ["fc1"], name="fc1",
+                              transB=1),
+             helper.make_node("Relu", ["fc1"], ["r2"], name="relu2"),
+             helper.make_node("Unsqueeze", ["r2", "axes"], ["r2u"], name="unsq")]
+    inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+    hn, hi = head("r2u", 8)
+    return model(nodes + hn, inits + hi)
+
+
+def loaded(tmp_path: Path, proto: onnx.ModelProto):
+    return load_model(save(proto, tmp_path / "m.onnx"))
+
+
+def test_channel_lipschitz_is_the_largest_singular_value_times_bn_scale():
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((4, 3, 3, 3))
+    scale = np.array([1.0, -2.0, 0.5, 3.0])
+    got = channel_lipschitz(kernel, scale)
+    for k in range(4):
+        expected = np.linalg.norm(kernel[k].reshape(3, 9), ord=2) * abs(scale[k])
+        assert got[k] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel_boost, gamma_boost", [(50.0, 1.0), (1.0, 50.0)])
+def test_clp_prunes_exactly_the_planted_channel(tmp_path, kernel_boost, gamma_boost):
+    m = loaded(tmp_path, conv_bn_relu(kernel_boost, gamma_boost))
+    layers = discover_activations(m.proto)
+    repair = run_baseline("clp", m, layers, Preprocess("NCHW", 3, 8, 8), None, Policy(), CPU)
+    assert [(c.layer, c.channel) for c in repair.pruned] == [("r", PLANTED)]
+    assert repair.estimator == "clp" and repair.target == -1 and repair.permutations == 0
+    assert repair.forward_passes == 0  # data-free: no image was evaluated
+    assert repair.channels_total == CHANNELS + 8
+    assert repair.top_channels[0].channel == PLANTED
+
+
+def test_clp_prunes_nothing_without_an_outlier_and_skips_gemm_layers(tmp_path):
+    m = loaded(tmp_path, conv_bn_relu())
+    layers = discover_activations(m.proto)
+    scored = layer_lipschitz(m.proto, layers)
+    assert [s.layer.name for s in scored] == ["r"]  # r2 is fed by a Gemm
+    assert scored[0].batchnorm == "bn" and scored[0].conv == "conv"
+    assert len(scored[0].pruned) == 0
+
+
+def test_clp_threshold_u_is_an_option(tmp_path):
+    m = loaded(tmp_path, conv_bn_relu(kernel_boost=2.5))
+    layers = discover_activations(m.proto)
+    prep = Preprocess("NCHW", 3, 8, 8)
+    strict = run_baseline("clp", m, layers, prep, None, Policy(), CPU, BaselineConfig(clp_u=3))
+    loose = run_baseline("clp", m, layers, prep, None, Policy(), CPU, BaselineConfig(clp_u=1))
+    assert len(loose.pruned) >= len(strict.pruned)
+    assert PLANTED in [c.channel for c in loose.pruned]
+
+
+def test_clp_sanitized_model_equals_masked_evaluation(tmp_path):
+    m = loaded(tmp_path, conv_bn_relu(kernel_boost=50.0))
+    layers = discover_activations(m.proto)
+    repair = run_baseline("clp", m, layers, Preprocess("NCHW", 3, 8, 8), None, Policy(), CPU)
+    zeroed = {"r": [c.channel for c in repair.pruned]}
+    clean = sanitize(m.proto, zeroed)
+    images = np.random.default_rng(2).random((4, 3, 8, 8)).astype(np.float32)
+    assert verify_sanitized(m.proto, clean, zeroed, images) <= 1e-5
+
+
+def test_fp_needs_images(tmp_path):
+    m = loaded(tmp_path, conv_bn_relu())
+    with pytest.raises(DataError):
+        run_baseline("fp", m, discover_activations(m.proto), Preprocess("NCHW", 3, 8, 8), None,
+                     Policy(), CPU)
+
+
+def test_shifted_copies_keep_labels():
+    images = ImageSet(np.random.default_rng(0).random((3, 1, 6, 6)).astype(np.float32),
+                      np.array([0, 1, 2]))
+    rows = shifted(images, 4)
+    assert len(rows) == 15 and rows.labels.tolist() == [0, 1, 2] * 5
+    np.testing.assert_array_equal(rows.pixels[:3], images.pixels)
+
+
+# ---------------------------------------------------------------- zoo model end to end
+
+@pytest.fixture(scope="module")
+def badnets():
+    m = load_model(zoo_model("cnn_badnets"))
+    prep = model_preprocess(m)
+    return m, discover_activations(m.proto), prep, load_images(FEWSHOT, prep)
+
+
+def test_fp_prunes_dormant_last_conv_channels_within_budget(badnets):
+    m, layers, prep, images = badnets
+    policy = Policy()
+    repair = run_baseline("fp", m, layers, prep, images, policy, CPU)
+    last = last_conv_layer(layers)
+    assert repair.estimator == "fine-pruning" and repair.target == -1
+    assert {c.layer for c in repair.pruned} == {last.name}
+    assert 0 < len(repair.pruned) <= int(0.8 * last.channels)
+    assert repair.fewshot_acc_before - repair.fewshot_acc_after \
+        <= policy.repair.max_clean_drop + 1e-9
+    # least active first: every pruned channel is at most as active as any kept one
+    acts = [c.shapley for c in repair.pruned]
+    assert acts == sorted(acts)
+    assert repair.forward_passes > len(images)
+
+
+@pytest.mark.parametrize("method", ["clp", "fp"])
+def test_baseline_repair_exports_a_model_onnxruntime_runs(badnets, tmp_path, method):
+    m, layers, prep, images = badnets
+    repair = run_baseline(method, m, layers, prep, images, Policy(), CPU)
+    zeroed: dict[str, list[int]] = {}
+    for c in repair.pruned:
+        zeroed.setdefault(c.layer, []).append(c.channel)
+    clean = sanitize(m.proto, zeroed)
+    path = save(clean, tmp_path / "sanitized.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: prep.to_model(images.pixels)})[0]
+    acc = float((logits.argmax(1) == images.labels).mean())
+    assert acc == pytest.approx(repair.fewshot_acc_after, abs=1e-9)
+    if zeroed:
+        assert verify_sanitized(m.proto, clean, zeroed, prep.to_model(images.pixels)) <= 1e-5
+
+
+@pytest.mark.skipif("scan" not in cli.commands, reason="scan command not registered yet")
+@pytest.mark.parametrize("method", ["clp", "fp"])
+def test_scan_cli_with_baseline_writes_a_loadable_model(run_cli, tmp_path, method):
+    model_path = zoo_model("cnn_badnets")
+    out = tmp_path / "sanitized.onnx"
+    result = run_cli("scan", model_path, "--method", method, "--data", FEWSHOT, "--out", out,
+                     "--quiet")
+    assert result.code in (0, 1), result.err
+    if out.exists():
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        x = np.zeros((2, 1, 28, 28), np.float32)
+        assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (2, 10)
