@@ -67,10 +67,10 @@ def measure(path: Path, batch: int, images: int, threads: int | None, seconds: f
     session = make_session(loaded.proto, threads=threads)
     plain = rate(lambda: session.run(None, {name: x}), batch, seconds)
 
-    # the masked engine on the same rows: `batch` coalitions of all ones on one image each
-    engine = CoalitionEvaluator(loaded.proto, layers, x[:1], max_batch_rows=batch,
+    # the masked engine on the same rows: one all-ones coalition over the `batch` images
+    engine = CoalitionEvaluator(loaded.proto, layers, x, max_batch_rows=batch,
                                 prefix_cache=False, threads=threads)
-    ones = np.ones((batch, engine.n_channels), np.float32)
+    ones = np.ones((1, engine.n_channels), np.float32)
     masked = rate(lambda: engine.logits(ones), batch, seconds)
 
     late = layers[(2 * len(layers)) // 3]

@@ -208,3 +208,10 @@ def test_loader_does_not_read_external_data_before_checking(tmp_path):
     with pytest.raises(ModelRefused) as info:
         load_model(path)
     assert info.value.rule_id == "SS103" and info.value.location == "w"
+
+
+def test_ss105_hostile_dims_do_not_overflow(refused):
+    proto = conv_relu_model()
+    del proto.graph.initializer[0].dims[:]
+    proto.graph.initializer[0].dims.extend([2**40, 2**40, 1, 1])
+    refused(proto, "SS105")

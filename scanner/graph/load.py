@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, version_converter
 
@@ -102,6 +102,7 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
     if external:
         # Every location was checked to lie inside the model folder and to hold its bytes.
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        log.debug("%s: loaded %d bytes of external data", path, external)
     _toposort_checked(proto.graph)
     proto, converted = _check_opset(proto)
     if converted:
@@ -198,7 +199,8 @@ def _check_tensors(proto: onnx.ModelProto, folder: Path) -> int:
 
 
 def _element_count(tensor: TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    # Python ints: hostile dims such as [2**40, 2**40] must not wrap around in int64
+    return math.prod(tensor.dims)
 
 
 def _byte_size(tensor: TensorProto) -> int | None:
@@ -303,6 +305,7 @@ def _toposort_checked(graph: onnx.GraphProto) -> None:
         done.update(ready)
         remaining = [i for i in remaining if i not in done]
     if order != list(range(len(graph.node))):
+        log.debug("graph nodes were not in topological order; reordered")
         nodes = [graph.node[i] for i in order]
         del graph.node[:]
         graph.node.extend(nodes)
