@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from . import rules_elementwise, rules_nn, rules_resize, rules_shape  # noqa: F401  (register)
-from .context import RULES, FLOAT_TYPES, VJPContext, cannot
+from .context import FLOAT_TYPES, RULES, VJPContext, cannot
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 COTANGENT_SUFFIX = "__cotangent"
@@ -62,7 +62,7 @@ def backprop(model: onnx.ModelProto, ctx: VJPContext, wrt: str, seeds: dict[str,
             continue  # only a non-differentiable side output (indices, mask) is used
         needs = [bool(i) and i in live for i in node.input]
         grads = RULES[node.op_type](ctx, node, gouts, needs)
-        for name, need, grad in zip(node.input, needs, grads):
+        for name, need, grad in zip(node.input, needs, grads, strict=False):
             if need and grad is not None:
                 cot[name].append(grad)
     if wrt not in cot:

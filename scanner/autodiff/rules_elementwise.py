@@ -110,7 +110,8 @@ def _elu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> 
 @rule("Selu")
 def _selu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     a = node_attrs(node)
-    alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
+    alpha = a.get("alpha", 1.67326319217681884765625)
+    gamma = a.get("gamma", 1.05070102214813232421875)
     pos = ctx.op("Mul", [g[0], ctx.const(gamma)])
     neg = ctx.op("Mul", [g[0], ctx.op("Add", [node.output[0], ctx.const(alpha * gamma)])])
     return [_where(ctx, ctx.op("Greater", [node.input[0], ctx.const(0.0)]), pos, neg)]

@@ -42,7 +42,7 @@ class Window:
     def output_padding(self, spatial: tuple[int, ...] | None) -> list[int]:
         """What a ConvTranspose needs on top of its natural size to give back `spatial`."""
         if spatial is None:
-            return [max(s, d) - 1 for s, d in zip(self.strides, self.dilations)]
+            return [max(s, d) - 1 for s, d in zip(self.strides, self.dilations, strict=True)]
         extra = []
         for i, size in enumerate(spatial):
             natural = (self.strides[i] * (self.out_size(i, size) - 1) + self.span(i)
@@ -185,7 +185,8 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
         raise cannot(node, "storage_order=1")
     x = node.input[0]
     win = _window(ctx, node, x, tuple(a["kernel_shape"]))
-    overlapping = any(k * d > s for k, d, s in zip(win.kernel, win.dilations, win.strides))
+    overlapping = any(k * d > s for k, d, s in
+                      zip(win.kernel, win.dilations, win.strides, strict=True))
     if overlapping and ctx.opset < 16:
         raise cannot(node, f"overlapping windows need ScatterElements reduction (opset >= 16, "
                            f"model has {ctx.opset})")

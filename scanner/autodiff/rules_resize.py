@@ -99,6 +99,6 @@ def _full(values: np.ndarray, axes: list[int] | None, fill: float) -> np.ndarray
     if not axes:
         return values
     full = np.full(4, fill)
-    for ax, v in zip(axes, values):
+    for ax, v in zip(axes, values, strict=True):
         full[ax % 4] = v
     return full

@@ -47,7 +47,7 @@ def _concat(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) 
         axis += ctx.rank(node.output[0], node)
     out: Grads = []
     start: int | str = 0
-    for x, need in zip(node.input, needs):
+    for x, need in zip(node.input, needs, strict=True):
         size = _axis_size(ctx, x, axis)
         if isinstance(start, int) and isinstance(size, int):
             end: int | str = start + size
@@ -68,15 +68,33 @@ def _pad(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> 
     a = node_attrs(node)
     if a.get("mode", "constant") != "constant":
         raise cannot(node, f"mode={a['mode']} (only constant padding)")
-    if ctx.opset < 11:
-        return [ctx.op("Pad", [g[0]], pads=[-p for p in a["pads"]], mode="constant")]
     if any(needs[1:]):
         raise cannot(node, "pads that depend on the input")
-    # The adjoint of padding by p is cropping by p: Pad with -p.
-    pads = ctx.value(node.input[1])
-    neg = ctx.const(-pads) if pads is not None else ctx.op("Neg", [node.input[1]])
-    axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
-    return _first(node, ctx.op("Pad", [g[0], neg, "", *axes], mode="constant"))
+    rank = ctx.rank(node.input[0], node)
+    pads = np.asarray(a["pads"]) if ctx.opset < 11 else ctx.value(node.input[1])
+    axes_in = node.input[3] if len(node.input) > 3 and node.input[3] else ""
+    axes_v = ctx.value(axes_in) if axes_in else np.arange(rank)
+    if pads is None or axes_v is None:
+        # Runtime pads: the adjoint of padding by p is padding by -p (onnxruntime crops).
+        neg = ctx.op("Neg", [node.input[1]])
+        return _first(node, ctx.op("Pad", [g[0], neg, "", *([axes_in] if axes_in else [])],
+                                   mode="constant"))
+    begin, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
+    for i, ax in enumerate(int(v) % rank for v in axes_v.reshape(-1)):
+        begin[ax], end[ax] = pads[i], pads[i + len(axes_v.reshape(-1))]
+    grad = g[0]
+    # Padded positions are cropped away with Slice; cropped ones (negative pads) come back
+    # as zeros with a non-negative Pad: portable where runtimes reject negative pads.
+    crop = [ax for ax in range(rank) if begin[ax] > 0 or end[ax] > 0]
+    if crop:
+        starts = [max(int(begin[ax]), 0) for ax in crop]
+        ends = [-int(end[ax]) if end[ax] > 0 else 2 ** 62 for ax in crop]
+        grad = ctx.op("Slice", [grad, ctx.const(starts), ctx.const(ends), ctx.const(crop)])
+    refill = np.concatenate([np.maximum(-begin, 0), np.maximum(-end, 0)])
+    if refill.any():
+        grad = (ctx.op("Pad", [grad], pads=refill.tolist(), mode="constant") if ctx.opset < 11
+                else ctx.op("Pad", [grad, ctx.const(refill)], mode="constant"))
+    return _first(node, grad)
 
 
 @rule("Slice")
