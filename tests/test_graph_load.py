@@ -215,3 +215,12 @@ def test_ss105_hostile_dims_do_not_overflow(refused):
     del proto.graph.initializer[0].dims[:]
     proto.graph.initializer[0].dims.extend([2**40, 2**40, 1, 1])
     refused(proto, "SS105")
+
+
+def test_nodes_out_of_topological_order_are_reordered(tmp_path):
+    proto = conv_relu_model()
+    nodes = list(proto.graph.node)[::-1]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    loaded = load_model(save(proto, tmp_path / "m.onnx"))
+    assert [n.name for n in loaded.proto.graph.node] == ["conv", "relu", "gap", "flatten", "fc"]

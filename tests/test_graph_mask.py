@@ -154,6 +154,9 @@ def test_evaluator_prefix_equals_full_on_a_residual_graph(which):
     a, b = fast.logits(coalitions), full.logits(coalitions)
     assert a.shape == (7, 3, 5)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    rows = MaskedModel(proto, layers).run_flat(np.tile(x, (7, 1, 1, 1)),
+                                               np.repeat(coalitions, 3, axis=0))
+    np.testing.assert_allclose(a.reshape(21, 5), rows, atol=ATOL, rtol=0)
     assert fast.forward_passes == full.forward_passes == 21
     np.testing.assert_allclose(fast.logits(np.ones(fast.n_channels))[0], plain(proto, x),
                                atol=1e-6, rtol=0)

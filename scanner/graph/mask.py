@@ -162,6 +162,14 @@ class MaskedModel:
             feeds[spec.input_name] = spec.feed(np.asarray(m))
         return self.runner.run([self.output_name], feeds)[0]
 
+    def run_flat(self, x: np.ndarray, coalitions: np.ndarray) -> np.ndarray:
+        """Logits for rows (x[r], coalitions[r]); a coalition row spans all layers' channels
+        in `layers` order (the CoalitionEvaluator's flat index)."""
+        bounds = np.cumsum([0] + [s.layer.channels for s in self.masks])
+        coalitions = np.asarray(coalitions, np.float32)
+        return self.run(x, [coalitions[:, a:b] for a, b in zip(bounds[:-1], bounds[1:],
+                                                                strict=True)])
+
     def run_ones(self, x: np.ndarray) -> np.ndarray:
         rows = x.shape[0]
         return self.run(x, [np.ones((rows, s.layer.channels), np.float32) for s in self.masks])

@@ -96,10 +96,15 @@ class CoalitionEvaluator:
 
     def __init__(self, proto: onnx.ModelProto, layers: Sequence[LayerInfo],
                  images: np.ndarray, device: Device | None = None, max_batch_rows: int = 1024,
-                 prefix_cache: bool = True, threads: int | None = None,
-                 _engine: _Engine | None = None):
+                 prefix_cache: bool = True, threads: int | None = None):
         if not layers:
             raise ValueError("no layers to mask")
+        engine = _build_engine(proto, list(layers), device, prefix_cache, threads)
+        self._setup(engine, layers, images, max_batch_rows, prefix_cache)
+
+    def _setup(self, engine: _Engine, layers: Sequence[LayerInfo], images: np.ndarray,
+               max_batch_rows: int, prefix_cache: bool) -> None:
+        self._engine = engine
         self.layers = list(layers)
         self.offsets = np.cumsum([0] + [layer.channels for layer in self.layers])
         self.n_channels = int(self.offsets[-1])
@@ -107,15 +112,13 @@ class CoalitionEvaluator:
         self.prefix_cache = prefix_cache
         self.forward_passes = 0
         self.images = np.ascontiguousarray(images)
-        self._engine = _engine or _build_engine(proto, self.layers, device, prefix_cache,
-                                                threads)
         self._cache = self._run_prefix()
 
     def with_images(self, images: np.ndarray) -> CoalitionEvaluator:
         """An evaluator on other images sharing this one's sessions (no rebuild)."""
-        return CoalitionEvaluator(None, self.layers, images,  # type: ignore[arg-type]
-                                  max_batch_rows=self.max_batch_rows,
-                                  prefix_cache=self.prefix_cache, _engine=self._engine)
+        other = CoalitionEvaluator.__new__(CoalitionEvaluator)
+        other._setup(self._engine, self.layers, images, self.max_batch_rows, self.prefix_cache)
+        return other
 
     @property
     def n_images(self) -> int:
