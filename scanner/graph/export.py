@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from .. import __version__
 from ..findings import LayerInfo
 from .activations import Activation, activation_maps_zero, find_activations, graph_index
-from .compare import compare_models
+from .compare import compare_models, run_model
 from .mask import insert_masks, mask_inputs
 
 PRUNED_KEY = "shapscan.pruned_channels"
@@ -256,8 +256,13 @@ def plan_layers(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]]
 
 
 def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
-             metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
-    """A copy of `proto` (shape-inferred) with `zeroed` channels (layer -> channels) at 0."""
+             metadata: Mapping[str, str] | None = None, verify: bool = True
+             ) -> onnx.ModelProto:
+    """A copy of `proto` (shape-inferred) with `zeroed` channels (layer -> channels) at 0.
+
+    With `verify`, the result is checked against the masked engine on seeded random inputs
+    (ModelMismatch if they differ by more than 1e-5, relative to the output scale).
+    """
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     edits: list[LayerEdit] = []
@@ -276,7 +281,34 @@ def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
+    probe = _probe_input(proto)
+    if verify and probe is not None and edits:
+        reference = run_model(proto, {_image_input(proto): probe})
+        scale = max([1.0] + [float(np.abs(v).max()) for v in reference.values() if v.size])
+        verify_sanitized(proto, model, zeroed, probe, atol=VERIFY_ATOL * scale)
     return model
+
+
+VERIFY_ATOL = 1e-5
+
+
+def _image_input(proto: onnx.ModelProto) -> str:
+    inits = {i.name for i in proto.graph.initializer}
+    return next(i.name for i in proto.graph.input if i.name not in inits)
+
+
+def _probe_input(proto: onnx.ModelProto) -> np.ndarray | None:
+    """Two seeded random inputs for the differential check, or None if dims are unknown."""
+    name = _image_input(proto)
+    value = next(i for i in proto.graph.input if i.name == name)
+    dims = value.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    if not shape or any(d <= 0 for d in shape[1:]):
+        return None
+    if shape[0] <= 0:
+        shape[0] = 2
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
 
 
 def export_edits(model: onnx.ModelProto) -> list[dict[str, str]]:
@@ -290,9 +322,7 @@ def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
                      atol: float = 1e-5) -> float:
     """Differential check: `sanitized` equals the masked engine with `zeroed` at 0."""
     layers = [act.layer for act, _ in plan_layers(source, zeroed)]
-    inits = {i.name for i in source.graph.initializer}
-    image_input = next(i.name for i in source.graph.input if i.name not in inits)
-    feeds = {image_input: images}
+    feeds = {_image_input(source): images}
     for spec in mask_inputs(source, layers):
         mask = np.ones((len(images), spec.layer.channels), np.float32)
         mask[:, list(zeroed[spec.layer.name])] = 0
