@@ -1,0 +1,165 @@
+"""Shapley estimators side by side on one backdoored zoo model, measured in one run.
+
+    python benchmarks/shapley_estimators.py [--model cnn_badnets] [--true-trigger]
+        [--permutations 20] [--noise-floor]
+
+The utility is the scan pipeline's: mean target probability of the trigger-stamped few-shot
+images (non-target classes, plus shifted copies) with only the coalition's channels on. The
+trigger is the reversed one (trigger reverse + detection, as `scanner.api.scan` does) or,
+with --true-trigger, the zoo's own trigger. Rows:
+
+* plain: truncated Monte Carlo without discarding (epsilon=1, truncation=0: every
+  permutation runs to the last channel) — the reference ranking;
+* threshold: discarding threshold only (epsilon=1, truncation=0.1);
+* eps-greedy: ε-greedy starts + threshold (epsilon=0.2, truncation=0.1), the default;
+* with --noise-floor, plain again with another seed: how far two plain estimates agree.
+
+Overlaps are |top-k(row) ∩ top-k(plain)| / k; ratios are plain / row in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+FEWSHOT = SAMPLES / "data" / "fewshot.npz"
+SHIFTS = ((1, 0), (0, 1), (-1, 0))  # the scan pipeline's augmentation of the few-shot rows
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    epsilon: float
+    truncation: float
+    seed_offset: int = 0
+
+
+VARIANTS = (Variant("plain", 1.0, 0.0), Variant("threshold", 1.0, 0.1),
+            Variant("eps-greedy", 0.2, 0.1))
+NOISE_FLOOR = Variant("plain (seed+1)", 1.0, 0.0, seed_offset=1)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    source: str  # "true" or "reversed (<family>)"
+    target: int
+    stamp: object  # Callable[[np.ndarray], np.ndarray] on pixel-space images
+
+
+def zoo_entry(name: str) -> dict:
+    entries = json.loads((SAMPLES / "zoo.json").read_text())
+    entry = next((e for e in entries if e["name"] == name), None)
+    if entry is None or not (SAMPLES / entry["model"]).is_file():
+        sys.exit(f"{name}: not in samples/zoo.json or not built yet")
+    if not entry.get("attack"):
+        sys.exit(f"{name}: a clean model; pick a backdoored one")
+    return entry
+
+
+def true_trigger(entry: dict) -> Trigger:
+    from scanner.attacks import Attack
+
+    attack = Attack(entry["attack"], dict(entry.get("params") or {}))
+    return Trigger("true", int(entry["target"]), attack.apply)
+
+
+def reversed_trigger(model, prep, images, device, seed: int) -> Trigger:
+    from scanner.api import predict
+    from scanner.autodiff import GradientProgram
+    from scanner.detect import detect
+    from scanner.policy import Policy
+    from scanner.reverse import ReverseConfig, reverse_triggers
+
+    n_classes = int(predict(model, prep, images.pixels[:1], device.requested).shape[1])
+    program = GradientProgram(model.proto, device=device)
+    result = reverse_triggers(program, prep, images, n_classes, ReverseConfig(), seed)
+    policy = Policy()
+    verdict = detect(result, policy.detection.anomaly_threshold,
+                     policy.detection.warn_threshold)
+    if not verdict.detection.flagged_targets:
+        sys.exit("detection flagged no class on this model; use --true-trigger")
+    target = verdict.detection.flagged_targets[0]
+    trig = verdict.triggers[target]
+    return Trigger(f"reversed ({trig.family})", int(target), trig.apply)
+
+
+def augment(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels] + [np.roll(pixels, s, axis=(2, 3)) for s in SHIFTS])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn_badnets", help="a backdoored zoo model")
+    parser.add_argument("--true-trigger", action="store_true",
+                        help="use the zoo's trigger instead of reversing one")
+    parser.add_argument("--permutations", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=20, help="ε-greedy head size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also run plain with another seed (plain-vs-plain overlap)")
+    args = parser.parse_args(argv)
+
+    from scanner.api import model_preprocess
+    from scanner.data import load_images
+    from scanner.graph.activations import discover_activations
+    from scanner.graph.load import load_model
+    from scanner.graph.prefix import CoalitionEvaluator
+    from scanner.runtime import resolve_device
+    from scanner.shapley import ShapleyConfig, Utility, estimate, topk_overlap
+
+    entry = zoo_entry(args.model)
+    device = resolve_device("cpu")
+    model = load_model(SAMPLES / entry["model"])
+    prep = model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    layers = discover_activations(model.proto)
+    t0 = time.perf_counter()
+    trigger = true_trigger(entry) if args.true_trigger else \
+        reversed_trigger(model, prep, images, device, args.seed)
+    reverse_seconds = time.perf_counter() - t0
+    others = images.pixels[images.labels != trigger.target]
+    stamped = trigger.stamp(augment(others))
+    evaluator = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
+    utility = Utility(trigger.target)
+
+    variants = [*VARIANTS, NOISE_FLOOR] if args.noise_floor else list(VARIANTS)
+    results = {}
+    for v in variants:
+        cfg = ShapleyConfig(permutations=args.permutations, epsilon=v.epsilon,
+                            top_k=args.top_k, truncation=v.truncation)
+        results[v.name] = estimate(evaluator, utility, cfg, seed=args.seed + v.seed_offset)
+        r = results[v.name]
+        print(f"{v.name}: {r.forward_passes} passes, {r.seconds:.1f} s", flush=True)
+
+    plain = results["plain"]
+    ref = plain.top(max(20, args.top_k))
+    print()
+    print(f"Model {args.model} ({evaluator.n_channels} channels), trigger {trigger.source} "
+          f"towards class {trigger.target} (zoo target {entry['target']}; found in "
+          f"{reverse_seconds:.1f} s), {len(stamped)} stamped rows, v(all) = "
+          f"{plain.v_all:.3f}, {args.permutations} permutations each, seed {args.seed}.")
+    print()
+    print("| estimator | ε | truncation | forward passes | seconds | mean depth | "
+          "top-10 overlap | top-20 overlap | passes ratio | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        r = results[v.name]
+        top = r.top(max(20, args.top_k))
+        print(f"| {v.name} | {v.epsilon:g} | {v.truncation:g} | {r.forward_passes} | "
+              f"{r.seconds:.1f} | {r.mean_depth:.1f} | {topk_overlap(top, ref, 10):.2f} | "
+              f"{topk_overlap(top, ref, 20):.2f} | "
+              f"{plain.forward_passes / max(1, r.forward_passes):.1f}x | "
+              f"{plain.seconds / max(1e-9, r.seconds):.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
