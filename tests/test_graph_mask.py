@@ -206,8 +206,7 @@ def test_zoo_all_ones_masks_reproduce_the_model(entry):
     layers = discover_activations(loaded.proto)
     expected = make_session(loaded.proto).run(None, {name: x})[0]
     got = MaskedModel(loaded.proto, layers).run_ones(x)
-    np.testing.assert_allclose(got, expected, atol=1e-6 * max(1.0, np.abs(expected).max()),
-                               rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
