@@ -6,9 +6,9 @@ lower-level transform (cotangent inputs for chosen tensors, gradient output for 
 """
 
 from .backward import build_vjp
-from .check import check_gradients, check_vjp, to_double
+from .check import check_gradients, check_vjp, reference_gradient, to_double
 from .context import RULES
 from .program import GradientProgram, GradResult
 
 __all__ = ["RULES", "GradResult", "GradientProgram", "build_vjp", "check_gradients",
-           "check_vjp", "to_double"]
+           "check_vjp", "reference_gradient", "to_double"]
