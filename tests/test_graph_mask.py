@@ -220,3 +220,17 @@ def test_zoo_prefix_cached_equals_full_masked(entry):
         coalitions = rng.random((4, fast.n_channels)) > 0.2
         np.testing.assert_allclose(fast.logits(coalitions), full.logits(coalitions),
                                    atol=ATOL, rtol=0)
+
+
+def test_cut_that_reads_the_image_input_directly():
+    nodes = [helper.make_node("Relu", ["image"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "image"], ["s"], name="add")]
+    hn, hi = head("s", 3)
+    proto = inferred(model(nodes + hn, hi))
+    layers = discover_activations(proto)
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    fast = CoalitionEvaluator(proto, layers, x)
+    full = CoalitionEvaluator(proto, layers, x, prefix_cache=False)
+    assert set(fast._engine.split.cut) == {"r", "image"}
+    coalitions = np.random.default_rng(1).random((4, 3)) > 0.5
+    np.testing.assert_allclose(fast.logits(coalitions), full.logits(coalitions), atol=ATOL)
