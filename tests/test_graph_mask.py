@@ -7,7 +7,7 @@ import onnx
 import pytest
 from conftest import FEWSHOT, SAMPLES, zoo_entries
 from graph_builders import conv_relu_model, head, model, tensor
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from scanner.data import load_images, resolve_preprocess
 from scanner.graph.activations import discover_activations
@@ -234,3 +234,22 @@ def test_cut_that_reads_the_image_input_directly():
     assert set(fast._engine.split.cut) == {"r", "image"}
     coalitions = np.random.default_rng(1).random((4, 3)) > 0.5
     np.testing.assert_allclose(fast.logits(coalitions), full.logits(coalitions), atol=ATOL)
+
+
+def test_float16_model_gets_float16_masks():
+    proto = conv_relu_model()
+    for init in proto.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                              init.name))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    proto = inferred(proto)
+    layers = discover_activations(proto)
+    assert mask_inputs(proto, layers)[0].dtype == np.float16
+    x = images(2).astype(np.float16)
+    ev = CoalitionEvaluator(proto, layers, x)
+    out = ev.logits(np.ones((1, 4)))
+    assert out.dtype == np.float16
+    # float16 kernels differ by fusion: an ulp at these magnitudes is ~1e-4
+    np.testing.assert_allclose(out[0].astype(np.float32), plain(proto, x).astype(np.float32),
+                               atol=5e-4, rtol=0)

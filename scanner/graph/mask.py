@@ -38,6 +38,7 @@ class MaskSpec:
     input_name: str
     layer: LayerInfo
     gated: str
+    dtype: np.dtype = np.dtype(np.float32)  # the activation's element type
 
     def shape(self, rows: int) -> tuple[int, ...]:
         c = self.layer.channels
@@ -46,7 +47,7 @@ class MaskSpec:
     def feed(self, channel_mask: np.ndarray) -> np.ndarray:
         """[rows, C] in {0, 1} -> the float32 array this input takes."""
         rows = channel_mask.shape[0]
-        return np.ascontiguousarray(channel_mask, dtype=np.float32).reshape(self.shape(rows))
+        return np.ascontiguousarray(channel_mask, dtype=self.dtype).reshape(self.shape(rows))
 
 
 def batch_dim(proto: onnx.ModelProto) -> int | str:
@@ -90,8 +91,17 @@ def mask_inputs(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> list[Mas
     """The mask inputs `insert_masks(proto, layers)` adds, in `layers` order."""
     names = mask_names(proto, len(layers))
     _, consumers = graph_index(proto.graph)
-    return [MaskSpec(name, layer, gate_point(proto.graph, layer.name, consumers))
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]}
+    return [MaskSpec(name, layer, gate_point(proto.graph, layer.name, consumers),
+                     _np_dtype(types.get(layer.name)))
             for name, layer in zip(names, layers, strict=True)]
+
+
+def _np_dtype(elem_type: int | None) -> np.dtype:
+    if not elem_type:
+        return np.dtype(np.float32)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def insert_masks(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> onnx.ModelProto:
@@ -107,7 +117,7 @@ def insert_masks(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> onnx.Mo
         if layer.name not in tensors:
             raise KeyError(f"layer tensor {layer.name!r} not in the graph")
         act = tensors[spec.gated]
-        dtype = act.dtype if act.dtype is not None else np.float32
+        dtype = act.dtype if act.dtype is not None else spec.dtype
         shape = [n, layer.channels, 1, 1] if layer.rank == 4 else [n, layer.channels]
         mask = gs.Variable(spec.input_name, dtype=dtype, shape=shape)
         gate_tensor(graph, act, mask, f"{spec.gated}_masked")
