@@ -150,6 +150,10 @@ CASES: dict[str, Case] = {
     "conv_valid": conv((2, 3, 6, 6), (4, 3, 2, 2), auto_pad="VALID", strides=[2, 2]),
     "conv_dynamic_hw_s2": conv((2, 3, 9, 8), (4, 3, 3, 3), dynamic=True, strides=[2, 2],
                                pads=[1, 1, 1, 1]),
+    "conv_1x1_pad_exceeds_kernel": conv((2, 3, 5, 5), (4, 3, 1, 1), pads=[1, 0, 2, 1]),
+    "conv_weight_computed": graph_case([node("Tanh", ["w0"], "w"),
+                                        node("Conv", ["x", "w"], group=2, pads=[0, 1, 1, 0])],
+                                       (2, 4, 6, 6), {"w0": rand(6, 2, 2, 3)}),
     "conv1d": graph_case([node("Conv", ["x", "w"], strides=[2], pads=[1, 2])], (2, 3, 11),
                          {"w": rand(4, 3, 3)}),
     # --- dense layers
@@ -157,6 +161,9 @@ CASES: dict[str, Case] = {
     "gemm_transA_alpha": gemm(1, 0, 0.7, 2.0, False),
     "gemm_transAB": gemm(1, 1, 1.3, 0.5, False),
     "gemm_dependent_b": gemm(0, 0, 1.0, 1.0, True),
+    "gemm_dependent_c": graph_case([node("MatMul", ["x", "w2"], "c"),
+                                    node("Gemm", ["x", "b", "c"], alpha=0.5, beta=1.5)],
+                                   (3, 6), {"w2": rand(6, 4), "b": rand(6, 4)}),
     "matmul_const": graph_case([node("MatMul", ["x", "w"])], (3, 5), {"w": rand(5, 4)},
                                symbolic=["N", 5]),
     "matmul_batched_bcast": graph_case([node("MatMul", ["x", "w"])], (2, 1, 3, 4),
@@ -480,6 +487,27 @@ def test_program_float32_gradient_close_to_float64() -> None:
         "x": x.astype(np.float64), TARGET_INPUT: t.astype(np.float64),
         BN_WEIGHT_INPUT: np.array(0.5)})[0]
     assert np.linalg.norm(g32 - g64) / np.linalg.norm(g64) <= F32_TOL
+
+
+def test_program_uses_logits_under_a_final_softmax() -> None:
+    """A model that outputs probabilities: the CE head must use the Softmax's input."""
+    base = _bn_classifier()
+    probs = onnx.ModelProto()
+    probs.CopyFrom(base)
+    probs.graph.node.append(node("Softmax", ["logits"], "probs", axis=1))
+    del probs.graph.output[:]
+    probs.graph.output.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, None))
+    x = rand(2, 2, 7, 7)
+    t = np.eye(6, dtype=np.float32)[[1, 2]]
+    a, b = GradientProgram(base).run(x, t), GradientProgram(probs).run(x, t)
+    np.testing.assert_allclose(b.logits, a.logits, rtol=1e-6)
+    np.testing.assert_allclose(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_old_opset_is_refused_clearly() -> None:
+    model = make([node("Relu", ["x"])], [2, 3], opset=9)
+    with pytest.raises(Inconclusive, match="opset >= 11"):
+        build_vjp(model, "x", ["y"])
 
 
 def test_program_rejects_mismatched_targets() -> None:

@@ -43,6 +43,9 @@ class VJPContext:
     def __init__(self, model: onnx.ModelProto, dtype: np.dtype) -> None:
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                           0)
+        if self.opset < 11:
+            raise Inconclusive(f"gradients need opset >= 11, the model has opset {self.opset} "
+                               "(convert it first)", rule_id="SS205")
         self.dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []

@@ -28,7 +28,7 @@ GRAD_OUTPUT = "shapscan/grad"
 
 @dataclass
 class GradResult:
-    logits: np.ndarray  # [N, K]
+    logits: np.ndarray  # [N, K] (before the model's own Softmax, if it ends in one)
     ce: np.ndarray  # [N] cross-entropy per row against its target weights
     bn_loss: float  # BN-statistics loss (0 without bn_stats)
     grad: np.ndarray  # d (sum ce + bn_weight * bn_loss) / d input, shaped like the input
@@ -61,7 +61,7 @@ def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGrap
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     x = image_input(model)
-    logits = model.graph.output[0].name
+    logits = _logits_of(model)
     dtype = float_type(model, x)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     ctx = VJPContext(model, dtype)
@@ -96,13 +96,23 @@ def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGrap
     for src, dst in ((ce, CE_OUTPUT), (bn_loss, BN_LOSS_OUTPUT), (grad, GRAD_OUTPUT)):
         ctx.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
     attach(model, ctx)
-    keep = model.graph.output[0]
     del model.graph.output[:]
     model.graph.output.extend([
-        keep, helper.make_tensor_value_info(CE_OUTPUT, elem, None),
+        helper.make_tensor_value_info(logits, elem, None),
+        helper.make_tensor_value_info(CE_OUTPUT, elem, None),
         helper.make_tensor_value_info(BN_LOSS_OUTPUT, elem, None),
         helper.make_tensor_value_info(GRAD_OUTPUT, elem, None)])
     return ProgramGraph(model, x, logits, len(bn_nodes))
+
+
+def _logits_of(model: onnx.ModelProto) -> str:
+    """The first output, or the input of the Softmax/LogSoftmax that produces it: a
+    probability output would otherwise get a second softmax in the CE head."""
+    out = model.graph.output[0].name
+    producer = next((n for n in model.graph.node if out in n.output), None)
+    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
+        return producer.input[0]
+    return out
 
 
 def _bn_head(ctx: VJPContext, node: onnx.NodeProto) -> tuple[str, str]:

@@ -25,10 +25,16 @@ def _where(ctx: VJPContext, cond: str, a: str, b: str) -> str:
     return ctx.op("Where", [cond, a, b])
 
 
+def _masked(ctx: VJPContext, cond: str, g: str) -> str:
+    """g where cond else 0. Mul by the cast mask: onnxruntime's CPU Where is ~6x slower."""
+    to = onnx.helper.np_dtype_to_tensor_dtype(ctx.dtype)
+    return ctx.op("Mul", [g, ctx.op("Cast", [cond], to=to)])
+
+
 @rule("Relu")
 def _relu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     x = node.input[0]
-    return [_where(ctx, ctx.op("Greater", [x, ctx.const(0.0)]), g[0], ctx.const(0.0))]
+    return [_masked(ctx, ctx.op("Greater", [x, ctx.const(0.0)]), g[0])]
 
 
 @rule("LeakyRelu")
@@ -49,13 +55,8 @@ def _prelu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -
 def _clip(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     _only_first(node, needs)
     x = node.input[0]
-    if ctx.opset >= 11:
-        lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
-        hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    else:
-        a = node_attrs(node)
-        lo = ctx.const(a.get("min", -3.4028234663852886e38))
-        hi = ctx.const(a.get("max", 3.4028234663852886e38))
+    lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
     inside: str | None = None
     for bound, cmp in ((lo, "Greater"), (hi, "Less")):
         if bound:
@@ -63,7 +64,7 @@ def _clip(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) ->
             inside = test if inside is None else ctx.op("And", [inside, test])
     if inside is None:
         return [g[0]]
-    return [_where(ctx, inside, g[0], ctx.const(0.0))] + [None] * (len(node.input) - 1)
+    return [_masked(ctx, inside, g[0])] + [None] * (len(node.input) - 1)
 
 
 @rule("Sigmoid")
@@ -87,7 +88,7 @@ def _hardsigmoid(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bo
     t = ctx.op("Add", [ctx.op("Mul", [node.input[0], ctx.const(alpha)]), ctx.const(beta)])
     inside = ctx.op("And", [ctx.op("Greater", [t, ctx.const(0.0)]),
                             ctx.op("Less", [t, ctx.const(1.0)])])
-    return [_where(ctx, inside, ctx.op("Mul", [g[0], ctx.const(alpha)]), ctx.const(0.0))]
+    return [_masked(ctx, inside, ctx.op("Mul", [g[0], ctx.const(alpha)]))]
 
 
 @rule("HardSwish")

@@ -104,6 +104,24 @@ def _kernel_of(ctx: VJPContext, node: onnx.NodeProto, w: str) -> tuple[int, ...]
     return wshape[2:]
 
 
+def _flipped_conv(ctx: VJPContext, g: str, weight: np.ndarray, win: Window,
+                  group: int) -> str | None:
+    """For stride 1, the adjoint is itself a convolution: channels in/out swapped per
+    group, kernel flipped, pads (k-1)*d - p. onnxruntime's Conv is much faster than its
+    ConvTranspose. None when it does not apply (negative pads)."""
+    r = win.rank
+    span = [win.span(i) - 1 for i in range(r)]
+    pads = [span[i % r] - p for i, p in enumerate(win.pads)]
+    if any(p < 0 for p in pads):
+        return None
+    m, cg = weight.shape[:2]
+    per_group = weight.reshape(group, m // group, cg, *weight.shape[2:])
+    swapped = np.swapaxes(per_group, 1, 2).reshape(cg * group, m // group, *weight.shape[2:])
+    flipped = np.flip(swapped, axis=tuple(range(2, 2 + r)))
+    return ctx.op("Conv", [g, ctx.const(np.ascontiguousarray(flipped))], pads=pads,
+                  dilations=list(win.dilations), group=group, kernel_shape=list(win.kernel))
+
+
 @rule("Conv")
 def _conv(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     if any(needs[1:]):
@@ -111,7 +129,13 @@ def _conv(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) ->
     x, w = node.input[:2]
     win = _window(ctx, node, x, _kernel_of(ctx, node, w))
     group = int(node_attrs(node).get("group", 1))
-    return [_transpose_conv(ctx, g[0], w, x, win, group)] + [None] * (len(node.input) - 1)
+    weight = ctx.value(w)
+    grad = None
+    if weight is not None and all(s == 1 for s in win.strides):
+        grad = _flipped_conv(ctx, g[0], weight, win, group)
+    if grad is None:
+        grad = _transpose_conv(ctx, g[0], w, x, win, group)
+    return [grad] + [None] * (len(node.input) - 1)
 
 
 # ---------------------------------------------------------------- dense layers

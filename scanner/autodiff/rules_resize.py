@@ -45,7 +45,7 @@ def _interpolation_matrix(node: onnx.NodeProto, opset: int, size: int, axis: int
         [resize], "resize_matrix",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], extra)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 11))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts,
@@ -65,8 +65,6 @@ def _resize(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) 
         raise cannot(node, f"coordinate_transformation_mode={transform}")
     if a.get("antialias", 0) or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise cannot(node, "antialias or keep_aspect_ratio_policy")
-    if ctx.opset < 11:
-        raise cannot(node, "Resize before opset 11")
     x, y = node.input[0], node.output[0]
     in_shape, out_shape = ctx.static_shape(x), ctx.static_shape(y)
     if in_shape is None or out_shape is None or len(in_shape) != 4:

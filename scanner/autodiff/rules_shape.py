@@ -71,7 +71,7 @@ def _pad(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> 
     if any(needs[1:]):
         raise cannot(node, "pads that depend on the input")
     rank = ctx.rank(node.input[0], node)
-    pads = np.asarray(a["pads"]) if ctx.opset < 11 else ctx.value(node.input[1])
+    pads = ctx.value(node.input[1])
     axes_in = node.input[3] if len(node.input) > 3 and node.input[3] else ""
     axes_v = ctx.value(axes_in) if axes_in else np.arange(rank)
     if pads is None or axes_v is None:
@@ -92,8 +92,7 @@ def _pad(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> 
         grad = ctx.op("Slice", [grad, ctx.const(starts), ctx.const(ends), ctx.const(crop)])
     refill = np.concatenate([np.maximum(-begin, 0), np.maximum(-end, 0)])
     if refill.any():
-        grad = (ctx.op("Pad", [grad], pads=refill.tolist(), mode="constant") if ctx.opset < 11
-                else ctx.op("Pad", [grad, ctx.const(refill)], mode="constant"))
+        grad = ctx.op("Pad", [grad, ctx.const(refill)], mode="constant")
     return _first(node, grad)
 
 
