@@ -136,7 +136,9 @@ def test_split_puts_mask_independent_nodes_in_the_prefix():
     assert split.cut == ("gap",)
     assert {n.name for n in split.prefix.graph.node} == {"conv1", "relu1", "conv2", "add",
                                                          "relu2", "gap"}
-    assert {n.op_type for n in split.suffix.graph.node} == {"Mul", "Flatten", "Gemm"}
+    assert {n.op_type for n in split.suffix.graph.node} == {"Gather", "Mul", "Flatten", "Gemm"}
+    assert [i.name for i in split.suffix.graph.input][:2] == ["gap__cached",
+                                                             "shapscan_image_index"]
     first = split_at_masks(insert_masks(proto, layers),
                            [s.input_name for s in mask_inputs(proto, layers)], "logits")
     assert first.cut == ("r1",)  # the residual branch reads r1 after its mask

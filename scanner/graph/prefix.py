@@ -19,13 +19,23 @@ from ..findings import LayerInfo
 from ..runtime import Device, Runner, batches, make_runner
 from .mask import MaskSpec, batch_dim, insert_masks, mask_inputs
 
+IMAGE_INDEX = "shapscan_image_index"
+CACHED_SUFFIX = "__cached"
+
 
 @dataclass(frozen=True)
 class PrefixSplit:
+    """The suffix reads each cut tensor t as Gather(t__cached, shapscan_image_index): the
+    cache (K rows) stays put between runs and only the row -> image index and the masks
+    change, so on CUDA the cache can live on the device (IOBinding)."""
+
     prefix: onnx.ModelProto | None  # None when the cut reads only graph inputs
     suffix: onnx.ModelProto | None  # None when the output does not depend on any mask
     cut: tuple[str, ...]  # tensors crossing from prefix to suffix
     output: str
+
+    def cached_input(self, tensor: str) -> str:
+        return tensor + CACHED_SUFFIX
 
 
 def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -> PrefixSplit:
@@ -52,8 +62,29 @@ def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -
     image_inputs = [t.name for t in graph.inputs if t.name not in masks]
     produced = [c for c in cut if c not in graph_inputs]
     prefix = _subgraph(masked, image_inputs, produced, tensors) if produced else None
-    suffix = _subgraph(masked, [*cut, *masks], [output], tensors)
+    suffix = _gather_cut(_subgraph(masked, [*cut, *masks], [output], tensors), cut)
     return PrefixSplit(prefix, suffix, tuple(cut), output)
+
+
+def _gather_cut(suffix: onnx.ModelProto, cut: Sequence[str]) -> onnx.ModelProto:
+    graph = gs.import_onnx(suffix)
+    tensors = graph.tensors()
+    index = gs.Variable(IMAGE_INDEX, dtype=np.int64, shape=["rows"])
+    cached_inputs = []
+    for name in cut:
+        t = tensors[name]
+        shape = ["cached_rows", *t.shape[1:]] if t.shape is not None else None
+        cached = gs.Variable(name + CACHED_SUFFIX, dtype=t.dtype, shape=shape)
+        graph.nodes.append(gs.Node("Gather", name=f"{name}/CacheGather", attrs={"axis": 0},
+                                   inputs=[cached, index], outputs=[t]))
+        cached_inputs.append(cached)
+    graph.inputs = [*cached_inputs, index, *[t for t in graph.inputs if t.name not in cut]]
+    graph.toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = suffix.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(suffix.opset_import)
+    return out
 
 
 def _subgraph(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str],
@@ -113,6 +144,11 @@ class CoalitionEvaluator:
         self.forward_passes = 0
         self.images = np.ascontiguousarray(images)
         self._cache = self._run_prefix()
+        split, suffix = engine.split, engine.suffix
+        # the cached tensors, uploaded once when the suffix runs on CUDA
+        self._resident = {split.cached_input(name): suffix.resident(value)
+                          for name, value in self._cache.items()} \
+            if split is not None and suffix is not None else {}
 
     def with_images(self, images: np.ndarray) -> CoalitionEvaluator:
         """An evaluator on other images sharing this one's sessions (no rebuild)."""
@@ -155,12 +191,16 @@ class CoalitionEvaluator:
             out = np.broadcast_to(self._cache[eng.output], (m, *self._cache[eng.output].shape))
             self.forward_passes += m * k
             return np.array(out)
-        runner = eng.suffix if eng.split is not None else eng.full
+        cached = eng.split is not None
+        runner = eng.suffix if cached else eng.full
         parts = []
         for rows in self._row_chunks(m * k):
             idx = np.arange(rows.start, rows.stop)
             image, coalition = idx % k, idx // k
-            feeds = {name: cached[image] for name, cached in self._cache.items()}
+            if cached:
+                feeds = {IMAGE_INDEX: image.astype(np.int64)}
+            else:
+                feeds = {eng.input_name: self.images[image]}
             for i, spec in enumerate(eng.masks):
                 block = coalitions[coalition, self.offsets[i]:self.offsets[i + 1]]
                 feeds[spec.input_name] = spec.feed(block)
@@ -174,11 +214,12 @@ class CoalitionEvaluator:
         return list(batches(total, size))
 
     def _run(self, runner: Runner, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
+        """Run per-row `feeds` (plus the resident cache); pads a static batch dim."""
         fixed = self._engine.fixed_batch
         if fixed and rows < fixed:  # a static batch dim: pad the last chunk, drop the padding
             feeds = {n: np.concatenate([v, np.repeat(v[:1], fixed - rows, axis=0)])
                      for n, v in feeds.items()}
-        return runner.run([self._engine.output], feeds)[0][:rows]
+        return runner.run([self._engine.output], feeds, self._resident)[0][:rows]
 
     def _run_prefix(self) -> dict[str, np.ndarray]:
         eng = self._engine
