@@ -92,3 +92,13 @@ def test_cuda_device_without_the_provider_falls_back_with_one_warning(monkeypatc
         make_session(proto, Device("cuda", (CUDA, CPU)))
     assert session.get_providers() == [CPU]
     assert len(caught) == 1 and "CUDA" in str(caught[0].message)
+
+
+def test_resident_feeds_on_cpu_are_plain_arrays():
+    proto = conv_relu_model()
+    x = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+    runner = make_runner(proto)
+    kept = runner.resident(x)
+    assert isinstance(kept, np.ndarray)
+    np.testing.assert_array_equal(runner.run(["logits"], {}, {"image": kept})[0],
+                                  runner.run(["logits"], {"image": x})[0])
