@@ -36,19 +36,22 @@ CPU = resolve_device("cpu")
 
 
 def conv_bn_relu(kernel_boost: float = 1.0, gamma_boost: float = 1.0,
-                 channel: int = PLANTED) -> onnx.ModelProto:
+                 channel: int = PLANTED, dead: int | None = None) -> onnx.ModelProto:
     """image -> Conv(3->16) -> BatchNormalization -> Relu -> Gemm -> Relu -> head.
 
-    `kernel_boost` scales one channel's kernel, `gamma_boost` its BN γ; the Gemm-fed Relu is
-    a layer CLP must skip (no kernel)."""
+    `kernel_boost` scales one channel's kernel, `gamma_boost` its BN γ; channel `dead` gets
+    a BN shift of -100 (its Relu never fires); the Gemm-fed Relu is a layer CLP must skip."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((CHANNELS, 3, 3, 3)).astype(np.float32) * 0.3
     w[channel] *= kernel_boost
     gamma = rng.uniform(0.8, 1.2, CHANNELS).astype(np.float32)
     gamma[channel] *= gamma_boost
+    beta = rng.standard_normal(CHANNELS).astype(np.float32) * 0.1
+    if dead is not None:
+        beta[dead] = -100.0
     inits = [numpy_helper.from_array(a, n) for n, a in [
         ("w", w), ("b", np.zeros(CHANNELS, np.float32)), ("gamma", gamma),
-        ("beta", rng.standard_normal(CHANNELS).astype(np.float32) * 0.1),
+        ("beta", beta),
         ("mean", rng.standard_normal(CHANNELS).astype(np.float32) * 0.1),
         ("var", rng.uniform(0.5, 1.5, CHANNELS).astype(np.float32)),
         ("fc1_w", rng.standard_normal((8, CHANNELS)).astype(np.float32)),
@@ -129,6 +132,24 @@ def test_fp_needs_images(tmp_path):
     with pytest.raises(DataError):
         run_baseline("fp", m, discover_activations(m.proto), Preprocess("NCHW", 3, 8, 8), None,
                      Policy(), CPU)
+
+
+def test_fp_prunes_a_dead_channel_first_and_respects_the_budget(tmp_path):
+    m = loaded(tmp_path, conv_bn_relu(dead=3))
+    layers = discover_activations(m.proto)
+    prep = Preprocess("NCHW", 3, 8, 8)
+    pixels = np.random.default_rng(3).random((10, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(m.proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"image": prep.to_model(pixels)})[0].argmax(1)
+    policy = Policy()
+    repair = run_baseline("fp", m, layers, prep, ImageSet(pixels, labels), policy, CPU)
+    assert repair.pruned[0].channel == 3 and repair.pruned[0].shapley == 0.0
+    assert all(c.layer == "r" for c in repair.pruned)  # the last feature-map layer
+    assert repair.fewshot_acc_before == 1.0
+    assert repair.fewshot_acc_before - repair.fewshot_acc_after \
+        <= policy.repair.max_clean_drop + 1e-9
+    assert len(repair.pruned) <= int(0.8 * CHANNELS)
 
 
 def test_shifted_copies_keep_labels():
