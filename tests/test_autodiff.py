@@ -351,6 +351,18 @@ def test_nonzero_on_input_path_is_refused() -> None:
     assert "NonZero (node where_nonzero)" in str(err)
 
 
+def test_subgraph_reading_the_input_is_refused() -> None:
+    """An If whose branch reads x from the outer scope (no explicit input) is on the path."""
+    then = helper.make_graph([node("Relu", ["x"], "t")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([node("Neg", ["x"], "e")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then,
+                              else_branch=other)]
+    err = _refused(make(nodes, [2, 3], {"flag": np.array(True)}))
+    assert "If (node branch)" in str(err)
+
+
 @pytest.mark.parametrize("build", [
     lambda: make([node("Resize", ["x", "", "s"], mode="cubic")], [1, 1, 4, 4],
                  {"s": np.array([1, 1, 2, 2], np.float32)}),

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..errors import Inconclusive
 from . import rules_elementwise, rules_nn, rules_resize, rules_shape  # noqa: F401  (register)
 from .context import FLOAT_TYPES, RULES, VJPContext, cannot
 
@@ -21,11 +22,24 @@ COTANGENT_SUFFIX = "__cotangent"
 GRAD_SUFFIX = "__grad"
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus the outer-scope tensors its subgraphs (If/Loop/Scan bodies)
+    read: a branch that reads the image must count as depending on it."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            for inner in sub.node:
+                names.extend(i for i in node_inputs(inner) if i not in local)
+                local.update(inner.output)
+    return names
+
+
 def dependents(graph: onnx.GraphProto, wrt: str) -> set[str]:
     """Tensors whose values change with `wrt` (nodes assumed topologically sorted)."""
     dep = {wrt}
     for node in graph.node:
-        if node.op_type not in SHAPE_ONLY_OPS and any(i in dep for i in node.input if i):
+        if node.op_type not in SHAPE_ONLY_OPS and any(i in dep for i in node_inputs(node)):
             dep.update(o for o in node.output if o)
     return dep
 
@@ -35,7 +49,7 @@ def ancestors(graph: onnx.GraphProto, seeds: set[str]) -> set[str]:
     reach = set(seeds)
     for node in reversed(graph.node):
         if any(o in reach for o in node.output):
-            reach.update(i for i in node.input if i)
+            reach.update(node_inputs(node))
     return reach
 
 
@@ -75,8 +89,8 @@ def float_type(model: onnx.ModelProto, name: str) -> np.dtype:
         if vi.name == name:
             elem = vi.type.tensor_type.elem_type
             if elem not in FLOAT_TYPES:
-                raise cannot(helper.make_node("Input", [], [name], name=name),
-                             "the differentiated input is not a float tensor")
+                raise Inconclusive(f"cannot differentiate w.r.t. input {name}: not a float "
+                                   "tensor", rule_id="SS205", location=name)
             return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     raise ValueError(f"{name!r} is not a graph input")
 

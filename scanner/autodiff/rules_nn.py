@@ -169,11 +169,12 @@ def _swap_last(ctx: VJPContext, t: str, rank: int) -> str:
 def _matmul(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     a, b = node.input[:2]
     y = node.output[0]
-    ra, rb, ry = ctx.rank(a, node), ctx.rank(b, node), ctx.rank(y, node)
+    ra, rb = ctx.rank(a, node), ctx.rank(b, node)
     if ra < 2 or rb < 2:
         raise cannot(node, "1-D MatMul operands are not supported")
     ys, as_, bs = ctx.static_shape(y), ctx.static_shape(a), ctx.static_shape(b)
-    assert ys is not None and as_ is not None and bs is not None
+    if ys is None or as_ is None or bs is None:
+        raise cannot(node, "operand shapes unknown after shape inference")
     out: Grads = [None, None]
     if needs[0]:  # dA = g B^T, summed over the batch dims A was broadcast along
         full = ctx.op("MatMul", [g[0], _swap_last(ctx, b, rb)])
@@ -181,7 +182,6 @@ def _matmul(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) 
     if needs[1]:  # dB = A^T g
         full = ctx.op("MatMul", [_swap_last(ctx, a, ra), g[0]])
         out[1] = ctx.unbroadcast(full, b, y, node, out_shape=ys[:-2] + bs[-2:])
-    del ry
     return out
 
 
