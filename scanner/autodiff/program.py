@@ -145,13 +145,13 @@ class GradientProgram:
     """Forward + loss + input gradient of a classifier in one onnxruntime session."""
 
     def __init__(self, proto: onnx.ModelProto, *, bn_stats: bool = False,
-                 device: Device | None = None) -> None:
+                 device: Device | None = None, threads: int | None = None) -> None:
         built = build_program(proto, bn_stats)
         self.input_name = built.input_name
         self.bn_layers = built.bn_layers  # inference BN nodes on the input path
         self.bn_stats = bn_stats
         self._dtype = float_type(built.model, built.input_name)
-        self._session = make_session(built.model, device)
+        self._session = make_session(built.model, device, threads)
         self._outputs = [built.logits_name, CE_OUTPUT, BN_LOSS_OUTPUT, GRAD_OUTPUT]
 
     def run(self, x: np.ndarray, target_weights: np.ndarray,

@@ -209,6 +209,9 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
         raise cannot(node, "storage_order=1")
     x = node.input[0]
     win = _window(ctx, node, x, tuple(a["kernel_shape"]))
+    tiled = _maxpool_tiles(ctx, g[0], x, win)
+    if tiled is not None:
+        return [tiled]
     overlapping = any(k * d > s for k, d, s in
                       zip(win.kernel, win.dilations, win.strides, strict=True))
     if overlapping and ctx.opset < 16:
@@ -224,6 +227,40 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
     scattered = ctx.op("ScatterElements", [zeros, ctx.op("Reshape", [node.output[1], flat]),
                                            ctx.op("Reshape", [g[0], flat])], axis=0, **extra)
     return [ctx.op("Reshape", [scattered, ctx.shape_of(x)])]
+
+
+def _maxpool_tiles(ctx: VJPContext, g: str, x: str, win: Window) -> str | None:
+    """Disjoint square 2-D windows (kernel == stride, no pads/dilation, static H, W): route each
+    output's cotangent to the first maximum of its tile, found with ArgMax over the tile.
+    Asking MaxPool for Indices makes onnxruntime leave its fast kernel (~15x slower) and
+    the scatter costs as much again; this uses only reshapes and elementwise ops."""
+    spatial = _spatial(ctx, x)
+    if (spatial is None or win.rank != 2 or any(win.pads) or any(d != 1 for d in win.dilations)
+            or tuple(win.strides) != tuple(win.kernel) or win.kernel[0] != win.kernel[1]):
+        return None
+    (kh, kw), (h, w) = win.kernel, spatial
+    ho, wo = h // kh, w // kw
+    if ho == 0 or wo == 0:
+        return None
+    cropped = (ho * kh, wo * kw) != (h, w)  # floor mode drops the trailing rows/columns
+    xc = ctx.op("Slice", [x, ctx.const([0, 0]), ctx.const([ho * kh, wo * kw]),
+                          ctx.const([2, 3])]) if cropped else x
+    # SpaceToDepth lays the k*k tile positions out as [N, k*k, C, Ho, Wo]: the broadcasts
+    # below repeat whole contiguous blocks, which onnxruntime vectorises (a generic 5-D
+    # Transpose or a trailing tile axis costs several times more).
+    k = kh
+    planes = ctx.op("Reshape", [ctx.op("SpaceToDepth", [xc], blocksize=k),
+                                ctx.const([0, k * k, -1, ho, wo])])
+    first = ctx.op("ArgMax", [planes], axis=1, keepdims=1)
+    position = ctx.const(np.arange(k * k).reshape(1, -1, 1, 1, 1))
+    mask = ctx.op("Cast", [ctx.op("Equal", [first, position])],
+                  to=onnx.helper.np_dtype_to_tensor_dtype(ctx.dtype))
+    routed = ctx.op("Mul", [mask, ctx.op("Reshape", [g, ctx.const([0, 1, -1, ho, wo])])])
+    back = ctx.op("DepthToSpace", [ctx.op("Reshape", [routed, ctx.const([0, -1, ho, wo])])],
+                  blocksize=k, mode="DCR")
+    if cropped:
+        back = ctx.op("Pad", [back, ctx.const([0, 0, 0, 0, 0, 0, h - ho * kh, w - wo * kw])])
+    return back
 
 
 @rule("AveragePool")
