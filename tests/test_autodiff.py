@@ -438,6 +438,50 @@ def _bn_classifier() -> onnx.ModelProto:
     return make(nodes, ["N", 2, 7, 7], inits, outputs=("logits",))
 
 
+def _silunet_like() -> onnx.ModelProto:
+    """NHWC 0..255 input, Transpose + Sub/Div normalisation, SiLU convs, MaxPool, GAP,
+    HardSwish head: the zoo's silunet pattern at toy size."""
+    inits = {"mean": np.full((1, 3, 1, 1), 127.5, np.float32),
+             "std": np.full((1, 3, 1, 1), 127.5, np.float32),
+             "w1": rand(4, 3, 3, 3), "b1": rand(4), "w2": rand(5, 4, 3, 3), "b2": rand(5),
+             "f1": rand(6, 5), "c1": rand(6), "f2": rand(4, 6), "c2": rand(4)}
+    nodes = [node("Transpose", ["x"], "t", perm=[0, 3, 1, 2]), node("Sub", ["t", "mean"], "s"),
+             node("Div", ["s", "std"], "n"),
+             node("Conv", ["n", "w1", "b1"], "a1", pads=[1, 1, 1, 1]),
+             node("Sigmoid", ["a1"], "g1"), node("Mul", ["a1", "g1"], "h1"),
+             node("MaxPool", ["h1"], "p1", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p1", "w2", "b2"], "a2", pads=[1, 1, 1, 1]),
+             node("Sigmoid", ["a2"], "g2"), node("Mul", ["a2", "g2"], "h2"),
+             node("GlobalAveragePool", ["h2"], "gap"), node("Flatten", ["gap"], "f"),
+             node("Gemm", ["f", "f1", "c1"], "d1", transB=1), node("HardSwish", ["d1"], "hs"),
+             node("Gemm", ["hs", "f2", "c2"], "logits", transB=1)]
+    return make(nodes, ["N", 8, 8, 3], inits, outputs=("logits",))
+
+
+def _resnet_like() -> onnx.ModelProto:
+    """Stem, then a strided basic block whose 1x1 strided shortcut joins by a residual Add."""
+    inits = {"w0": rand(4, 1, 3, 3), "w1": rand(6, 4, 3, 3), "w2": rand(6, 6, 3, 3),
+             "ws": rand(6, 4, 1, 1), "fc": rand(3, 6), "fb": rand(3)}
+    nodes = [node("Conv", ["x", "w0"], "a0", pads=[1, 1, 1, 1]), node("Relu", ["a0"], "r0"),
+             node("Conv", ["r0", "w1"], "a1", strides=[2, 2], pads=[1, 1, 1, 1]),
+             node("Relu", ["a1"], "r1"), node("Conv", ["r1", "w2"], "a2", pads=[1, 1, 1, 1]),
+             node("Conv", ["r0", "ws"], "sc", strides=[2, 2]), node("Add", ["a2", "sc"], "sum"),
+             node("Relu", ["sum"], "r2"),
+             node("ReduceMean", ["r2"], "gap", axes=[2, 3], keepdims=0),
+             node("Gemm", ["gap", "fc", "fb"], "logits", transB=1)]
+    return make(nodes, ["N", 1, 9, 9], inits, outputs=("logits",))
+
+
+@pytest.mark.parametrize("build,scale", [(_silunet_like, 255.0), (_resnet_like, 1.0)],
+                         ids=["silunet_like", "resnet_like"])
+def test_program_on_zoo_like_architectures(build: Callable[[], onnx.ModelProto],
+                                           scale: float) -> None:
+    model = build()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = np.abs(rand(2, *shape)) * scale / 3.0
+    assert check_gradients(model, x) <= FD_TOL
+
+
 def test_program_outputs_match_forward_and_numpy_heads() -> None:
     model = _bn_classifier()
     x = rand(3, 2, 7, 7)
