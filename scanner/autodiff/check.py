@@ -5,7 +5,9 @@ program graph (forward, heads and backward, cast to double) in onnx's reference
 evaluator: finite differences in double precision with small eps (default 1e-7) have
 truncation error ~eps^2 and round-off ~1e-16/eps, so a correct rule agrees to ~1e-8 except
 where a direction crosses a kink (ReLU, max) within eps. The float32 mode checks the graph
-onnxruntime will really run, with a correspondingly looser expectation (~1e-2).
+onnxruntime will really run, with a looser expectation (~1e-4 on smooth graphs at
+eps=1e-2); on ReLU/MaxPool networks kinks within a float32-sized eps dominate (zoo CNN:
+0.6 at eps=1e-2, 0.04 at 1e-4), so check those in float64.
 """
 
 from __future__ import annotations
