@@ -177,6 +177,54 @@ def _neg(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> 
     return [ctx.op("Neg", [g[0]])]
 
 
+@rule("Abs")
+def _abs(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    return [ctx.op("Mul", [g[0], ctx.op("Sign", [node.input[0]])])]
+
+
+@rule("Reciprocal")
+def _reciprocal(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    y = node.output[0]
+    return [ctx.op("Neg", [ctx.op("Mul", [g[0], ctx.op("Mul", [y, y])])])]
+
+
+@rule("Pow")
+def _pow(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    if needs[1]:
+        raise cannot(node, "an exponent that depends on the input")
+    base, exponent = node.input[:2]
+    # d x^p / dx = p x^(p-1); the exponent keeps its own type, so cast it once.
+    p = ctx.op("Cast", [exponent], to=onnx.helper.np_dtype_to_tensor_dtype(ctx.dtype))
+    slope = ctx.op("Mul", [p, ctx.op("Pow", [base, ctx.op("Sub", [p, ctx.const(1.0)])])])
+    return [ctx.unbroadcast(ctx.op("Mul", [g[0], slope]), base, node.output[0], node), None]
+
+
+@rule("Where")
+def _where_rule(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    # The condition gets no cotangent: if it depends on the input, the comparison that
+    # made it has no rule and is reported.
+    cond, a, b = node.input
+    y = node.output[0]
+    zero = ctx.const(0.0)
+    ga = ctx.unbroadcast(_where(ctx, cond, g[0], zero), a, y, node) if needs[1] else None
+    gb = ctx.unbroadcast(_where(ctx, cond, zero, g[0]), b, y, node) if needs[2] else None
+    return [g[0] if needs[0] else None, ga, gb]
+
+
+@rule("Max", "Min")
+def _max_min(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    if len(node.input) != 2:
+        raise cannot(node, "only the two-operand form")
+    a, b = node.input
+    y = node.output[0]
+    # Ties go to the first operand, like a subgradient of max/min should: exactly one.
+    first = ctx.op("Equal", [y, a])
+    zero = ctx.const(0.0)
+    ga = ctx.unbroadcast(_where(ctx, first, g[0], zero), a, y, node) if needs[0] else None
+    gb = ctx.unbroadcast(_where(ctx, first, zero, g[0]), b, y, node) if needs[1] else None
+    return [ga, gb]
+
+
 @rule("Identity", "Dropout")
 def _identity(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
