@@ -404,6 +404,21 @@ def test_unsupported_attributes_are_refused(build: Callable[[], onnx.ModelProto]
     _refused(build())
 
 
+def test_comparison_feeding_where_is_refused() -> None:
+    """A hand-made gate x > 0 ? x : 0 is piecewise constant in its condition: the
+    comparison is reported rather than silently given a zero gradient."""
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["c"], name="gate"),
+             node("Where", ["c", "x", "zero"])]
+    err = _refused(make(nodes, [2, 3], {"zero": np.array(0.0, np.float32)}))
+    assert "Greater (node gate)" in str(err)
+
+
+def test_vjp_with_several_seeds_sums_their_contributions() -> None:
+    nodes = [node("Tanh", ["x"], "y"), node("Mul", ["x", "x"], "z")]
+    model = make(nodes, [2, 3], outputs=("y", "z"))
+    assert check_vjp(model, {"x": rand(2, 3)}, "x") <= FD_TOL
+
+
 def test_shape_arithmetic_needs_no_rules() -> None:
     """torch-style flatten: Shape -> Gather -> Concat -> Reshape; Gather has no rule but is
     off the differentiable path. A NonZero branch that feeds no output is ignored too."""
