@@ -478,7 +478,7 @@ def _silunet_like() -> onnx.ModelProto:
     inits = {"mean": np.full((1, 3, 1, 1), 127.5, np.float32),
              "std": np.full((1, 3, 1, 1), 127.5, np.float32),
              "w1": rand(4, 3, 3, 3), "b1": rand(4), "w2": rand(5, 4, 3, 3), "b2": rand(5),
-             "f1": rand(6, 5), "c1": rand(6), "f2": rand(4, 6), "c2": rand(4)}
+             "f1": rand(6, 5), "c1": rand(6), "f2": rand(4, 6, scale=0.1), "c2": rand(4)}
     nodes = [node("Transpose", ["x"], "t", perm=[0, 3, 1, 2]), node("Sub", ["t", "mean"], "s"),
              node("Div", ["s", "std"], "n"),
              node("Conv", ["n", "w1", "b1"], "a1", pads=[1, 1, 1, 1]),
@@ -495,7 +495,7 @@ def _silunet_like() -> onnx.ModelProto:
 def _resnet_like() -> onnx.ModelProto:
     """Stem, then a strided basic block whose 1x1 strided shortcut joins by a residual Add."""
     inits = {"w0": rand(4, 1, 3, 3), "w1": rand(6, 4, 3, 3), "w2": rand(6, 6, 3, 3),
-             "ws": rand(6, 4, 1, 1), "fc": rand(3, 6), "fb": rand(3)}
+             "ws": rand(6, 4, 1, 1), "fc": rand(3, 6, scale=0.05), "fb": rand(3)}
     nodes = [node("Conv", ["x", "w0"], "a0", pads=[1, 1, 1, 1]), node("Relu", ["a0"], "r0"),
              node("Conv", ["r0", "w1"], "a1", strides=[2, 2], pads=[1, 1, 1, 1]),
              node("Relu", ["a1"], "r1"), node("Conv", ["r1", "w2"], "a2", pads=[1, 1, 1, 1]),
@@ -513,6 +513,8 @@ def test_program_on_zoo_like_architectures(build: Callable[[], onnx.ModelProto],
     model = build()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     x = np.abs(rand(2, *shape)) * scale / 3.0
+    # small output weights keep the softmax unsaturated: a CE near 0 has a gradient near 0,
+    # which finite differences cannot resolve
     assert check_gradients(model, x) <= FD_TOL
 
 
