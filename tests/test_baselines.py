@@ -98,6 +98,20 @@ def test_clp_prunes_exactly_the_planted_channel(tmp_path, kernel_boost, gamma_bo
     assert repair.top_channels[0].channel == PLANTED
 
 
+def test_clp_reads_kernels_routed_through_constant_and_identity_nodes(tmp_path):
+    proto = conv_bn_relu(kernel_boost=50.0)
+    w = next(t for t in proto.graph.initializer if t.name == "w")
+    proto.graph.initializer.remove(w)
+    conv = next(n for n in proto.graph.node if n.name == "conv")
+    conv.input[1] = "w_copy"
+    proto.graph.node.insert(0, helper.make_node("Identity", ["w_const"], ["w_copy"], name="id"))
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["w_const"], name="k", value=w))
+    m = loaded(tmp_path, proto)
+    scored = layer_lipschitz(m.proto, discover_activations(m.proto))
+    assert [s.layer.name for s in scored] == ["r"]
+    assert scored[0].pruned.tolist() == [PLANTED]
+
+
 def test_clp_prunes_nothing_without_an_outlier_and_skips_gemm_layers(tmp_path):
     m = loaded(tmp_path, conv_bn_relu())
     layers = discover_activations(m.proto)

@@ -34,13 +34,21 @@ class LayerLipschitz:
 
 
 def constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs: the tensors whose values the file fixes."""
-    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+    """Initializers, Constant-node outputs and Identity copies of either: the tensors whose
+    values the file fixes (exporters without constant folding route weights via Identity)."""
+    graph_inputs = {i.name for i in proto.graph.input}
+    # an initializer that is also a graph input can be overridden by a feed: not constant
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+              if t.name not in graph_inputs}
+    for node in proto.graph.node:  # topological order: an Identity's source comes first
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant":
             attr = next((a for a in node.attribute if a.name == "value"), None)
             if attr is not None:
                 values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
