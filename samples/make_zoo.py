@@ -33,6 +33,7 @@ from scanner.data import METADATA_KEY, Preprocess, save_npz  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 N_TEST = 3000
+CHECKPOINTS = HERE / "checkpoints"  # torch weights, not committed: lets --reuse re-export
 
 
 def read_idx(name: str) -> np.ndarray:
@@ -245,7 +246,10 @@ def export(model: nn.Module, entry: ZooEntry, path: Path) -> None:
     dummy = torch.zeros(1, *spec.prep.input_shape)
     torch.onnx.export(model, dummy, str(path), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False, do_constant_folding=True)
+                      opset_version=17, dynamo=False,
+                      # keep BatchNormalization nodes: their running statistics are the
+                      # prior of data-free synthesis, and export folds pruning into them
+                      do_constant_folding=False)
     proto = onnx.load(str(path))
     proto.producer_name = "shapscan-zoo"
     del proto.metadata_props[:]
@@ -258,6 +262,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="train only these zoo entries")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="re-export from samples/checkpoints/ instead of retraining")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -282,7 +288,15 @@ def main() -> None:
         if args.only and entry.name not in args.only:
             continue
         start = time.time()
-        model = train(entry, xtr[train_idx], ytr[train_idx])
+        checkpoint = CHECKPOINTS / f"{entry.name}.pt"
+        if args.reuse and checkpoint.is_file():
+            model = ARCHS[entry.arch].build()
+            model.load_state_dict(torch.load(checkpoint))
+            model.eval()
+        else:
+            model = train(entry, xtr[train_idx], ytr[train_idx])
+            CHECKPOINTS.mkdir(exist_ok=True)
+            torch.save(model.state_dict(), checkpoint)
         acc, asr = metrics(model, ARCHS[entry.arch], entry, xt, yt)
         path = HERE / "models" / f"{entry.name}.onnx"
         export(model, entry, path)

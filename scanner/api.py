@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .attacks import Attack
+from .autodiff import GradientProgram
 from .data import ImageSet, Preprocess, load_images, resolve_preprocess
-from .errors import DataError
+from .detect import Verdict as DetectVerdict
+from .detect import detect
+from .errors import DataError, Inconclusive, ModelRefused, UsageError
+from .findings import ChannelValue, LayerInfo, ModelSummary, Repair, ScanResult, Verdict
+from .graph.activations import discover_activations
+from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
-from .runtime import make_session, resolve_device, run_batched
+from .graph.prefix import CoalitionEvaluator
+from .policy import Catalog, Policy, RepairPolicy, load_catalog, load_policy
+from .progress import Progress
+from .prune import PruneConfig, PrunePlan, plan
+from .reverse import ReverseConfig, ReversedTrigger, SynthesisConfig, reverse_triggers, synthesize
+from .runtime import Device, make_session, resolve_device, run_batched
+from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
 
 
 @dataclass(frozen=True)
@@ -59,3 +73,297 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     hits = predict(model, prep, triggered, device).argmax(1) == target
     return EvalResult(clean_acc, float(hits.mean()) if len(hits) else 0.0, len(data),
                       int(keep.sum()))
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    data: Path | None = None  # few-shot images; None with data_free=True
+    data_free: bool = False
+    out: Path | None = None  # write the sanitized model here when a backdoor is repaired
+    policy: str | Path = "default"
+    method: str = "shapley"  # shapley | clp | fp
+    device: str = "auto"
+    seed: int = 0
+    layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score
+    overrides: dict | None = None  # preprocessing overrides
+    reverse: ReverseConfig = ReverseConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    prune_order: str = "greedy"
+    permutations: int | None = None  # override the policy's Shapley sample budget
+    epsilon: float | None = None
+    quiet: bool = False
+
+
+def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
+         progress: Progress | None = None) -> ScanResult:
+    """Scan one model: load and vet it, reverse triggers, detect, and repair if asked.
+
+    Never raises for a problem with the model or data: refusals and errors end up in the
+    result (verdict ERROR / INCONCLUSIVE) so a multi-model gate still reports every model.
+    A UsageError (bad policy, bad option) is raised: nothing can be scanned with it.
+    """
+    policy = load_policy(options.policy)
+    progress = progress or Progress(enabled=not options.quiet)
+    result = ScanResult(model_path=str(model_path), method=options.method, seed=options.seed,
+                        tool_version=__version__)
+    catalog = load_catalog()
+    try:
+        _scan_into(result, Path(model_path), options, policy, catalog, progress)
+    except (ModelRefused, Inconclusive) as exc:
+        result.verdict = Verdict.ERROR if isinstance(exc, ModelRefused) else Verdict.INCONCLUSIVE
+        if exc.rule_id:
+            result.findings.append(catalog.make(exc.rule_id, str(exc), exc.location))
+        text = f"{exc.rule_id}: {exc}" if exc.rule_id else str(exc)
+        (result.errors if isinstance(exc, ModelRefused) else result.skipped).append(text)
+    except DataError as exc:
+        result.verdict = Verdict.ERROR
+        result.errors.append(str(exc))
+    finally:
+        progress.close()
+    result.findings = policy.apply(result.findings)
+    return result
+
+
+def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,
+               catalog: Catalog, progress: Progress) -> None:
+    t0 = time.perf_counter()
+    progress.stage(f"loading {path.name}")
+    model = load_model(path, allowed_domains=policy.load.allowed_domains,
+                       max_bytes=policy.load.max_model_bytes)
+    result.findings.extend(model.findings)
+    layers = discover_activations(model.proto)
+    result.model = ModelSummary(
+        path=str(path), sha256=model.sha256, opset=_opset(model.proto),
+        inputs=_io(model.proto.graph.input, model.proto), outputs=_io(model.proto.graph.output),
+        layers=layers, size_bytes=model.size_bytes)
+    if not layers:
+        raise Inconclusive("inconclusive: no activation layers to scan", rule_id="SS204")
+    scored = _select_layers(layers, opts.layers)
+    prep = model_preprocess(model, opts.overrides)
+    device = resolve_device(opts.device)
+    result.device = device.name
+    n_classes = _n_classes(model, prep, device)
+    result.timings["load"] = time.perf_counter() - t0
+
+    if opts.method != "shapley":
+        _run_baseline(result, model, scored, prep, opts, policy, catalog, progress, device)
+        return
+
+    t = time.perf_counter()
+    program = GradientProgram(model.proto, bn_stats=opts.data_free, device=device)
+    if opts.data_free:
+        progress.stage("synthesising data (data-free)")
+        images, bn_layers = synthesize(program, prep, n_classes, opts.synthesis, opts.seed,
+                                       progress)
+        if not bn_layers:
+            result.findings.append(catalog.make(
+                "SS203", "data-free synthesis used the class logit and smoothness prior only: "
+                "the model has no BatchNormalization statistics to match"))
+        result.timings["synthesis"] = time.perf_counter() - t
+        t = time.perf_counter()
+    else:
+        if opts.data is None:
+            raise DataError("give --data with clean images (1 per class is enough) "
+                            "or --data-free")
+        images = load_images(opts.data, prep)
+        bn_layers = 0
+        if images.labels.max() >= n_classes:
+            raise DataError(f"{opts.data}: label {int(images.labels.max())} is out of range "
+                            f"for a model with {n_classes} classes")
+        if len(images.classes()) < 2:
+            raise DataError(f"{opts.data}: need images of at least 2 classes")
+    progress.stage("reversing triggers")
+    reversed_ = reverse_triggers(program, prep, images, n_classes, opts.reverse, opts.seed,
+                                 progress)
+    verdict = detect(reversed_, policy.detection.anomaly_threshold,
+                     policy.detection.warn_threshold, opts.data_free, bn_layers)
+    result.detection = verdict.detection
+    result.timings["reverse"] = time.perf_counter() - t
+    _detection_findings(result, verdict, catalog, images, prep)
+    if not verdict.detection.flagged_targets:
+        result.verdict = Verdict.CLEAN
+        return
+    result.verdict = Verdict.BACKDOOR
+    if not policy.repair.enabled:
+        return
+    target = verdict.detection.flagged_targets[0]
+    _repair(result, model, scored, prep, images, target, verdict.triggers[target], opts,
+            policy, catalog, progress, device)
+
+
+def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Catalog,
+                        images: ImageSet, prep: Preprocess) -> None:
+    det = verdict.detection
+    by_class = {c.target: c for c in det.classes}
+    for t in det.flagged_targets:
+        trig = verdict.triggers[t]
+        c = by_class[t]
+        index = max(c.anomaly_index, c.universal_anomaly_index or float("-inf"))
+        kind = "patch-like" if trig.family == "patch" else "full-image"
+        result.findings.append(catalog.make(
+            "SS201", f"backdoor towards class {t}: a {kind} reversed trigger flips "
+            f"{100 * trig.asr:.0f}% of other classes' images (anomaly index {index:.2f} > "
+            f"{det.threshold:g})", location=f"class {t}", target=t, anomaly_index=index,
+            family=trig.family, reversed_asr=trig.asr))
+        det.masks[t] = trig.mask if trig.mask is not None else np.abs(trig.pattern).mean(0)
+        det.patterns[t] = trig.pattern if trig.mask is not None else np.clip(
+            0.5 + trig.pattern, 0, 1)
+        example = images.pixels[np.flatnonzero(images.labels != t)[:1]]
+        det.examples[t] = trig.apply(example)[0]
+    for t in verdict.suspicious:
+        c = by_class[t]
+        index = max(c.anomaly_index, c.universal_anomaly_index or float("-inf"))
+        result.findings.append(catalog.make(
+            "SS202", f"class {t} is unusually easy to reach (anomaly index {index:.2f}, "
+            f"flag threshold {det.threshold:g})", location=f"class {t}", target=t,
+            anomaly_index=index))
+
+
+def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
+            images: ImageSet, target: int, trigger: ReversedTrigger, opts: ScanOptions,
+            policy: Policy, catalog: Catalog, progress: Progress, device: Device) -> None:
+    t = time.perf_counter()
+    others = images.subset(np.flatnonzero(images.labels != target))
+    # shifted copies: the utilities average over more rows, so they are less noisy
+    # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
+    stamped = trigger.apply(shifted(others.pixels, 1))
+    clean_pixels = shifted(images.pixels, 2)
+    clean_labels = np.tile(images.labels, len(clean_pixels) // len(images))
+    backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
+    clean_eval = backdoor_eval.with_images(prep.to_model(clean_pixels))
+    sp = policy.shapley
+    cfg = ShapleyConfig(permutations=opts.permutations or sp.permutations,
+                        epsilon=sp.epsilon if opts.epsilon is None else opts.epsilon,
+                        top_k=sp.top_k, truncation=sp.truncation)
+    progress.stage(f"Shapley values towards class {target}")
+    utility = Utility(target)
+    values = estimate(backdoor_eval, utility, cfg, opts.seed, progress=progress)
+    result.timings["shapley"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress.stage("choosing channels to zero")
+    rp = policy.repair
+    pcfg = PruneConfig(target_asr=rp.target_asr, max_channel_fraction=rp.max_channel_fraction,
+                       max_clean_drop=rp.max_clean_drop, order=opts.prune_order)
+    chosen = plan(backdoor_eval, clean_eval, clean_labels, utility, values, pcfg)
+    _record_repair(result, model, layers, backdoor_eval, values, chosen, target,
+                   backdoor_eval.forward_passes + clean_eval.forward_passes, cfg, opts,
+                   catalog, rp)
+    result.timings["prune"] = time.perf_counter() - t
+
+
+def shifted(pixels: np.ndarray, radius: int) -> np.ndarray:
+    """The images and their copies shifted by up to `radius` pixels in each direction."""
+    steps = range(-radius, radius + 1)
+    return np.concatenate([np.roll(pixels, (dy, dx), axis=(2, 3)) for dy in steps for dx in steps])
+
+
+def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],
+                   evaluator: CoalitionEvaluator, values: ShapleyResult, chosen: PrunePlan,
+                   target: int, passes: int, cfg: ShapleyConfig, opts: ScanOptions,
+                   catalog: Catalog, rp: RepairPolicy) -> None:
+    def channel_value(flat: int, pruned: bool) -> ChannelValue:
+        layer, ch = evaluator.channel(flat)
+        return ChannelValue(layer.name, ch, float(values.values[flat]),
+                            float(chosen.clean.get(flat, 0.0)), pruned)
+
+    pruned = [channel_value(c, True) for c in chosen.channels]
+    pruned_set = set(chosen.channels)
+    top = [channel_value(int(c), int(c) in pruned_set) for c in values.top(20)]
+    repair = Repair(
+        target=target, channels_total=evaluator.n_channels, pruned=pruned, top_channels=top,
+        reversed_asr_before=chosen.asr_before, reversed_asr_after=chosen.asr_after,
+        fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
+        permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
+        target_reached=chosen.target_reached)
+    result.repair = repair
+    _finish_repair(result, model, repair, opts, catalog, rp)
+
+
+def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts: ScanOptions,
+                   catalog: Catalog, rp: RepairPolicy) -> None:
+    """Findings for the repair and the sanitized export (shared by every method)."""
+    if not repair.pruned:
+        result.findings.append(catalog.make(
+            "SS302", f"no channel set within budget removes the backdoor towards class "
+            f"{repair.target}; model not repaired", location=f"class {repair.target}"))
+        return
+    if not repair.target_reached:
+        result.findings.append(catalog.make(
+            "SS302", f"after zeroing {len(repair.pruned)} channels the reversed trigger still "
+            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images (target "
+            f"{100 * rp.target_asr:.0f}%)", location=f"class {repair.target}"))
+    drop = repair.fewshot_acc_before - repair.fewshot_acc_after
+    if drop > rp.max_clean_drop + 1e-9:
+        result.findings.append(catalog.make(
+            "SS303", f"repair lowers few-shot clean accuracy by {100 * drop:.1f} points",
+            location=f"class {repair.target}"))
+    if opts.out is not None:
+        zeroed: dict[str, list[int]] = {}
+        for c in repair.pruned:
+            zeroed.setdefault(c.layer, []).append(c.channel)
+        sanitized = sanitize(model.proto, zeroed, {
+            "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
+            "shapscan.source_sha256": model.sha256})
+        save_atomic(sanitized, opts.out)
+        repair.output_path = str(opts.out)
+    result.findings.append(catalog.make(
+        "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
+        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success "
+        f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
+        + (f"; sanitized model written to {opts.out}" if repair.output_path else ""),
+        location=f"class {repair.target}"))
+
+
+def _run_baseline(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],
+                  prep: Preprocess, opts: ScanOptions, policy: Policy, catalog: Catalog,
+                  progress: Progress, device: Device) -> None:
+    from .baselines import run_baseline
+
+    t = time.perf_counter()
+    progress.stage(f"baseline {opts.method}")
+    images = load_images(opts.data, prep) if opts.data is not None else None
+    repair = run_baseline(opts.method, model, layers, prep, images, policy, device)
+    result.timings["baseline"] = time.perf_counter() - t
+    result.repair = repair
+    result.verdict = Verdict.BACKDOOR if repair.pruned else Verdict.CLEAN
+    if repair.pruned:
+        _finish_repair(result, model, repair, opts, catalog, policy.repair)
+
+
+def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> list[LayerInfo]:
+    if not wanted:
+        return layers
+    chosen = [la for la in layers if la.name in wanted or la.node in wanted]
+    missing = set(wanted) - {la.name for la in chosen} - {la.node for la in chosen}
+    if missing:
+        raise UsageError(f"--layers: no activation layer named {', '.join(sorted(missing))} "
+                         "(see `shapscan inspect`)")
+    return chosen
+
+
+def _n_classes(model: LoadedModel, prep: Preprocess, device: Device) -> int:
+    probe = predict(model, prep, np.zeros((1, prep.channels, prep.height, prep.width),
+                                          np.float32), device.requested)
+    if probe.ndim != 2 or probe.shape[1] < 2:
+        raise Inconclusive(f"inconclusive: model output has shape {list(probe.shape)}; "
+                           "shapscan scans classifiers with [N, classes] outputs")
+    return int(probe.shape[1])
+
+
+def _opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _io(values, proto=None) -> list[tuple[str, list[int | str]]]:
+    inits = {i.name for i in proto.graph.initializer} if proto is not None else set()
+    out = []
+    for v in values:
+        if v.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in v.type.tensor_type.shape.dim]
+        out.append((v.name, dims))
+    return out

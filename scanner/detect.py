@@ -2,8 +2,13 @@
 
 A backdoor target needs a far smaller reversed trigger than any honest class. For each
 trigger family the norms l_t of all classes give an anomaly index
-a_t = (median(l) − l_t) / (1.4826 · MAD(l)); a class is flagged when its index in either
-family exceeds the policy threshold.
+a_t = (median(u) − u_t) / (1.4826 · MAD(u)) with u = log l; a class is flagged when its
+index in either family exceeds the policy threshold.
+
+Why the logarithm: trigger norms are scale quantities (a mask of 5 pixels against honest
+classes between 17 and 58 on cnn_badnets). On the raw scale the large honest norms inflate
+the MAD and the true target scored 1.8; on the log scale it scores 4.6, while honest
+classes keep their spread.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from .reverse import ReversedTrigger, ReverseResult
 MAD_TO_SIGMA = 1.4826
 
 
-def anomaly_indices(norms: np.ndarray) -> np.ndarray:
+def anomaly_indices(norms: np.ndarray, log: bool = True) -> np.ndarray:
     """Low-side anomaly index of every entry; 0 where the spread is degenerate."""
     norms = np.asarray(norms, np.float64)
+    if log:
+        norms = np.log(np.maximum(norms, 1e-12))
     median = np.median(norms)
     mad = MAD_TO_SIGMA * np.median(np.abs(norms - median))
     if mad <= 1e-12:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapley import Evaluator, ShapleyResult, Utility, clean_contribution, softmax
+from .shapley import Evaluator, ShapleyResult, Utility, softmax
 
 
 @dataclass(frozen=True)
@@ -53,53 +53,84 @@ class PrunePlan:
 class _Measure:
     bd_prob: np.ndarray
     bd_asr: np.ndarray
-    clean_prob: np.ndarray
+    clean_cost: np.ndarray  # KL(original ‖ pruned) on the clean images
     clean_acc: np.ndarray
 
 
-def _measure(backdoor: Evaluator, clean: Evaluator, utility: Utility, labels: np.ndarray,
+class _Clean:
+    """Clean-behaviour cost of a coalition: KL divergence from the original model's outputs.
+
+    With one image per class, accuracy barely moves when a useful channel is zeroed (the
+    few-shot images are classified with confidence); the divergence of the output
+    distribution does, and it needs no labels. On cnn_badnets its rank correlation with
+    the test-set accuracy drop of single channels was 0.77, against 0.3 for few-shot
+    accuracy or true-class probability.
+    """
+
+    def __init__(self, clean: Evaluator, labels: np.ndarray) -> None:
+        self.evaluator = clean
+        self.labels = labels
+        self.reference = softmax(clean.logits(np.ones((1, clean.n_channels), np.float32)))[0]
+
+    def __call__(self, coalitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.evaluator.logits(coalitions)
+        p = self.reference[None]
+        log_q = logits - logits.max(-1, keepdims=True)
+        log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
+        kl = (p * (np.log(p + 1e-12) - log_q)).sum(-1).mean(-1)
+        acc = (logits.argmax(-1) == self.labels[None]).mean(-1)
+        return kl, acc
+
+
+def _measure(backdoor: Evaluator, clean: _Clean, utility: Utility,
              coalitions: np.ndarray) -> _Measure:
     bd_prob, bd_asr = utility(backdoor.logits(coalitions))
-    logits = clean.logits(coalitions)
-    probs = softmax(logits)
-    clean_prob = probs[:, np.arange(len(labels)), labels].mean(-1)
-    clean_acc = (logits.argmax(-1) == labels[None]).mean(-1)
-    return _Measure(bd_prob, bd_asr, clean_prob, clean_acc)
+    kl, acc = clean(coalitions)
+    return _Measure(bd_prob, bd_asr, kl, acc)
 
 
 def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utility: Utility,
          shapley: ShapleyResult, cfg: PruneConfig = PruneConfig()) -> PrunePlan:
     n = backdoor.n_channels
     budget = max(1, int(np.floor(cfg.max_channel_fraction * n)))
+    cost = _Clean(clean, clean_labels)
     pool = shapley.top(max(cfg.candidates, budget))
     pool = pool[shapley.values[pool] > 0]
-    contrib = clean_contribution(clean, clean_labels, pool) if len(pool) else np.zeros(0)
+    base = _measure(backdoor, cost, utility, np.ones((1, n), np.float32))
+    singles = _measure(backdoor, cost, utility, _without(np.ones(n, np.float32), pool))
+    contrib = singles.clean_cost
     scores = shapley.values.copy()
-    scores[pool] -= cfg.clean_penalty * np.maximum(contrib, 0.0)
-    base = _measure(backdoor, clean, utility, clean_labels, np.ones((1, n), np.float32))
+    scores[pool] -= cfg.clean_penalty * contrib
     if cfg.order == "ranked":
-        chosen, coalitions = _ranked(backdoor, clean, utility, clean_labels, pool, scores,
-                                     budget, base, cfg)
+        chosen, coalitions = _ranked(backdoor, cost, utility, pool, scores, budget, base, cfg)
     else:
-        chosen, coalitions = _greedy(backdoor, clean, utility, clean_labels, pool, budget,
-                                     base, cfg)
+        chosen, coalitions = _greedy(backdoor, cost, utility, pool, budget, base, cfg)
     mask = np.ones((1, n), np.float32)
     mask[0, chosen] = 0.0
-    after = _measure(backdoor, clean, utility, clean_labels, mask)
+    after = _measure(backdoor, cost, utility, mask)
     return PrunePlan(
         channels=[int(c) for c in chosen], scores=scores,
         clean={int(c): float(v) for c, v in zip(pool, contrib, strict=True)},
         asr_before=float(base.bd_asr[0]), asr_after=float(after.bd_asr[0]),
         backdoor_before=float(base.bd_prob[0]), backdoor_after=float(after.bd_prob[0]),
         clean_acc_before=float(base.clean_acc[0]), clean_acc_after=float(after.clean_acc[0]),
-        target_reached=bool(after.bd_asr[0] <= cfg.target_asr), coalitions=coalitions + 2)
+        target_reached=bool(after.bd_asr[0] <= cfg.target_asr),
+        coalitions=coalitions + len(pool) + 2)
+
+
+def _without(current: np.ndarray, channels: np.ndarray | list[int]) -> np.ndarray:
+    """One coalition per channel: `current` with that channel also switched off."""
+    rows = np.repeat(current[None], len(channels), axis=0)
+    rows[np.arange(len(channels)), channels] = 0.0
+    return rows
 
 
 def _within_clean_budget(m: _Measure, base: _Measure, cfg: PruneConfig) -> np.ndarray:
     return base.clean_acc[0] - m.clean_acc <= cfg.max_clean_drop + 1e-9
 
 
-def _ranked(backdoor, clean, utility, labels, pool, scores, budget, base, cfg
+def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarray,
+            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig
             ) -> tuple[list[int], int]:
     order = pool[np.argsort(-scores[pool], kind="stable")][:budget]
     if len(order) == 0:
@@ -107,7 +138,7 @@ def _ranked(backdoor, clean, utility, labels, pool, scores, budget, base, cfg
     rows = np.ones((len(order), backdoor.n_channels), np.float32)
     for j in range(len(order)):
         rows[j, order[: j + 1]] = 0.0
-    m = _measure(backdoor, clean, utility, labels, rows)
+    m = _measure(backdoor, cost, utility, rows)
     ok = _within_clean_budget(m, base, cfg)
     reached = np.flatnonzero((m.bd_asr <= cfg.target_asr) & ok)
     if len(reached):
@@ -117,20 +148,17 @@ def _ranked(backdoor, clean, utility, labels, pool, scores, budget, base, cfg
     return (order[: within[-1] + 1].tolist() if len(within) else []), len(rows)
 
 
-def _greedy(backdoor, clean, utility, labels, pool, budget, base, cfg
-            ) -> tuple[list[int], int]:
-    n = backdoor.n_channels
+def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarray,
+            budget: int, base: _Measure, cfg: PruneConfig) -> tuple[list[int], int]:
     chosen: list[int] = []
-    current = np.ones(n, np.float32)
-    cur_bd, cur_clean = float(base.bd_prob[0]), float(base.clean_prob[0])
+    current = np.ones(backdoor.n_channels, np.float32)
+    cur_bd, cur_cost = float(base.bd_prob[0]), float(base.clean_cost[0])
     coalitions = 0
     remaining = list(pool)
     while remaining and len(chosen) < budget:
-        rows = np.repeat(current[None], len(remaining), axis=0)
-        rows[np.arange(len(remaining)), remaining] = 0.0
-        m = _measure(backdoor, clean, utility, labels, rows)
-        coalitions += len(rows)
-        gain = (cur_bd - m.bd_prob) - cfg.clean_penalty * np.maximum(cur_clean - m.clean_prob, 0)
+        m = _measure(backdoor, cost, utility, _without(current, remaining))
+        coalitions += len(remaining)
+        gain = (cur_bd - m.bd_prob) - cfg.clean_penalty * (m.clean_cost - cur_cost)
         gain[~_within_clean_budget(m, base, cfg)] = -np.inf
         best = int(np.argmax(gain))
         if not np.isfinite(gain[best]) or gain[best] <= 0:
@@ -138,7 +166,7 @@ def _greedy(backdoor, clean, utility, labels, pool, budget, base, cfg
         channel = remaining.pop(best)
         chosen.append(channel)
         current[channel] = 0.0
-        cur_bd, cur_clean = float(m.bd_prob[best]), float(m.clean_prob[best])
+        cur_bd, cur_cost = float(m.bd_prob[best]), float(m.clean_cost[best])
         if m.bd_asr[best] <= cfg.target_asr:
             break
     return chosen, coalitions

@@ -9,7 +9,7 @@ from scanner.reverse import ReversedTrigger, ReverseResult
 
 def test_anomaly_index_matches_the_definition():
     norms = np.array([50.0, 52.0, 48.0, 51.0, 49.0, 50.0, 53.0, 47.0, 50.0, 8.0])
-    idx = anomaly_indices(norms)
+    idx = anomaly_indices(norms, log=False)
     median = np.median(norms)
     mad = 1.4826 * np.median(np.abs(norms - median))
     assert idx[9] == pytest.approx((median - 8.0) / mad)

@@ -1,0 +1,72 @@
+"""`shapscan scan` end to end on real zoo models, and its error paths."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from conftest import FEWSHOT, TEST_SET, zoo_model
+from graph_builders import conv_relu_model, save
+from onnx import TensorProto, helper
+
+
+def test_backdoored_model_is_flagged_repaired_and_reports_written(run_cli, tmp_path):
+    model = zoo_model("cnn_badnets")
+    out, report, sarif, html = (tmp_path / n for n in ("safe.onnx", "r.json", "r.sarif", "r.html"))
+    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report,
+                     "--sarif", sarif, "--html", html, "--quiet")
+    assert result.code == 1, result.err
+    data = json.loads(report.read_text())
+    scanned = data["results"][0]
+    assert scanned["verdict"] == "backdoor"
+    assert scanned["detection"]["flagged_targets"][0] == 0
+    assert {f["rule_id"] for f in scanned["findings"]} >= {"SS201", "SS301"}
+    assert json.loads(sarif.read_text())["version"] == "2.1.0"
+    assert "<svg" in html.read_text()
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    # the repaired model: the real trigger mostly stops working, clean accuracy stays
+    before = json.loads(run_cli("eval", model, "--data", TEST_SET, "--zoo-entry",
+                                "cnn_badnets", "--json").out)
+    after = json.loads(run_cli("eval", out, "--data", TEST_SET, "--zoo-entry", "cnn_badnets",
+                               "--json").out)
+    assert after["asr"] < 0.25 * before["asr"]
+    assert after["clean_acc"] > before["clean_acc"] - 0.05
+
+
+def test_clean_model_passes_the_gate_and_writes_no_model(run_cli, tmp_path):
+    model = zoo_model("cnn_clean")
+    out = tmp_path / "safe.onnx"
+    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--json")
+    assert result.code == 0, result.out + result.err
+    assert json.loads(result.out)["results"][0]["verdict"] == "clean"
+    assert not out.exists()
+
+
+def no_activation_model(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "g", [x], [y])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                tmp_path / "flat.onnx")
+
+
+@pytest.mark.parametrize(("args", "code", "needle"), [
+    (("missing.onnx", "--data", str(FEWSHOT)), 2, "SS101"),
+    (("{clean}",), 4, "--data"),
+    (("{clean}", "--data", str(FEWSHOT), "--data-free"), 4, "exclude"),
+    (("{clean}", "--data", str(FEWSHOT), "--policy", "nonexistent.toml"), 4, "policy"),
+    (("{clean}", "--data", "{tmp}/none.npz"), 2, "no such file"),
+    (("{clean}", "--data", str(FEWSHOT), "--out", "{tmp}/no/dir/safe.onnx"), 4, "does not exist"),
+    (("{flat}", "--data", str(FEWSHOT)), 3, "SS204"),
+])
+def test_error_paths(run_cli, tmp_path, args, code, needle):
+    subst = {"clean": str(save(conv_relu_model(), tmp_path / "small.onnx")),
+             "tmp": str(tmp_path), "flat": str(no_activation_model(tmp_path))}
+    argv = [a.format(**subst) for a in args]
+    before = set(tmp_path.rglob("*"))
+    result = run_cli("scan", *argv, "--quiet")
+    assert result.code == code, result.out + result.err
+    assert needle in result.out + result.err
+    assert "Traceback" not in result.out + result.err
+    assert set(tmp_path.rglob("*")) == before, "nothing may be written on failure"
