@@ -55,17 +55,60 @@ class _Graph:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1
 
-    def private_init(self, name: str) -> onnx.TensorProto | None:
-        """The initializer `name` if exactly one node reads it and no feed can override it."""
-        if name in self.inits and self.uses.get(name) == 1 and name not in self.graph_inputs:
-            return self.inits[name]
-        return None
+    def param(self, node: onnx.NodeProto, index: int) -> Param | None:
+        """Input `index` of `node` when it is a constant: an initializer (possibly behind
+        Identity nodes, as exporters emit for deduplicated weights) or a Constant node.
+        None when it is computed at run time or a feed could override it."""
+        name = source = node.input[index] if len(node.input) > index else ""
+        while source and source not in self.inits:
+            producer = self.producer.get(source)
+            if producer is None:
+                return None
+            if producer.op_type == "Constant":
+                value = next((a for a in producer.attribute if a.name == "value"), None)
+                if value is None:
+                    return None
+                return Param(self, node, index, numpy_helper.to_array(value.t), None)
+            if producer.op_type != "Identity":
+                return None
+            source = producer.input[0]
+        if not source or source in self.graph_inputs:
+            return None
+        private = source == name and self.uses.get(name) == 1
+        return Param(self, node, index, numpy_helper.to_array(self.inits[source]),
+                     self.inits[source] if private else None)
 
     def only_consumers(self, tensor: str, nodes: Sequence[onnx.NodeProto]) -> bool:
         if tensor in self.graph_outputs:
             return False
         ids = {id(n) for n in nodes}
         return all(id(c) in ids for c in self.consumers.get(tensor, []))
+
+
+@dataclass
+class Param:
+    """A constant input of a node, writable without touching any other reader of it."""
+
+    graph: _Graph
+    node: onnx.NodeProto
+    index: int
+    array: np.ndarray
+    private: onnx.TensorProto | None  # the initializer only this node reads, if any
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array.astype(self.array.dtype))
+        if self.private is not None:
+            self.private.CopyFrom(numpy_helper.from_array(array, self.private.name))
+            return
+        # shared (or behind Identity/Constant): give this node its own pruned copy
+        model = self.graph.model
+        taken = {t.name for t in model.graph.initializer} | set(self.graph.producer)
+        name = f"{self.node.input[self.index]}__pruned"
+        while name in taken:
+            name += "_"
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.node.input[self.index] = name
+        self.private = model.graph.initializer[-1]
 
 
 def _walk_nodes(graph: onnx.GraphProto):
@@ -77,29 +120,24 @@ def _walk_nodes(graph: onnx.GraphProto):
                 yield from _walk_nodes(g)
 
 
-def _set_init(init: onnx.TensorProto, array: np.ndarray) -> None:
-    init.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(init).dtype),
-                                          init.name))
-
-
-def _zero_axis(init: onnx.TensorProto, axis: int, channels: Sequence[int]) -> None:
-    array = numpy_helper.to_array(init).copy()
+def _zero_axis(param: Param, axis: int, channels: Sequence[int]) -> None:
+    array = param.array.copy()
     index = [slice(None)] * array.ndim
     index[axis] = list(channels)
     array[tuple(index)] = 0
-    _set_init(init, array)
+    param.write(array)
 
 
-def _zero_bias(init: onnx.TensorProto, width: int, channels: Sequence[int]) -> bool:
+def _zero_bias(param: Param, width: int, channels: Sequence[int]) -> bool:
     """Zero entries of a bias broadcast along the last axis; widen a [1] bias to [width]."""
-    array = numpy_helper.to_array(init)
+    array = param.array
     if array.ndim == 0 or array.shape[-1] == 1:
         array = np.broadcast_to(array, (*array.shape[:-1], width) if array.ndim else (width,))
     if array.shape[-1] != width:
         return False
     array = array.copy()
     array[..., list(channels)] = 0
-    _set_init(init, array)
+    param.write(array)
     return True
 
 
@@ -144,15 +182,15 @@ def _try_fold(g: _Graph, act: Activation, channels: Sequence[int]) -> LayerEdit 
         return None
     ch = tuple(channels)
     if node.op_type == "BatchNormalization" and len([o for o in node.output if o]) == 1:
-        scale, bias = (g.private_init(node.input[i]) for i in (1, 2))
+        scale, bias = (g.param(node, i) for i in (1, 2))
         if scale is None or bias is None:
             return None
         _zero_axis(scale, 0, ch)
         _zero_axis(bias, 0, ch)
         return LayerEdit(layer.name, ch, "folded-bn", node.name)
     if node.op_type == "Conv":
-        weight = g.private_init(node.input[1])
-        bias = g.private_init(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        weight = g.param(node, 1)
+        bias = g.param(node, 2) if len(node.input) > 2 and node.input[2] else None
         if weight is None or (len(node.input) > 2 and node.input[2] and bias is None):
             return None
         _zero_axis(weight, 0, ch)
@@ -169,9 +207,9 @@ def _try_fold(g: _Graph, act: Activation, channels: Sequence[int]) -> LayerEdit 
 def _fold_gemm(g: _Graph, node: onnx.NodeProto, layer: LayerInfo, ch: tuple[int, ...]
                ) -> LayerEdit | None:
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    weight = g.private_init(node.input[1])
+    weight = g.param(node, 1)
     has_c = len(node.input) > 2 and bool(node.input[2])
-    bias = g.private_init(node.input[2]) if has_c else None
+    bias = g.param(node, 2) if has_c else None
     if weight is None or (has_c and bias is None):
         return None
     if has_c and not _zero_bias(bias, layer.channels, ch):
@@ -191,14 +229,14 @@ def _fold_matmul(g: _Graph, node: onnx.NodeProto, layer: LayerInfo, ch: tuple[in
         others = [i for i in node.input if i not in g.inits]
         if len(consts) != 1 or len(others) != 1:
             return None
-        bias = g.private_init(consts[0])
+        bias = g.param(node, list(node.input).index(consts[0]))
         matmul = g.producer.get(others[0])
         if bias is None or matmul is None or matmul.op_type != "MatMul" \
                 or not g.only_consumers(others[0], [node]):
             return None
         node = matmul
-    weight = g.private_init(node.input[1])
-    if weight is None or len(weight.dims) != 2:
+    weight = g.param(node, 1)
+    if weight is None or weight.array.ndim != 2:
         return None
     if bias is not None and not _zero_bias(bias, layer.channels, ch):
         return None
