@@ -169,19 +169,5 @@ def _order(players: np.ndarray, estimate_now: np.ndarray, cfg: ShapleyConfig,
     return np.concatenate([head, rest])
 
 
-def clean_contribution(evaluator: Evaluator, labels: np.ndarray, candidates: np.ndarray,
-                       base: np.ndarray | None = None) -> np.ndarray:
-    """Leave-one-out drop of the clean utility (mean true-class probability) for candidates,
-    measured from the coalition `base` (all on by default). Positive = clean behaviour
-    needs the channel."""
-    n = evaluator.n_channels
-    base = np.ones(n, np.float32) if base is None else base.astype(np.float32)
-    rows = np.repeat(base[None], len(candidates) + 1, axis=0)
-    rows[np.arange(1, len(candidates) + 1), candidates] = 0.0
-    probs = softmax(evaluator.logits(rows))
-    true_prob = probs[:, np.arange(len(labels)), labels].mean(-1)
-    return true_prob[0] - true_prob[1:]
-
-
 def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return len(set(a[:k].tolist()) & set(b[:k].tolist())) / k
