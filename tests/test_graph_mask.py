@@ -255,3 +255,34 @@ def test_float16_model_gets_float16_masks():
     # float16 kernels differ by fusion: an ulp at these magnitudes is ~1e-4
     np.testing.assert_allclose(out[0].astype(np.float32), plain(proto, x).astype(np.float32),
                                atol=5e-4, rtol=0)
+
+
+def test_cut_keeps_constants_and_shape_tensors_out_of_the_cache():
+    # Identity(initializer) and Shape(x) are mask-independent but not per-image rows: the
+    # suffix must recompute them (a cached Shape(x) would carry the prefix's batch size)
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Identity", ["w2"], ["w2_id"], name="w2_identity"),
+             helper.make_node("Conv", ["r", "w2_id"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Shape", ["c2"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="take_n", axis=0),
+             helper.make_node("Concat", ["n", "minus_one"], ["flat_shape"], name="cat", axis=0),
+             helper.make_node("Reshape", ["r2", "flat_shape"], ["flat"], name="reshape"),
+             helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], name="fc", transB=1)]
+    inits = [tensor("w", [4, 3, 1, 1]), tensor("w2", [4, 4, 1, 1]), tensor("fc_w", [5, 256]),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    proto = inferred(model(nodes, inits))
+    layers = discover_activations(proto)
+    assert [la.name for la in layers] == ["r", "r2"]
+    x = images(3)
+    coalitions = np.random.default_rng(3).random((5, 8)) > 0.5
+    full = CoalitionEvaluator(proto, layers, x, prefix_cache=False).logits(coalitions)
+    for selected, cut in (([layers[0]], ("r",)), ([layers[1]], ("c2", "r2"))):
+        fast = CoalitionEvaluator(proto, selected, x, max_batch_rows=7)
+        assert fast._engine.split.cut == cut
+        reference = CoalitionEvaluator(proto, selected, x, prefix_cache=False)
+        part = coalitions[:, :4]
+        np.testing.assert_allclose(fast.logits(part), reference.logits(part), atol=ATOL)
+    assert full.shape == (5, 3, 5)

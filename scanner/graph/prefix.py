@@ -39,31 +39,63 @@ class PrefixSplit:
 
 
 def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -> PrefixSplit:
-    """Split a masked model into the mask-independent prefix and the mask-dependent suffix."""
-    masked = onnx.shape_inference.infer_shapes(masked)  # dtypes for the cut tensors
+    """Split a masked model into the mask-independent prefix and the mask-dependent suffix.
+
+    The cut holds only batch-major tensors that depend on the images (one row per image:
+    they can be cached and gathered per row). Constants (e.g. Identity of an initializer)
+    and image-dependent tensors that are not batch-major (e.g. Shape(x) feeding a Reshape:
+    its value depends on the batch size) are recomputed in the suffix instead.
+    """
+    masked = onnx.shape_inference.infer_shapes(masked)  # dtypes and shapes for the cut
     graph = gs.import_onnx(masked)
+    graph.toposort()
     tensors = graph.tensors()
+    image_inputs = [t for t in graph.inputs if t.name not in masks]
+    batch = image_inputs[0].shape[0] if image_inputs and image_inputs[0].shape else None
+    dynamic = {t.name for t in image_inputs}
     downstream: set[str] = set(masks)
-    suffix_nodes: set[int] = set()
-    for idx, node in enumerate(graph.toposort().nodes):
-        if any(t.name in downstream for t in node.inputs):
-            suffix_nodes.add(idx)
+    for node in graph.nodes:
+        names = {t.name for t in node.inputs}
+        if names & dynamic:
+            dynamic.update(t.name for t in node.outputs)
+        if names & downstream:
             downstream.update(t.name for t in node.outputs)
-    graph_inputs = {t.name for t in graph.inputs}
-    cut: list[str] = []
-    for idx in sorted(suffix_nodes):
-        for t in graph.nodes[idx].inputs:
-            if (isinstance(t, gs.Variable) and t.name not in downstream
-                    and t.name not in cut):
-                cut.append(t.name)
     if output not in downstream:
-        return PrefixSplit(_subgraph(masked, [i for i in graph_inputs if i not in masks],
-                                     [output], tensors), None, (), output)
-    image_inputs = [t.name for t in graph.inputs if t.name not in masks]
-    produced = [c for c in cut if c not in graph_inputs]
-    prefix = _subgraph(masked, image_inputs, produced, tensors) if produced else None
-    suffix = _gather_cut(_subgraph(masked, [*cut, *masks], [output], tensors), cut)
-    return PrefixSplit(prefix, suffix, tuple(cut), output)
+        return PrefixSplit(_subgraph(masked, [t.name for t in image_inputs], [output],
+                                     tensors), None, (), output)
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    stack = [n for n in graph.nodes if any(t.name in downstream for t in n.inputs)]
+    in_suffix = {id(n) for n in stack}
+    cut: set[str] = set()
+    while stack:
+        node = stack.pop()
+        for t in node.inputs:
+            if not isinstance(t, gs.Variable) or t.name in downstream or t.name in cut:
+                continue
+            if t.name in dynamic and _batch_major(t, batch):
+                cut.add(t.name)
+            elif t.inputs and id(t.inputs[0]) not in in_suffix:
+                in_suffix.add(id(t.inputs[0]))
+                stack.append(t.inputs[0])
+    graph_inputs = {t.name for t in image_inputs}
+    ordered = sorted(cut, key=lambda n: (n not in graph_inputs,
+                                         position.get(id(tensors[n].inputs[0]), -1)
+                                         if tensors[n].inputs else -1, n))
+    produced = [c for c in ordered if c not in graph_inputs]
+    prefix = _subgraph(masked, [t.name for t in image_inputs], produced, tensors) \
+        if produced else None
+    suffix = _gather_cut(_subgraph(masked, [*ordered, *masks], [output], tensors), ordered)
+    return PrefixSplit(prefix, suffix, tuple(ordered), output)
+
+
+def _batch_major(t: gs.Variable, batch: int | str | None) -> bool:
+    """Leading dim is the images' batch dim (a fixed batch needs rank >= 2 to tell a
+    [b, ...] activation from a shape vector of length b)."""
+    if t.shape is None or len(t.shape) == 0 or batch is None:
+        return False
+    if isinstance(batch, int):
+        return len(t.shape) >= 2 and t.shape[0] == batch
+    return t.shape[0] == batch
 
 
 def _gather_cut(suffix: onnx.ModelProto, cut: Sequence[str]) -> onnx.ModelProto:
