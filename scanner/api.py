@@ -229,8 +229,8 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     others = images.subset(np.flatnonzero(images.labels != target))
     # shifted copies: the utilities average over more rows, so they are less noisy
     # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-    stamped = trigger.apply(shifted(others.pixels, 1))
-    clean_pixels = shifted(images.pixels, 2)
+    stamped = trigger.apply(shifted(others.pixels, 1, cross=True))
+    clean_pixels = shifted(images.pixels, 1)
     clean_labels = np.tile(images.labels, len(clean_pixels) // len(images))
     backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
     clean_eval = backdoor_eval.with_images(prep.to_model(clean_pixels))
@@ -254,10 +254,12 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     result.timings["prune"] = time.perf_counter() - t
 
 
-def shifted(pixels: np.ndarray, radius: int) -> np.ndarray:
-    """The images and their copies shifted by up to `radius` pixels in each direction."""
+def shifted(pixels: np.ndarray, radius: int, cross: bool = False) -> np.ndarray:
+    """The images and their copies shifted by up to `radius` pixels (only along one axis at
+    a time when `cross`)."""
     steps = range(-radius, radius + 1)
-    return np.concatenate([np.roll(pixels, (dy, dx), axis=(2, 3)) for dy in steps for dx in steps])
+    moves = [(dy, dx) for dy in steps for dx in steps if not (cross and dy and dx)]
+    return np.concatenate([np.roll(pixels, move, axis=(2, 3)) for move in moves])
 
 
 def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],

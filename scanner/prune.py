@@ -7,9 +7,10 @@ channel on small nets). Two orders:
 * ``ranked`` — the paper's: zero channels in rank order until the reversed trigger's
   success on the stamped few-shot images falls below the target;
 * ``greedy`` (default) — among the top Shapley candidates, each round zeroes the channel
-  whose removal, *given the channels already zeroed*, lowers the backdoor utility most per
-  unit of clean utility lost. Channels interact (the reason for Shapley values at all), so
-  re-measuring after each removal finds smaller sets.
+  whose removal, *given the channels already zeroed*, lowers the backdoor utility most net
+  of the clean cost it adds. Channels interact (the reason for Shapley values at all), so
+  re-measuring after each removal finds smaller sets; when carriers back each other up and
+  no single removal helps, the Shapley rank decides.
 
 Both stop at the target, within the budget (share of channels, clean drop on the
 few-shot images).
@@ -104,7 +105,7 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
     if cfg.order == "ranked":
         chosen, coalitions = _ranked(backdoor, cost, utility, pool, scores, budget, base, cfg)
     else:
-        chosen, coalitions = _greedy(backdoor, cost, utility, pool, budget, base, cfg)
+        chosen, coalitions = _greedy(backdoor, cost, utility, pool, scores, budget, base, cfg)
     mask = np.ones((1, n), np.float32)
     mask[0, chosen] = 0.0
     after = _measure(backdoor, cost, utility, mask)
@@ -149,7 +150,8 @@ def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
 
 
 def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarray,
-            budget: int, base: _Measure, cfg: PruneConfig) -> tuple[list[int], int]:
+            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig
+            ) -> tuple[list[int], int]:
     chosen: list[int] = []
     current = np.ones(backdoor.n_channels, np.float32)
     cur_bd, cur_cost = float(base.bd_prob[0]), float(base.clean_cost[0])
@@ -161,8 +163,16 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
         gain = (cur_bd - m.bd_prob) - cfg.clean_penalty * (m.clean_cost - cur_cost)
         gain[~_within_clean_budget(m, base, cfg)] = -np.inf
         best = int(np.argmax(gain))
-        if not np.isfinite(gain[best]) or gain[best] <= 0:
-            break  # nothing left lowers the backdoor without breaking clean behaviour
+        if not np.isfinite(gain[best]):
+            break  # every remaining channel would break clean behaviour
+        if gain[best] <= 1e-6:
+            # No single channel lowers the backdoor: its carriers back each other up (an
+            # OR). That is what Shapley values see and marginals do not: take the best
+            # ranked candidate that keeps clean behaviour and let the next rounds tell.
+            allowed = np.isfinite(gain) & (scores[remaining] > 0)
+            if not allowed.any():
+                break
+            best = int(np.flatnonzero(allowed)[np.argmax(scores[remaining][allowed])])
         channel = remaining.pop(best)
         chosen.append(channel)
         current[channel] = 0.0

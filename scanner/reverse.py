@@ -36,7 +36,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ReverseConfig:
-    steps: int = 300
+    steps: int = 150
     lr: float = 0.1
     asr_goal: float = 0.95  # a reversed trigger "works" when this share of rows flips
     init_cost: float = 1e-3
