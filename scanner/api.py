@@ -200,8 +200,7 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
     by_class = {c.target: c for c in det.classes}
     for t in det.flagged_targets:
         trig = verdict.triggers[t]
-        c = by_class[t]
-        index = max(c.anomaly_index, c.universal_anomaly_index or float("-inf"))
+        index = by_class[t].anomaly_index
         kind = "patch-like" if trig.family == "patch" else "full-image"
         result.findings.append(catalog.make(
             "SS201", f"backdoor towards class {t}: a {kind} reversed trigger flips "
@@ -214,8 +213,7 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
         example = images.pixels[np.flatnonzero(images.labels != t)[:1]]
         det.examples[t] = trig.apply(example)[0]
     for t in verdict.suspicious:
-        c = by_class[t]
-        index = max(c.anomaly_index, c.universal_anomaly_index or float("-inf"))
+        index = by_class[t].anomaly_index
         result.findings.append(catalog.make(
             "SS202", f"class {t} is unusually easy to reach (anomaly index {index:.2f}, "
             f"flag threshold {det.threshold:g})", location=f"class {t}", target=t,

@@ -2,8 +2,8 @@
 
 A backdoor target needs a far smaller reversed trigger than any honest class. For each
 trigger family the norms l_t of all classes give an anomaly index
-a_t = (median(u) − u_t) / (1.4826 · MAD(u)) with u = log l; a class is flagged when its
-index in either family exceeds the policy threshold.
+a_t = (median(u) − u_t) / (1.4826 · MAD(u)) with u = log l; a class is flagged when the
+mean of its two families' indices exceeds the policy threshold.
 
 Why the logarithm: trigger norms are scale quantities (a mask of 5 pixels against honest
 classes between 17 and 58 on cnn_badnets). On the raw scale the large honest norms inflate
@@ -44,36 +44,41 @@ class Verdict:
 
 def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            data_free: bool = False, bn_layers: int = 0) -> Verdict:
+    """Flag the classes whose combined anomaly index exceeds `threshold`.
+
+    The combined index is the mean of the families' indices. Either family alone has
+    honest outliers on Fashion-MNIST (a patch turns anything into a bag; shirts are close to
+    every top), while a backdoor target is small in both: its trigger, patch or blend, also
+    helps the other family. See the zoo calibration in README.
+    """
     n = result.classes
     families = sorted({fam for fam, _ in result.triggers})
-    index: dict[str, np.ndarray] = {}
-    norms: dict[str, np.ndarray] = {}
-    for fam in families:
-        norms[fam] = np.array([result.triggers[(fam, t)].norm for t in range(n)])
-        index[fam] = anomaly_indices(norms[fam])
+    index = {fam: anomaly_indices(np.array([result.triggers[(fam, t)].norm for t in range(n)]))
+             for fam in families}
+    combined = np.mean([index[f] for f in families], axis=0)
     classes, flagged, suspicious, chosen = [], [], [], {}
     for t in range(n):
+        # the family that stands out most supplies the trigger for the Shapley stage
         best_fam = max(families, key=lambda f: index[f][t])
-        score = float(index[best_fam][t])
-        is_flagged = score > threshold
         patch = result.triggers.get(("patch", t))
         universal = result.triggers.get(("universal", t))
+        is_flagged = bool(combined[t] > threshold)
         classes.append(ClassReverse(
             target=t,
             mask_l1=float(patch.norm) if patch else float("nan"),
-            anomaly_index=float(index["patch"][t]) if "patch" in index else float("nan"),
+            anomaly_index=float(combined[t]),
             reversed_asr=float(result.triggers[(best_fam, t)].asr),
             universal_norm=float(universal.norm) if universal else None,
             universal_anomaly_index=float(index["universal"][t]) if universal else None,
+            patch_anomaly_index=float(index["patch"][t]) if patch else None,
             flagged=is_flagged,
         ))
         if is_flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
-        elif score > warn_threshold:
+        elif combined[t] > warn_threshold:
             suspicious.append(t)
-    # strongest first: the Shapley stage repairs towards flagged[0] first
-    flagged.sort(key=lambda t: -max(index[f][t] for f in families))
+    flagged.sort(key=lambda t: -combined[t])  # strongest first: repaired first
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes)
@@ -82,7 +87,4 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
 
 def score(detection: Detection) -> float:
     """One number per model for ROC analysis: the largest anomaly index over classes."""
-    values = [c.anomaly_index for c in detection.classes]
-    values += [c.universal_anomaly_index for c in detection.classes
-               if c.universal_anomaly_index is not None]
-    return float(np.nanmax(values))
+    return float(np.nanmax([c.anomaly_index for c in detection.classes]))

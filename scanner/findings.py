@@ -62,11 +62,12 @@ class ClassReverse:
     """Trigger reverse for one candidate target class."""
 
     target: int
-    mask_l1: float  # L1 norm of the reversed mask (pixels)
-    anomaly_index: float
+    mask_l1: float  # L1 norm of the reversed mask (pixels): the patch family
+    anomaly_index: float  # the score compared with the threshold: mean of the families' indices
     reversed_asr: float  # share of non-target few-shot images sent to `target`
     universal_norm: float | None = None  # mask-free perturbation family (full-image triggers)
     universal_anomaly_index: float | None = None
+    patch_anomaly_index: float | None = None
     flagged: bool = False
 
 

@@ -122,8 +122,8 @@ def load_catalog() -> Catalog:
 
 @dataclass(frozen=True)
 class DetectionPolicy:
-    anomaly_threshold: float = 2.0  # flag a class (SS201) above this anomaly index
-    warn_threshold: float = 1.5  # report a suspicious class (SS202) above this
+    anomaly_threshold: float = 2.5  # flag a class (SS201) above this anomaly index
+    warn_threshold: float = 2.0  # report a suspicious class (SS202) above this
 
 
 @dataclass(frozen=True)

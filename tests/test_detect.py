@@ -30,7 +30,7 @@ def _result(patch: list[float], universal: list[float]) -> ReverseResult:
     return ReverseResult(triggers, steps=1, forward_passes=0, seconds=0.0, classes=len(patch))
 
 
-def test_either_family_flags_and_the_stronger_one_is_kept():
+def test_a_strong_outlier_flags_and_its_family_supplies_the_trigger():
     patch = [40, 42, 39, 41, 40, 43, 38, 40, 41, 40]
     universal = [3.0, 3.1, 2.9, 3.2, 3.0, 3.1, 0.6, 3.0, 2.9, 3.1]  # class 6: full-image trigger
     verdict = detect(_result(patch, universal), threshold=2.0, warn_threshold=1.5)

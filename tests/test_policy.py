@@ -128,7 +128,7 @@ BAD_POLICIES = [
      "out of range"),
     ("range-nan", "[detection]\nanomaly_threshold = nan\n", "detection.anomaly_threshold",
      "nan"),
-    ("warn-above-flag", "[detection]\nwarn_threshold = 2.5\n", "detection.warn_threshold",
+    ("warn-above-flag", "[detection]\nwarn_threshold = 3.5\n", "detection.warn_threshold",
      "above detection.anomaly_threshold"),
     ("bad-extends", 'extends = "paranoid"\n', "extends", "expected one of"),
     ("bad-name", "name = 3\n", "name", "non-empty string"),

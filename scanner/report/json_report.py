@@ -90,7 +90,8 @@ def _class(c: ClassReverse) -> dict[str, Any]:
     return {"target": c.target, "mask_l1": _num(c.mask_l1),
             "anomaly_index": _num(c.anomaly_index), "reversed_asr": _num(c.reversed_asr),
             "universal_norm": _num(c.universal_norm),
-            "universal_anomaly_index": _num(c.universal_anomaly_index), "flagged": c.flagged}
+            "universal_anomaly_index": _num(c.universal_anomaly_index),
+            "patch_anomaly_index": _num(c.patch_anomaly_index), "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
