@@ -94,6 +94,7 @@ class ScanOptions:
     prune_order: str = "greedy"
     permutations: int | None = None  # override the policy's Shapley sample budget
     epsilon: float | None = None
+    stable_rounds: int = 0  # > 0: stop sampling once the top-k set is stable this many rounds
     quiet: bool = False
 
 
@@ -235,7 +236,8 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     sp = policy.shapley
     cfg = ShapleyConfig(permutations=opts.permutations or sp.permutations,
                         epsilon=sp.epsilon if opts.epsilon is None else opts.epsilon,
-                        top_k=sp.top_k, truncation=sp.truncation)
+                        top_k=sp.top_k, truncation=sp.truncation,
+                        stable_rounds=opts.stable_rounds)
     progress.stage(f"Shapley values towards class {target}")
     utility = Utility(target)
     values = estimate(backdoor_eval, utility, cfg, opts.seed, progress=progress)

@@ -73,6 +73,11 @@ def check_outputs(several: bool, **outputs: Path | None) -> None:
               help="Comma-separated activation tensors to score (default: all).")
 @click.option("--permutations", type=click.IntRange(1), default=None,
               help="Shapley permutations (default: the policy's).")
+@click.option("--epsilon", type=click.FloatRange(0, 1), default=None,
+              help="Share of fully random Shapley permutations (1 = plain truncated MC).")
+@click.option("--stable-rounds", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop Shapley sampling once the top-k channels are unchanged this many "
+                   "rounds of 8 permutations (0: use the whole budget).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no summary.")
@@ -81,7 +86,8 @@ def check_outputs(several: bool, **outputs: Path | None) -> None:
 def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: Path | None,
              report: Path | None, sarif: Path | None, html: Path | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
-             seed: int, as_json: bool, quiet: bool, device: str, **prep: str | None) -> int:
+             epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
+             device: str, **prep: str | None) -> int:
     """Scan MODELS (files or folders of .onnx) for backdoors and repair them.
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
@@ -102,7 +108,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
             data=data, data_free=data_free, policy=policy, method=method, device=device,
             seed=seed, out=per_model_path(out, path, several, ".sanitized.onnx"),
             layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
-            overrides=preprocess_overrides(**prep), permutations=permutations, quiet=quiet)
+            overrides=preprocess_overrides(**prep), permutations=permutations,
+            epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet)
         start = time.perf_counter()
         result = scan(path, options, Progress(enabled=not quiet))
         result.timings["total"] = time.perf_counter() - start
