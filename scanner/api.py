@@ -115,9 +115,11 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
         _scan_into(result, Path(model_path), options, policy, catalog, progress)
     except (ModelRefused, Inconclusive) as exc:
         result.verdict = Verdict.ERROR if isinstance(exc, ModelRefused) else Verdict.INCONCLUSIVE
+        text = str(exc)
         if exc.rule_id:
-            result.findings.append(catalog.make(exc.rule_id, str(exc), exc.location))
-        text = f"{exc.rule_id}: {exc}" if exc.rule_id else str(exc)
+            text = text.removeprefix(f"{exc.rule_id}: ")
+            result.findings.append(catalog.make(exc.rule_id, text, exc.location))
+            text = f"{exc.rule_id}: {text}"
         (result.errors if isinstance(exc, ModelRefused) else result.skipped).append(text)
     except DataError as exc:
         result.verdict = Verdict.ERROR

@@ -70,3 +70,14 @@ def test_error_paths(run_cli, tmp_path, args, code, needle):
     assert needle in result.out + result.err
     assert "Traceback" not in result.out + result.err
     assert set(tmp_path.rglob("*")) == before, "nothing may be written on failure"
+
+
+def test_several_models_get_a_table_and_the_worst_exit_code(run_cli, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    no_activation_model(folder)
+    (folder / "broken.onnx").write_bytes(b"not a model")
+    result = run_cli("scan", folder, "--data", FEWSHOT)
+    assert result.code == 2  # an error outranks an inconclusive model: the gate never passes
+    assert "broken.onnx" in result.out and "flat.onnx" in result.out
+    assert "error" in result.out and "inconclusive" in result.out

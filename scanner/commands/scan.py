@@ -159,12 +159,12 @@ def print_summary(result: ScanResult) -> None:
                      f"{100 * rep.fewshot_acc_before:.0f}% -> {100 * rep.fewshot_acc_after:.0f}%")
         if rep.output_path:
             lines.append(f"  repaired model: {rep.output_path}")
+    said = set()
     for f in result.findings:
         lines.append(f"  [{f.severity.name}] {f.rule_id} {f.message}")
-    for e in result.errors:
-        lines.append(f"  error: {e}")
-    for s in result.skipped:
-        lines.append(f"  skipped: {s}")
+        said.add(f"{f.rule_id}: {f.message}")
+    lines += [f"  error: {e}" for e in result.errors if e not in said]
+    lines += [f"  skipped: {s}" for s in result.skipped if s not in said]
     lines.append(f"  {result.timings.get('total', 0.0):.1f} s on {result.device}")
     click.echo("\n".join(lines))
 
