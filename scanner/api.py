@@ -95,6 +95,11 @@ class ScanOptions:
     permutations: int | None = None  # override the policy's Shapley sample budget
     epsilon: float | None = None
     stable_rounds: int = 0  # > 0: stop sampling once the top-k set is stable this many rounds
+    # The reversed trigger is the *smallest* that works; a real one is stronger, and pruning
+    # until the minimal one fails can leave the real one working (cnn_trojan: true ASR 52%
+    # after such a repair, 21% with gain 2). Shapley values and the stop rule use a copy
+    # this much stronger.
+    trigger_gain: float = 2.0
     quiet: bool = False
 
 
@@ -230,7 +235,7 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     others = images.subset(np.flatnonzero(images.labels != target))
     # shifted copies: the utilities average over more rows, so they are less noisy
     # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-    stamped = trigger.apply(shifted(others.pixels, 1, cross=True))
+    stamped = trigger.apply(shifted(others.pixels, 1, cross=True), gain=opts.trigger_gain)
     clean_pixels = shifted(images.pixels, 1)
     clean_labels = np.tile(images.labels, len(clean_pixels) // len(images))
     backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)

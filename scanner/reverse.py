@@ -56,11 +56,12 @@ class ReversedTrigger:
     norm: float  # patch: L1 of m (pixels); universal: L2 of δ
     asr: float  # on the rows it was optimised on
 
-    def apply(self, pixels: np.ndarray) -> np.ndarray:
+    def apply(self, pixels: np.ndarray, gain: float = 1.0) -> np.ndarray:
+        """Stamp the trigger; `gain` > 1 strengthens it (mask ×gain capped at 1, δ ×gain)."""
         if self.mask is not None:
-            m = self.mask[None, None]
+            m = np.minimum(1.0, gain * self.mask)[None, None]
             return ((1 - m) * pixels + m * self.pattern[None]).astype(np.float32)
-        return np.clip(pixels + self.pattern[None], 0, 1).astype(np.float32)
+        return np.clip(pixels + gain * self.pattern[None], 0, 1).astype(np.float32)
 
 
 @dataclass
