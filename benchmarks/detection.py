@@ -47,13 +47,15 @@ def main() -> None:
     ap.add_argument("--data-free", action="store_true")
     ap.add_argument("--policy", default="default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dump", type=Path, default=None,
+                    help="also write every class's trigger norms per model (JSON)")
     args = ap.parse_args()
     policy = load_policy(args.policy)
     zoo = json.loads((ROOT / "samples" / "zoo.json").read_text())
     if args.models:
         wanted = args.models.split(",")
         zoo = [e for e in zoo if e["name"] in wanted]
-    rows, scores, positive = [], [], []
+    rows, scores, positive, dump = [], [], [], {}
     for entry in zoo:
         model = load_model(ROOT / "samples" / entry["model"])
         prep = model_preprocess(model)
@@ -64,8 +66,9 @@ def main() -> None:
         else:
             images = load_images(ROOT / "samples" / "data" / "fewshot.npz", prep)
         result = reverse_triggers(program, prep, images, 10, seed=args.seed)
-        verdict = detect(result, policy.detection.anomaly_threshold,
-                         policy.detection.warn_threshold, args.data_free, program.bn_layers)
+        d = policy.detection
+        verdict = detect(result, d.anomaly_threshold, d.warn_threshold, d.isolation_threshold,
+                         args.data_free, program.bn_layers)
         seconds = time.perf_counter() - start
         det = verdict.detection
         s = score(det)
@@ -80,7 +83,12 @@ def main() -> None:
                      f"{s:.2f}", at_target, "yes" if correct else "NO", f"{seconds:.0f}"))
         scores.append(s)
         positive.append(target is not None)
+        dump[entry["name"]] = {"target": target, "norms": {
+            fam: [result.triggers[(fam, t)].norm for t in range(10)]
+            for fam in sorted({f for f, _ in result.triggers})}}
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    if args.dump:
+        args.dump.write_text(json.dumps(dump, indent=1))
     mode = "data-free" if args.data_free else "few-shot (1 image/class)"
     header = ("model", "attack", "target", "flagged", "max index", "index at target",
               "correct", "seconds")

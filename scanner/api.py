@@ -186,8 +186,9 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     progress.stage("reversing triggers")
     reversed_ = reverse_triggers(program, prep, images, n_classes, opts.reverse, opts.seed,
                                  progress)
-    verdict = detect(reversed_, policy.detection.anomaly_threshold,
-                     policy.detection.warn_threshold, opts.data_free, bn_layers)
+    det = policy.detection
+    verdict = detect(reversed_, det.anomaly_threshold, det.warn_threshold,
+                     det.isolation_threshold, opts.data_free, bn_layers)
     result.detection = verdict.detection
     result.timings["reverse"] = time.perf_counter() - t
     _detection_findings(result, verdict, catalog, images, prep)

@@ -68,6 +68,7 @@ class ClassReverse:
     universal_norm: float | None = None  # mask-free perturbation family (full-image triggers)
     universal_anomaly_index: float | None = None
     patch_anomaly_index: float | None = None
+    patch_isolation: float | None = None  # gap to the next smallest patch trigger (σ units)
     flagged: bool = False
 
 

@@ -124,6 +124,8 @@ def load_catalog() -> Catalog:
 class DetectionPolicy:
     anomaly_threshold: float = 2.5  # flag a class (SS201) above this anomaly index
     warn_threshold: float = 2.0  # report a suspicious class (SS202) above this
+    # flag a class whose patch trigger is anomalous (> warn) and this isolated from the next
+    isolation_threshold: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ _Range = tuple[float | None, float | None, bool, bool]
 _RANGES: dict[str, _Range] = {
     "detection.anomaly_threshold": (0.0, None, False, True),
     "detection.warn_threshold": (0.0, None, False, True),
+    "detection.isolation_threshold": (0.0, None, False, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),

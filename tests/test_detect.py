@@ -44,3 +44,27 @@ def test_clean_model_is_not_flagged():
     universal = [2.8, 3.2, 3.0, 2.85, 3.1, 3.0, 2.75, 3.3, 3.05, 2.9]
     verdict = detect(_result(patch, universal), threshold=2.0, warn_threshold=1.5)
     assert verdict.detection.flagged_targets == []
+
+
+# Trigger norms measured on the sample zoo (benchmarks/detection.py --dump): the two cases
+# that shaped the rule.
+RESNET_BADNETS = ([28.94, 2.94, 22.19, 44.93, 22.93, 75.22, 16.49, 70.13, 17.72, 56.7],
+                  [2.24, 1.17, 1.62, 3.83, 1.55, 6.41, 1.17, 7.5, 1.67, 5.53])
+CNN_CLEAN = ([45.45, 35.28, 35.62, 41.84, 34.44, 45.1, 20.84, 58.44, 18.39, 48.59],
+             [3.94, 2.67, 2.24, 2.81, 2.09, 3.53, 1.58, 4.04, 2.13, 2.88])
+
+
+def test_an_isolated_patch_trigger_is_flagged_even_when_the_mean_index_is_low():
+    verdict = detect(_result(*RESNET_BADNETS), threshold=2.5, warn_threshold=2.0)
+    c = verdict.detection.classes[1]
+    assert c.anomaly_index < 2.5 and c.patch_isolation > 2.0
+    assert verdict.detection.flagged_targets == [1]
+    assert verdict.triggers[1].family == "patch"
+
+
+def test_a_naturally_easy_pair_of_classes_is_not_flagged():
+    # bag (8) and shirt (6) are both easy to reach on a clean model: neither stands alone
+    verdict = detect(_result(*CNN_CLEAN), threshold=2.5, warn_threshold=2.0)
+    assert verdict.detection.flagged_targets == []
+    assert verdict.detection.classes[8].patch_anomaly_index > 3.0
+    assert verdict.detection.classes[8].patch_isolation < 1.0

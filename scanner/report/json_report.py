@@ -91,7 +91,8 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "anomaly_index": _num(c.anomaly_index), "reversed_asr": _num(c.reversed_asr),
             "universal_norm": _num(c.universal_norm),
             "universal_anomaly_index": _num(c.universal_anomaly_index),
-            "patch_anomaly_index": _num(c.patch_anomaly_index), "flagged": c.flagged}
+            "patch_anomaly_index": _num(c.patch_anomaly_index),
+            "patch_isolation": _num(c.patch_isolation), "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
