@@ -113,7 +113,7 @@ def parse_catalog(text: str, source: str = "catalog.toml") -> Catalog:
 @functools.cache
 def load_catalog() -> Catalog:
     """The catalog shipped in rules/catalog.toml (parsed once; Catalog is immutable)."""
-    text = resources.files("rules").joinpath("catalog.toml").read_text(encoding="utf-8")
+    text = resources.files("scanner.rules").joinpath("catalog.toml").read_text(encoding="utf-8")
     return parse_catalog(text, "rules/catalog.toml")
 
 
@@ -338,7 +338,7 @@ def _read_toml(path: Path | None, text: str | None, source: str) -> dict[str, An
 @functools.cache
 def _builtin(name: str) -> Policy:
     source = f"rules/policies/{name}.toml"
-    text = resources.files("rules").joinpath("policies", f"{name}.toml").read_text("utf-8")
+    text = resources.files("scanner.rules").joinpath("policies", f"{name}.toml").read_text("utf-8")
     data = _read_toml(None, text, source)
     if "extends" in data:
         raise UsageError(f"policy {source}: extends: not allowed in a built-in policy")
