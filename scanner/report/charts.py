@@ -86,8 +86,9 @@ def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(level):.1f}" '
                      f'y2="{y(level):.1f}" stroke="{color}" stroke-width="2" '
                      f'stroke-dasharray="6 4" class="threshold"/>'
-                     f'<text x="{width - right - 4}" y="{y(level) - 5:.1f}" '
-                     f'text-anchor="end" class="threshold-label" fill="{color}">'
+                     f'<text x="{left + 4}" y="{y(level) - 5:.1f}" stroke="white" '
+                     f'stroke-width="3" paint-order="stroke" '
+                     f'text-anchor="start" class="threshold-label" fill="{color}">'
                      f'{name} {level:g}</text>')
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" '
                  'class="axis">class</text>')

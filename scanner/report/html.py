@@ -179,7 +179,7 @@ def _findings(findings: list[Finding]) -> str:
     ordered = sorted(findings, key=lambda f: -f.severity)
     body = "".join(
         f'<tr><td><span class="sev {f.severity.name.lower()}">{f.severity.name}</span></td>'
-        f"<td><code>{esc(f.rule_id)}</code></td><td>{esc(f.message)}</td>"
+        f"<td class=nowrap><code>{esc(f.rule_id)}</code></td><td>{esc(f.message)}</td>"
         f"<td>{f'<code>{esc(f.location)}</code>' if f.location else ''}</td></tr>"
         for f in ordered)
     return ("<table><tr><th>Severity</th><th>Rule</th><th>Message</th><th>Location</th></tr>"
