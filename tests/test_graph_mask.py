@@ -208,7 +208,9 @@ def test_zoo_all_ones_masks_reproduce_the_model(entry):
     layers = discover_activations(loaded.proto)
     expected = make_session(loaded.proto).run(None, {name: x})[0]
     got = MaskedModel(loaded.proto, layers).run_ones(x)
-    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    # 1e-6 relative to the logit: the masked graph's extra Muls change ORT's float32
+    # fusion order; on the trained ResNet (logits ~10) that moves the last bits (2.4e-6)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
