@@ -11,7 +11,7 @@ import numpy as np
 from . import __version__
 from .attacks import Attack
 from .autodiff import GradientProgram
-from .data import ImageSet, Preprocess, load_images, resolve_preprocess
+from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
 from .detect import Verdict as DetectVerdict
 from .detect import detect
 from .errors import DataError, Inconclusive, ModelRefused, UsageError
@@ -236,9 +236,9 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     others = images.subset(np.flatnonzero(images.labels != target))
     # shifted copies: the utilities average over more rows, so they are less noisy
     # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-    stamped = trigger.apply(shifted(others.pixels, 1, cross=True), gain=opts.trigger_gain)
-    clean_pixels = shifted(images.pixels, 1)
-    clean_labels = np.tile(images.labels, len(clean_pixels) // len(images))
+    stamped = trigger.apply(shifted(others, 4).pixels, gain=opts.trigger_gain)
+    clean = shifted(images, 8)
+    clean_pixels, clean_labels = clean.pixels, clean.labels
     backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
     clean_eval = backdoor_eval.with_images(prep.to_model(clean_pixels))
     sp = policy.shapley
@@ -260,14 +260,6 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
                    backdoor_eval.forward_passes + clean_eval.forward_passes, cfg, opts,
                    catalog, rp)
     result.timings["prune"] = time.perf_counter() - t
-
-
-def shifted(pixels: np.ndarray, radius: int, cross: bool = False) -> np.ndarray:
-    """The images and their copies shifted by up to `radius` pixels (only along one axis at
-    a time when `cross`)."""
-    steps = range(-radius, radius + 1)
-    moves = [(dy, dx) for dy in steps for dx in steps if not (cross and dy and dx)]
-    return np.concatenate([np.roll(pixels, move, axis=(2, 3)) for move in moves])
 
 
 def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],

@@ -44,7 +44,6 @@ class ReverseConfig:
     patience: int = 5  # steps between penalty-weight updates
     early_stop: int = 50  # stop when no class's best norm improved by 1% for this many steps
     families: tuple[str, ...] = FAMILIES
-    shifts: int = 0  # extra copies of each image shifted by ±1 pixel (more rows, less noise)
 
 
 @dataclass
@@ -72,18 +71,6 @@ class ReverseResult:
     seconds: float
     classes: int = 0
     log: list[str] = field(default_factory=list)
-
-
-def _shifted(images: ImageSet, shifts: int) -> ImageSet:
-    if shifts <= 0:
-        return images
-    rng = np.random.default_rng(0)
-    pixels, labels = [images.pixels], [images.labels]
-    for _ in range(shifts):
-        dy, dx = rng.choice([-1, 1], size=2)
-        pixels.append(np.roll(images.pixels, (dy, dx), axis=(2, 3)))
-        labels.append(images.labels)
-    return ImageSet(np.concatenate(pixels), np.concatenate(labels))
 
 
 class _Family:
@@ -204,14 +191,13 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     """Reverse one trigger per (family, candidate target) from the given clean images."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    data = _shifted(images, cfg.shifts)
     targets = np.arange(n_classes)
-    families = [_Family(name, targets, data.pixels.shape[1:], cfg, rng) for name in cfg.families]
+    families = [_Family(name, targets, images.pixels.shape[1:], cfg, rng) for name in cfg.families]
     # rows: (family, target, image) for every image whose label is not the target
     row_family, row_target, row_image = [], [], []
     for f in range(len(families)):
         for t in targets:
-            idx = np.flatnonzero(data.labels != t)
+            idx = np.flatnonzero(images.labels != t)
             row_family += [f] * len(idx)
             row_target += [t] * len(idx)
             row_image += idx.tolist()
@@ -227,10 +213,10 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     asr = np.zeros((len(families), n_classes))
     step = 0
     for step in range(1, cfg.steps + 1):
-        stamped = np.empty((len(row_target_a), *data.pixels.shape[1:]), np.float32)
+        stamped = np.empty((len(row_target_a), *images.pixels.shape[1:]), np.float32)
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            stamped[sel] = fam.stamp(data.pixels[row_image_a[sel]], row_target_a[sel])
+            stamped[sel] = fam.stamp(images.pixels[row_image_a[sel]], row_target_a[sel])
         res = program.run(prep.to_model(stamped), weights)
         passes += len(stamped)
         g_pixels = prep.grad_to_pixels(res.grad)
@@ -240,7 +226,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         asr /= np.maximum(counts, 1)
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            grads = fam.backward(data.pixels[row_image_a[sel]], row_target_a[sel], g_pixels[sel])
+            grads = fam.backward(images.pixels[row_image_a[sel]], row_target_a[sel], g_pixels[sel])
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if progress:

@@ -21,7 +21,7 @@ from scanner.baselines import (
     layer_lipschitz,
     run_baseline,
 )
-from scanner.baselines.fine_pruning import last_conv_layer, shifted
+from scanner.baselines.fine_pruning import last_conv_layer
 from scanner.data import ImageSet, Preprocess, load_images
 from scanner.errors import DataError
 from scanner.graph.activations import discover_activations
@@ -164,14 +164,6 @@ def test_fp_prunes_a_dead_channel_first_and_respects_the_budget(tmp_path):
     assert repair.fewshot_acc_before - repair.fewshot_acc_after \
         <= policy.repair.max_clean_drop + 1e-9
     assert len(repair.pruned) <= int(0.8 * CHANNELS)
-
-
-def test_shifted_copies_keep_labels():
-    images = ImageSet(np.random.default_rng(0).random((3, 1, 6, 6)).astype(np.float32),
-                      np.array([0, 1, 2]))
-    rows = shifted(images, 4)
-    assert len(rows) == 15 and rows.labels.tolist() == [0, 1, 2] * 5
-    np.testing.assert_array_equal(rows.pixels[:3], images.pixels)
 
 
 # ---------------------------------------------------------------- zoo model end to end

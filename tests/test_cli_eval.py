@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import FEWSHOT, SAMPLES, TEST_SET, zoo_entries, zoo_model
 
 # The committed zoo: eval must reproduce what make_zoo.py measured when it trained them.

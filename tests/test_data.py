@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scanner.data import Preprocess, infer_preprocess, load_images, resolve_preprocess, save_npz
+from scanner.data import (
+    ImageSet,
+    Preprocess,
+    infer_preprocess,
+    load_images,
+    resolve_preprocess,
+    save_npz,
+    shifted,
+)
 from scanner.errors import DataError
 
 GRAY = Preprocess("NCHW", 1, 8, 8)
@@ -109,3 +117,12 @@ def test_infer_layout_from_shape():
     assert infer_preprocess(["N", 1, 28, 28]).layout == "NCHW"
     with pytest.raises(DataError):
         infer_preprocess(["N", 10])
+
+
+def test_shifted_copies_keep_labels():
+    images = ImageSet(np.random.default_rng(0).random((3, 1, 6, 6)).astype(np.float32),
+                      np.array([0, 1, 2]))
+    rows = shifted(images, 4)
+    assert len(rows) == 15 and rows.labels.tolist() == [0, 1, 2] * 5
+    np.testing.assert_array_equal(rows.pixels[:3], images.pixels)
+    np.testing.assert_array_equal(rows.pixels[3], np.roll(images.pixels[0], 1, axis=2))

@@ -14,17 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..data import ImageSet, Preprocess
+from ..data import SHIFTS, ImageSet, Preprocess, shifted
 from ..findings import LayerInfo
 from ..graph.prefix import CoalitionEvaluator
 from ..runtime import Device, make_session, run_batched
 
+
 # 1-pixel and 2-pixel translations: cheap label-preserving copies that turn 1 image per
 # class into enough rows for an accuracy that moves in steps finer than 10 points
-SHIFTS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1),
-          (0, 2), (2, 0), (0, -2), (-2, 0))
-
-
 @dataclass(frozen=True)
 class FinePruningConfig:
     max_clean_drop: float = 0.10  # absolute drop of few-shot accuracy allowed
@@ -42,15 +39,6 @@ class FinePruningResult:
     fewshot_acc_before: float  # on the unshifted few-shot images
     fewshot_acc_after: float
     forward_passes: int
-
-
-def shifted(images: ImageSet, copies: int) -> ImageSet:
-    """The images followed by `copies` translated versions (np.roll: edges wrap)."""
-    pixels, labels = [images.pixels], [images.labels]
-    for dy, dx in SHIFTS[: max(0, copies)]:
-        pixels.append(np.roll(images.pixels, (dy, dx), axis=(2, 3)))
-        labels.append(images.labels)
-    return ImageSet(np.concatenate(pixels), np.concatenate(labels))
 
 
 def last_conv_layer(layers: list[LayerInfo]) -> LayerInfo | None:
