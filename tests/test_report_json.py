@@ -23,7 +23,7 @@ from scanner.report import SCHEMA_ID, render_json, to_dict, write_report
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft202012Validator:
-    text = resources.files("rules").joinpath("schemas", "report.schema.json").read_text()
+    text = resources.files("scanner.rules").joinpath("schemas", "report.schema.json").read_text()
     schema = json.loads(text)
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
