@@ -23,7 +23,8 @@ from scanner.report.sarif import artifact_uri, sarif_level
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft4Validator:
-    text = resources.files("scanner.rules").joinpath("schemas", "sarif-schema-2.1.0.json").read_text()
+    schemas = resources.files("scanner.rules").joinpath("schemas")
+    text = schemas.joinpath("sarif-schema-2.1.0.json").read_text()
     schema = json.loads(text)
     assert schema["id"].endswith("/sarif-schema-2.1.0.json")
     jsonschema.Draft4Validator.check_schema(schema)
