@@ -72,13 +72,13 @@ def true_trigger(entry: dict) -> Trigger:
 
 
 def reversed_trigger(model, prep, images, device, seed: int) -> Trigger:
-    from scanner.api import predict
+    from scanner.api import Predictor
     from scanner.autodiff import GradientProgram
     from scanner.detect import detect
     from scanner.policy import Policy
     from scanner.reverse import ReverseConfig, reverse_triggers
 
-    n_classes = int(predict(model, prep, images.pixels[:1], device.requested).shape[1])
+    n_classes = int(Predictor(model, prep, device.requested)(images.pixels[:1]).shape[1])
     program = GradientProgram(model.proto, device=device)
     result = reverse_triggers(program, prep, images, n_classes, ReverseConfig(), seed)
     policy = Policy()

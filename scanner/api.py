@@ -15,7 +15,7 @@ from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
 from .detect import Verdict as DetectVerdict
 from .detect import detect
 from .errors import DataError, Inconclusive, ModelRefused, UsageError
-from .findings import ChannelValue, LayerInfo, ModelSummary, Repair, ScanResult, Verdict
+from .findings import ChannelValue, LayerInfo, Repair, ScanResult, Verdict
 from .graph.activations import discover_activations
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
@@ -41,12 +41,16 @@ def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Prepr
     return resolve_preprocess(model.path, model.metadata, shape, overrides)
 
 
-def predict(model: LoadedModel, prep: Preprocess, pixels: np.ndarray,
-            device: str = "cpu") -> np.ndarray:
-    """Logits of the unmodified model for pixel-space images."""
-    session = make_session(model.proto, resolve_device(device))
-    name, _ = model.image_input()
-    return run_batched(session, {name: prep.to_model(pixels)})
+class Predictor:
+    """Logits of the unmodified model for pixel-space images; one session, many calls."""
+
+    def __init__(self, model: LoadedModel, prep: Preprocess, device: str = "cpu") -> None:
+        self.session = make_session(model.proto, resolve_device(device))
+        self.input_name, _ = model.image_input()
+        self.prep = prep
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return run_batched(self.session, {self.input_name: self.prep.to_model(pixels)})
 
 
 def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | None = None,
@@ -60,7 +64,8 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     model = load_model(model_path)
     prep = model_preprocess(model, overrides)
     data: ImageSet = load_images(data_path, prep)
-    logits = predict(model, prep, data.pixels, device)
+    predict = Predictor(model, prep, device)
+    logits = predict(data.pixels)
     if logits.ndim != 2:
         raise DataError(f"model output has shape {list(logits.shape)}; expected [N, classes]")
     clean_acc = float((logits.argmax(1) == data.labels).mean())
@@ -70,7 +75,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
         raise DataError("an attack needs --target")
     keep = data.labels != target
     triggered = attack.apply(data.pixels[keep])
-    hits = predict(model, prep, triggered, device).argmax(1) == target
+    hits = predict(triggered).argmax(1) == target
     return EvalResult(clean_acc, float(hits.mean()) if len(hits) else 0.0, len(data),
                       int(keep.sum()))
 
@@ -143,10 +148,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                        max_bytes=policy.load.max_model_bytes)
     result.findings.extend(model.findings)
     layers = discover_activations(model.proto)
-    result.model = ModelSummary(
-        path=str(path), sha256=model.sha256, opset=_opset(model.proto),
-        inputs=_io(model.proto.graph.input, model.proto), outputs=_io(model.proto.graph.output),
-        layers=layers, size_bytes=model.size_bytes)
+    result.model = model.summary(layers)
     if not layers:
         raise Inconclusive("inconclusive: no activation layers to scan", rule_id="SS204")
     scored = _select_layers(layers, opts.layers)
@@ -347,25 +349,9 @@ def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> l
 
 
 def _n_classes(model: LoadedModel, prep: Preprocess, device: Device) -> int:
-    probe = predict(model, prep, np.zeros((1, prep.channels, prep.height, prep.width),
-                                          np.float32), device.requested)
+    probe = Predictor(model, prep, device.requested)(
+        np.zeros((1, prep.channels, prep.height, prep.width), np.float32))
     if probe.ndim != 2 or probe.shape[1] < 2:
         raise Inconclusive(f"inconclusive: model output has shape {list(probe.shape)}; "
                            "shapscan scans classifiers with [N, classes] outputs")
     return int(probe.shape[1])
-
-
-def _opset(proto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _io(values, proto=None) -> list[tuple[str, list[int | str]]]:
-    inits = {i.name for i in proto.graph.initializer} if proto is not None else set()
-    out = []
-    for v in values:
-        if v.name in inits:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in v.type.tensor_type.shape.dim]
-        out.append((v.name, dims))
-    return out

@@ -8,17 +8,8 @@ import click
 
 from ..cli import cli, echo_json
 from ..errors import Inconclusive
-from ..findings import LayerInfo, ModelSummary
 from ..graph.activations import discover_activations
-from ..graph.load import LoadedModel, load_model, value_shape
-
-
-def summarize(model: LoadedModel, layers: list[LayerInfo]) -> ModelSummary:
-    inits = {i.name for i in model.proto.graph.initializer}
-    inputs = [(i.name, value_shape(i)) for i in model.proto.graph.input if i.name not in inits]
-    outputs = [(o.name, value_shape(o)) for o in model.proto.graph.output]
-    return ModelSummary(str(model.path), model.sha256, model.opset, inputs, outputs, layers,
-                        model.size_bytes)
+from ..graph.load import load_model
 
 
 def _shape(shape: list[int | str]) -> str:
@@ -40,7 +31,7 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
     """
     loaded = load_model(model, allowed_domains=allowed, max_bytes=max_bytes)
     layers = discover_activations(loaded.proto)
-    summary = summarize(loaded, layers)
+    summary = loaded.summary(layers)
     if as_json:
         echo_json({
             "model": summary.path, "sha256": summary.sha256, "size_bytes": summary.size_bytes,

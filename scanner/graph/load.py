@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, version_converter
 
 from ..errors import ModelRefused
-from ..findings import Finding, Severity
+from ..findings import Finding, LayerInfo, ModelSummary, Severity
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class LoadedModel:
     @property
     def opset(self) -> int:
         return default_opset(self.proto) or 0
+
+    def summary(self, layers: list[LayerInfo]) -> ModelSummary:
+        """What reports show of the model: identity, graph inputs/outputs, scanned layers."""
+        inits = {i.name for i in self.proto.graph.initializer}
+        inputs = [(i.name, value_shape(i)) for i in self.proto.graph.input
+                  if i.name not in inits]
+        outputs = [(o.name, value_shape(o)) for o in self.proto.graph.output]
+        return ModelSummary(str(self.path), self.sha256, self.opset, inputs, outputs, layers,
+                            self.size_bytes)
 
     def image_input(self) -> tuple[str, list[int | str]]:
         """The (name, shape) of the model's image input (the first non-initializer input)."""
