@@ -23,16 +23,21 @@ from .reverse import ReversedTrigger, ReverseResult
 MAD_TO_SIGMA = 1.4826
 
 
+def _robust(norms: np.ndarray, log: bool = True) -> tuple[np.ndarray, float, float]:
+    """(values, median, 1.4826 · MAD), on the log scale unless `log` is False."""
+    u = np.asarray(norms, np.float64)
+    if log:
+        u = np.log(np.maximum(u, 1e-12))
+    median = float(np.median(u))
+    return u, median, MAD_TO_SIGMA * float(np.median(np.abs(u - median)))
+
+
 def anomaly_indices(norms: np.ndarray, log: bool = True) -> np.ndarray:
     """Low-side anomaly index of every entry; 0 where the spread is degenerate."""
-    norms = np.asarray(norms, np.float64)
-    if log:
-        norms = np.log(np.maximum(norms, 1e-12))
-    median = np.median(norms)
-    mad = MAD_TO_SIGMA * np.median(np.abs(norms - median))
+    u, median, mad = _robust(norms, log)
     if mad <= 1e-12:
-        return np.zeros_like(norms)
-    return (median - norms) / mad
+        return np.zeros_like(u)
+    return (median - u) / mad
 
 
 @dataclass
@@ -45,8 +50,7 @@ class Verdict:
 def isolation(norms: np.ndarray) -> np.ndarray:
     """How far the smallest norm stands from the second smallest, in robust standard
     deviations of the log norms; 0 for every other class."""
-    u = np.log(np.maximum(np.asarray(norms, np.float64), 1e-12))
-    mad = MAD_TO_SIGMA * np.median(np.abs(u - np.median(u)))
+    u, _, mad = _robust(norms)
     out = np.zeros_like(u)
     if len(u) > 1 and mad > 1e-12:
         first, second = np.argsort(u, kind="stable")[:2]
