@@ -255,7 +255,8 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     t = time.perf_counter()
     progress.stage("choosing channels to zero")
     rp = policy.repair
-    pcfg = PruneConfig(target_asr=rp.target_asr, max_channel_fraction=rp.max_channel_fraction,
+    pcfg = PruneConfig(target_asr=rp.target_asr, target_probability=rp.target_probability,
+                       max_channel_fraction=rp.max_channel_fraction,
                        max_clean_drop=rp.max_clean_drop, order=opts.prune_order)
     chosen = plan(backdoor_eval, clean_eval, clean_labels, utility, values, pcfg)
     _record_repair(result, model, layers, backdoor_eval, values, chosen, target,
@@ -281,7 +282,8 @@ def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInf
         reversed_asr_before=chosen.asr_before, reversed_asr_after=chosen.asr_after,
         fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
         permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
-        target_reached=chosen.target_reached)
+        target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
+        target_probability_after=chosen.backdoor_after)
     result.repair = repair
     _finish_repair(result, model, repair, opts, catalog, rp)
 
@@ -297,8 +299,11 @@ def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts:
     if not repair.target_reached:
         result.findings.append(catalog.make(
             "SS302", f"after zeroing {len(repair.pruned)} channels the reversed trigger still "
-            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images (target "
-            f"{100 * rp.target_asr:.0f}%)", location=f"class {repair.target}"))
+            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images at mean "
+            f"target probability {repair.target_probability_after or 0:.3f} (target: at "
+            f"most {100 * rp.target_asr:.0f}%, and at most {rp.target_probability:g} above "
+            "clean images of other classes)",
+            location=f"class {repair.target}"))
     drop = repair.fewshot_acc_before - repair.fewshot_acc_after
     if drop > rp.max_clean_drop + 1e-9:
         result.findings.append(catalog.make(

@@ -111,6 +111,9 @@ class Repair:
     estimator: str  # "eps-greedy", "truncated-mc", "clp", "fine-pruning"
     output_path: str | None = None
     target_reached: bool = True
+    # mean target-class probability of the stamped few-shot images (Shapley pruning only)
+    target_probability_before: float | None = None
+    target_probability_after: float | None = None
 
     @property
     def pruned_fraction(self) -> float:

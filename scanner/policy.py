@@ -132,6 +132,7 @@ class DetectionPolicy:
 class RepairPolicy:
     enabled: bool = True
     target_asr: float = 0.05  # reversed-trigger success on the few-shot images to reach
+    target_probability: float = 0.003  # ... and their mean target-class probability
     max_channel_fraction: float = 0.02  # budget: share of all activation channels zeroed
     max_clean_drop: float = 0.10  # budget: few-shot clean accuracy drop (absolute)
 
@@ -206,6 +207,7 @@ _RANGES: dict[str, _Range] = {
     "detection.warn_threshold": (0.0, None, False, True),
     "detection.isolation_threshold": (0.0, None, False, True),
     "repair.target_asr": (0.0, 1.0, True, True),
+    "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),
     "shapley.permutations": (1, 100_000, True, True),

@@ -13,7 +13,13 @@ channel on small nets). Two orders:
   no single removal helps, the Shapley rank decides.
 
 Both stop at the target, within the budget (share of channels, clean drop on the
-few-shot images).
+few-shot images). The target has two parts: the stamped images' attack success at most
+`target_asr`, *and* their mean target probability at most `target_probability` above the
+one clean images of the other classes get from the same pruned model (the trigger no
+longer moves the output). Success alone stops as soon as the trigger just misses the
+argmax on a few dozen rows, while the real trigger on unseen images still works: on
+resnet_badnets the channel that made few-shot success 0 left 11.7% test ASR at 0.015 mean
+target probability; two more channels (0.002) left 1.3%, for 0.1 point of accuracy.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .shapley import Evaluator, ShapleyResult, Utility, softmax
 @dataclass(frozen=True)
 class PruneConfig:
     target_asr: float = 0.05
+    target_probability: float = 0.003
     max_channel_fraction: float = 0.02
     max_clean_drop: float = 0.10
     clean_penalty: float = 1.0  # β in score = φ − β · clean contribution
@@ -56,6 +63,12 @@ class _Measure:
     bd_asr: np.ndarray
     clean_cost: np.ndarray  # KL(original ‖ pruned) on the clean images
     clean_acc: np.ndarray
+    clean_target_prob: np.ndarray  # mean target probability of clean other-class images
+
+
+def _reached(m: _Measure, cfg: PruneConfig) -> np.ndarray:
+    return ((m.bd_asr <= cfg.target_asr)
+            & (m.bd_prob - m.clean_target_prob <= cfg.target_probability))
 
 
 class _Clean:
@@ -68,33 +81,37 @@ class _Clean:
     accuracy or true-class probability.
     """
 
-    def __init__(self, clean: Evaluator, labels: np.ndarray) -> None:
+    def __init__(self, clean: Evaluator, labels: np.ndarray, target: int) -> None:
         self.evaluator = clean
         self.labels = labels
+        self.others = labels != target
+        self.target = target
         self.reference = softmax(clean.logits(np.ones((1, clean.n_channels), np.float32)))[0]
 
-    def __call__(self, coalitions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, coalitions: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         logits = self.evaluator.logits(coalitions)
         p = self.reference[None]
         log_q = logits - logits.max(-1, keepdims=True)
         log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
         kl = (p * (np.log(p + 1e-12) - log_q)).sum(-1).mean(-1)
         acc = (logits.argmax(-1) == self.labels[None]).mean(-1)
-        return kl, acc
+        target_prob = np.exp(log_q[:, self.others, self.target]).mean(-1)
+        return kl, acc, target_prob
 
 
 def _measure(backdoor: Evaluator, clean: _Clean, utility: Utility,
              coalitions: np.ndarray) -> _Measure:
     bd_prob, bd_asr = utility(backdoor.logits(coalitions))
-    kl, acc = clean(coalitions)
-    return _Measure(bd_prob, bd_asr, kl, acc)
+    kl, acc, target_prob = clean(coalitions)
+    return _Measure(bd_prob, bd_asr, kl, acc, target_prob)
 
 
 def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utility: Utility,
          shapley: ShapleyResult, cfg: PruneConfig = PruneConfig()) -> PrunePlan:
     n = backdoor.n_channels
     budget = max(1, int(np.floor(cfg.max_channel_fraction * n)))
-    cost = _Clean(clean, clean_labels)
+    cost = _Clean(clean, clean_labels, utility.target)
     pool = shapley.top(max(cfg.candidates, budget))
     pool = pool[shapley.values[pool] > 0]
     base = _measure(backdoor, cost, utility, np.ones((1, n), np.float32))
@@ -115,7 +132,7 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
         asr_before=float(base.bd_asr[0]), asr_after=float(after.bd_asr[0]),
         backdoor_before=float(base.bd_prob[0]), backdoor_after=float(after.bd_prob[0]),
         clean_acc_before=float(base.clean_acc[0]), clean_acc_after=float(after.clean_acc[0]),
-        target_reached=bool(after.bd_asr[0] <= cfg.target_asr),
+        target_reached=bool(_reached(after, cfg)[0]),
         coalitions=coalitions + len(pool) + 2)
 
 
@@ -141,7 +158,7 @@ def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
         rows[j, order[: j + 1]] = 0.0
     m = _measure(backdoor, cost, utility, rows)
     ok = _within_clean_budget(m, base, cfg)
-    reached = np.flatnonzero((m.bd_asr <= cfg.target_asr) & ok)
+    reached = np.flatnonzero(_reached(m, cfg) & ok)
     if len(reached):
         return order[: reached[0] + 1].tolist(), len(rows)
     # target out of reach: the longest prefix that keeps clean behaviour
@@ -177,6 +194,6 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
         chosen.append(channel)
         current[channel] = 0.0
         cur_bd, cur_cost = float(m.bd_prob[best]), float(m.clean_cost[best])
-        if m.bd_asr[best] <= cfg.target_asr:
+        if _reached(m, cfg)[best]:
             break
     return chosen, coalitions

@@ -79,7 +79,8 @@ def repair(target: int = 3) -> Repair:
                   top_channels=top, reversed_asr_before=1.0, reversed_asr_after=0.0,
                   fewshot_acc_before=1.0, fewshot_acc_after=1.0, permutations=40,
                   forward_passes=2_960, estimator="eps-greedy",
-                  output_path="out/cnn_badnets.safe.onnx")
+                  output_path="out/cnn_badnets.safe.onnx", target_probability_before=0.97,
+                  target_probability_after=0.002)
 
 
 def backdoor_result() -> ScanResult:

@@ -51,6 +51,8 @@ def test_builtin_policies_order_from_strict_to_permissive() -> None:
     assert (strict.detection.anomaly_threshold < default.detection.anomaly_threshold
             < permissive.detection.anomaly_threshold)
     assert strict.repair.target_asr < default.repair.target_asr < permissive.repair.target_asr
+    assert (strict.repair.target_probability < default.repair.target_probability
+            < permissive.repair.target_probability)
     assert (strict.repair.max_channel_fraction < default.repair.max_channel_fraction
             < permissive.repair.max_channel_fraction)
     assert (strict.repair.max_clean_drop < default.repair.max_clean_drop

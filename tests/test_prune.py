@@ -67,3 +67,36 @@ def test_clean_accuracy_budget_is_respected(order):
     result = plan(game, game.with_images(clean=True), game.labels, Utility(2), values,
                   PruneConfig(max_clean_drop=0.1, order=order))
     assert result.clean_acc_after >= result.clean_acc_before - 0.1
+
+
+class AdditiveGame(Game):
+    """Backdoor logit 6·strong + 3·weak: with `strong` off the trigger no longer wins the
+    argmax (3 < 6) but still lifts the target probability from 0.002 to 0.05."""
+
+    def __init__(self, clean: bool = False) -> None:
+        super().__init__(60, carriers=[11, 40], useful=[0, 1, 2], clean=clean)
+
+    def with_images(self, clean: bool) -> AdditiveGame:
+        return AdditiveGame(clean)
+
+    def logits(self, coalitions: np.ndarray) -> np.ndarray:
+        out = super().logits(coalitions)
+        if not self.clean:
+            out[:, :, 2] = 6.0 * coalitions[:, [11]] + 3.0 * coalitions[:, [40]]
+        return out
+
+
+@pytest.mark.parametrize("order", ["greedy", "ranked"])
+def test_plan_goes_on_until_the_trigger_no_longer_lifts_the_target(order):
+    game = AdditiveGame()
+    values = estimate(game, Utility(2), ShapleyConfig(permutations=16), seed=0)
+    clean = game.with_images(clean=True)
+    success_only = plan(game, clean, game.labels, Utility(2), values,
+                        PruneConfig(max_channel_fraction=0.05, target_probability=1.0,
+                                    order=order))
+    assert success_only.channels == [11] and success_only.asr_after == 0.0
+    assert success_only.backdoor_after > 0.04
+    result = plan(game, clean, game.labels, Utility(2), values,
+                  PruneConfig(max_channel_fraction=0.05, order=order))
+    assert sorted(result.channels) == [11, 40] and result.target_reached
+    assert result.backdoor_after < 0.003

@@ -59,8 +59,9 @@ def test_backdoor_result_content() -> None:
     assert det["classes"][3]["flagged"] and det["classes"][3]["anomaly_index"] > 2.0
     rep = d["repair"]
     assert rep["pruned_count"] == 4 and rep["pruned_fraction"] == pytest.approx(4 / 416)
-    assert rep["before"] == {"reversed_asr": 1.0, "fewshot_acc": 1.0}
-    assert rep["after"] == {"reversed_asr": 0.0, "fewshot_acc": 1.0}
+    assert rep["before"] == {"reversed_asr": 1.0, "target_probability": 0.97, "fewshot_acc": 1.0}
+    assert rep["after"] == {"reversed_asr": 0.0, "target_probability": 0.002,
+                            "fewshot_acc": 1.0}
     assert [c["channel"] for c in rep["pruned"]] == [77, 5, 41, 150]
     assert len(rep["top_channels"]) == 8
     assert d["timings"]["shapley"] == pytest.approx(7.35)

@@ -30,6 +30,7 @@ def _summary(policy: Policy) -> str:
     return (f"policy {policy.name}: fail_on={policy.fail_on.name.lower()} "
             f"anomaly_threshold={d.anomaly_threshold:g} warn_threshold={d.warn_threshold:g} "
             f"repair={'on' if r.enabled else 'off'} target_asr={r.target_asr:g} "
+            f"target_probability={r.target_probability:g} "
             f"max_channel_fraction={r.max_channel_fraction:g} "
             f"max_clean_drop={r.max_clean_drop:g} permutations={s.permutations}")
 

@@ -154,8 +154,11 @@ def print_summary(result: ScanResult) -> None:
     if rep is not None:
         lines.append(f"  channels zeroed: {len(rep.pruned)} of {rep.channels_total} "
                      f"({100 * rep.pruned_fraction:.2f}%)")
+        probability = ("" if rep.target_probability_after is None else
+                       f" (mean target probability {rep.target_probability_before:.3f} -> "
+                       f"{rep.target_probability_after:.3f})")
         lines.append(f"  reversed trigger success: {100 * rep.reversed_asr_before:.0f}% -> "
-                     f"{100 * rep.reversed_asr_after:.0f}%; few-shot clean accuracy "
+                     f"{100 * rep.reversed_asr_after:.0f}%{probability}; few-shot clean accuracy "
                      f"{100 * rep.fewshot_acc_before:.0f}% -> {100 * rep.fewshot_acc_after:.0f}%")
         if rep.output_path:
             lines.append(f"  repaired model: {rep.output_path}")

@@ -145,6 +145,8 @@ def _repair(r: Repair) -> str:
     rows = [
         ("Reversed trigger success (few-shot)", _pct(r.reversed_asr_before),
          _pct(r.reversed_asr_after)),
+        ("Mean target-class probability (stamped few-shot)",
+         _num(r.target_probability_before), _num(r.target_probability_after)),
         ("Clean accuracy (few-shot)", _pct(r.fewshot_acc_before), _pct(r.fewshot_acc_after)),
         ("Channels zeroed", "0", f"{len(r.pruned)} of {r.channels_total:,} "
                                  f"({_pct(r.pruned_fraction)})"),
