@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .warp import warp
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -100,19 +102,8 @@ def _bilinear_grid(grid: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarr
 
 def wanet(x: np.ndarray, k: int = 4, strength: float = 1.5, seed: int = 3) -> np.ndarray:
     """Smooth image warp (Nguyen & Tran, WaNet), bilinear resampling with border clamp."""
-    n, c, h, w = x.shape
-    flow = wanet_flow(h, w, int(k), float(strength), int(seed))
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                         indexing="ij")
-    sy = np.clip(gy + flow[0], 0, h - 1)
-    sx = np.clip(gx + flow[1], 0, w - 1)
-    y0 = np.clip(np.floor(sy).astype(int), 0, h - 2)
-    x0 = np.clip(np.floor(sx).astype(int), 0, w - 2)
-    wy = sy - y0
-    wx = sx - x0
-    top = (1 - wx) * x[:, :, y0, x0] + wx * x[:, :, y0, x0 + 1]
-    bottom = (1 - wx) * x[:, :, y0 + 1, x0] + wx * x[:, :, y0 + 1, x0 + 1]
-    return (1 - wy) * top + wy * bottom
+    _, _, h, w = x.shape
+    return warp(x, wanet_flow(h, w, int(k), float(strength), int(seed)))
 
 
 ATTACKS = {
