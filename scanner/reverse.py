@@ -1,14 +1,18 @@
 """Stage 1: trigger reverse (few-shot or on synthesised data) and data-free synthesis.
 
-Two trigger families are reversed for every candidate target class in the same batched ORT
-runs (one gradient program call per optimisation step):
+Three trigger families are reversed for every candidate target class in the same batched
+ORT runs (one gradient program call per optimisation step):
 
 * ``patch`` — the Neural Cleanse model x' = (1 − m)·x + m·p with an L1 penalty on the mask m
   whose weight adapts so the attack succeeds with the smallest mask. Finds patch triggers
   (BadNets, Trojan-style).
 * ``universal`` — a mask-free additive perturbation x' = clip(x + δ) with an adaptive L2
-  penalty. Finds full-image triggers (Blended, SIG, warps) that a small mask cannot
-  express: FINDINGS.md showed Neural Cleanse alone misses Blended.
+  penalty. Finds full-image triggers (Blended, SIG) that a small mask cannot express:
+  FINDINGS.md showed Neural Cleanse alone misses Blended.
+* ``warp`` — a smooth displacement field, a k×k control grid upsampled bilinearly, that
+  resamples the image (`warp.warp`, the sampling of the WaNet attack) with an adaptive
+  penalty on its RMS displacement. Finds warp triggers (WaNet), which move pixels by about
+  a pixel: as an additive perturbation such a move is large wherever the image has edges.
 
 All work happens in pixel space (float32 NCHW in [0, 1]); `Preprocess` maps to the model.
 """
@@ -27,10 +31,11 @@ if TYPE_CHECKING:
     from .autodiff import GradientProgram
 from .data import ImageSet, Preprocess
 from .optim import Adam
+from .warp import upsample_matrix, warp, warp_flow_grad
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("patch", "universal")
+FAMILIES = ("patch", "universal", "warp")
 Progress = Callable[[int, int], None]
 
 
@@ -44,19 +49,25 @@ class ReverseConfig:
     patience: int = 5  # steps between penalty-weight updates
     early_stop: int = 50  # stop when no class's best norm improved by 1% for this many steps
     families: tuple[str, ...] = FAMILIES
+    warp_grid: int = 4  # control points per side of the warp family's displacement grid
 
 
 @dataclass
 class ReversedTrigger:
     family: str
     target: int
-    pattern: np.ndarray  # patch: pattern p [C, H, W]; universal: perturbation δ [C, H, W]
+    # patch: pattern p [C, H, W]; universal: perturbation δ [C, H, W];
+    # warp: displacement field [2, H, W] in pixels (rows, columns)
+    pattern: np.ndarray
     mask: np.ndarray | None  # patch: mask m [H, W]
-    norm: float  # patch: L1 of m (pixels); universal: L2 of δ
+    norm: float  # patch: L1 of m (pixels); universal: L2 of δ; warp: RMS displacement (pixels)
     asr: float  # on the rows it was optimised on
 
     def apply(self, pixels: np.ndarray, gain: float = 1.0) -> np.ndarray:
-        """Stamp the trigger; `gain` > 1 strengthens it (mask ×gain capped at 1, δ ×gain)."""
+        """Stamp the trigger; `gain` > 1 strengthens it (mask ×gain capped at 1, δ ×gain,
+        displacement ×gain)."""
+        if self.family == "warp":
+            return warp(np.asarray(pixels, np.float32), gain * self.pattern)
         if self.mask is not None:
             m = np.minimum(1.0, gain * self.mask)[None, None]
             return ((1 - m) * pixels + m * self.pattern[None]).astype(np.float32)
@@ -74,23 +85,24 @@ class ReverseResult:
 
 
 class _Family:
-    """Parameters, rows and penalty schedule of one trigger family for all targets."""
+    """Parameters, rows and penalty schedule of one trigger family for all targets.
 
-    def __init__(self, name: str, targets: np.ndarray, shape: tuple[int, int, int],
-                 cfg: ReverseConfig, rng: np.random.Generator) -> None:
-        c, h, w = shape
+    A family says how its parameters make a trigger (`trigger`, `stamp`), how big a trigger
+    is (`norms`) and how the loss gradient reaches its parameters (`backward`); the adaptive
+    penalty schedule and the bookkeeping of the best trigger are shared.
+    """
+
+    name = ""
+    lr_scale = 1.0  # Adam step, in units of `ReverseConfig.lr`
+    init_cost_scale = 1.0  # penalty weight when it switches on, in units of `init_cost`
+
+    def __init__(self, targets: np.ndarray, shape: tuple[int, int, int], cfg: ReverseConfig,
+                 rng: np.random.Generator) -> None:
         t = len(targets)
-        self.name = name
         self.targets = targets
         self.cfg = cfg
-        if name == "patch":
-            # tanh parametrisation keeps m and p inside [0, 1] without clipping
-            self.params = [rng.normal(0, 0.1, (t, h, w)).astype(np.float32) - 1.0,
-                           rng.normal(0, 0.1, (t, c, h, w)).astype(np.float32)]
-        else:
-            self.params = [np.zeros((t, c, h, w), np.float32)]
-            self.params[0] += rng.normal(0, 1e-3, self.params[0].shape).astype(np.float32)
-        self.adam = Adam(self.params, lr=cfg.lr if name == "patch" else cfg.lr * 0.1)
+        self.params = self.init_params(t, shape, rng)
+        self.adam = Adam(self.params, lr=cfg.lr * self.lr_scale)
         self.cost = np.zeros(t)
         self.cost_set = np.zeros(t, bool)
         self.up = np.zeros(t, int)
@@ -100,44 +112,23 @@ class _Family:
         self.best_asr = np.zeros(t)
         self.last_improved = np.zeros(t, int)
 
+    def init_params(self, t: int, shape: tuple[int, int, int],
+                    rng: np.random.Generator) -> list[np.ndarray]:
+        raise NotImplementedError
+
     def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.name == "patch":
-            return (np.tanh(self.params[1]) + 1) / 2, (np.tanh(self.params[0]) + 1) / 2
-        return self.params[0], None
+        """(pattern, mask) of every target, as `ReversedTrigger` stores them."""
+        raise NotImplementedError
 
     def norms(self, pattern: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        if mask is not None:
-            return mask.reshape(len(mask), -1).sum(1)
-        return np.sqrt((pattern.reshape(len(pattern), -1) ** 2).sum(1))
+        raise NotImplementedError
 
     def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
-        pattern, mask = self.trigger()
-        if mask is not None:
-            m = mask[tix][:, None]
-            return (1 - m) * pixels + m * pattern[tix]
-        return np.clip(pixels + pattern[tix], 0, 1)
+        raise NotImplementedError
 
     def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
         """d loss / d params from d loss / d stamped pixels, plus the penalty term."""
-        pattern, mask = self.trigger()
-        t = len(self.targets)
-        if mask is not None:
-            m = mask[tix][:, None]
-            g_mask = np.zeros_like(mask)
-            np.add.at(g_mask, tix, (g * (pattern[tix] - pixels)).sum(1))
-            g_pattern = np.zeros_like(pattern)
-            np.add.at(g_pattern, tix, g * m)
-            g_mask += self.cost[:, None, None]  # d(cost·|m|_1)/dm, m ≥ 0
-            a_mask, a_pattern = self.params
-            return [g_mask * (1 - np.tanh(a_mask) ** 2) / 2,
-                    g_pattern * (1 - np.tanh(a_pattern) ** 2) / 2]
-        stamped = pixels + pattern[tix]
-        g = g * ((stamped > 0) & (stamped < 1))  # clip passes no gradient where it saturates
-        g_delta = np.zeros_like(pattern)
-        np.add.at(g_delta, tix, g)
-        norms = self.norms(pattern, None).reshape(t, 1, 1, 1) + 1e-8
-        g_delta += self.cost.reshape(t, 1, 1, 1) * pattern / norms
-        return [g_delta]
+        raise NotImplementedError
 
     def update(self, step: int, asr: np.ndarray) -> None:
         """Neural Cleanse schedule: raise the penalty while the attack works, lower it if not."""
@@ -154,7 +145,7 @@ class _Family:
             if not self.cost_set[i]:
                 if asr[i] >= cfg.asr_goal:
                     self.cost_set[i] = True
-                    self.cost[i] = cfg.init_cost * (1.0 if mask is not None else 10.0)
+                    self.cost[i] = cfg.init_cost * self.init_cost_scale
                 continue
             if asr[i] >= cfg.asr_goal:
                 self.up[i] += 1
@@ -185,6 +176,115 @@ class _Family:
         return out
 
 
+class _Patch(_Family):
+    """Neural Cleanse: x' = (1 − m)·x + m·p, penalty on the L1 norm of the mask."""
+
+    name = "patch"
+
+    def init_params(self, t: int, shape: tuple[int, int, int],
+                    rng: np.random.Generator) -> list[np.ndarray]:
+        c, h, w = shape
+        # tanh parametrisation keeps m and p inside [0, 1] without clipping
+        return [rng.normal(0, 0.1, (t, h, w)).astype(np.float32) - 1.0,
+                rng.normal(0, 0.1, (t, c, h, w)).astype(np.float32)]
+
+    def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return (np.tanh(self.params[1]) + 1) / 2, (np.tanh(self.params[0]) + 1) / 2
+
+    def norms(self, pattern: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return mask.reshape(len(mask), -1).sum(1)
+
+    def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
+        pattern, mask = self.trigger()
+        m = mask[tix][:, None]
+        return (1 - m) * pixels + m * pattern[tix]
+
+    def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
+        pattern, mask = self.trigger()
+        m = mask[tix][:, None]
+        g_mask = np.zeros_like(mask)
+        np.add.at(g_mask, tix, (g * (pattern[tix] - pixels)).sum(1))
+        g_pattern = np.zeros_like(pattern)
+        np.add.at(g_pattern, tix, g * m)
+        g_mask += self.cost[:, None, None]  # d(cost·|m|_1)/dm, m ≥ 0
+        a_mask, a_pattern = self.params
+        return [g_mask * (1 - np.tanh(a_mask) ** 2) / 2,
+                g_pattern * (1 - np.tanh(a_pattern) ** 2) / 2]
+
+
+class _Universal(_Family):
+    """Mask-free additive perturbation x' = clip(x + δ), penalty on the L2 norm of δ."""
+
+    name = "universal"
+    lr_scale = 0.1
+    init_cost_scale = 10.0
+
+    def init_params(self, t: int, shape: tuple[int, int, int],
+                    rng: np.random.Generator) -> list[np.ndarray]:
+        return [rng.normal(0, 1e-3, (t, *shape)).astype(np.float32)]
+
+    def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.params[0], None
+
+    def norms(self, pattern: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return np.sqrt((pattern.reshape(len(pattern), -1) ** 2).sum(1))
+
+    def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
+        return np.clip(pixels + self.params[0][tix], 0, 1)
+
+    def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
+        pattern = self.params[0]
+        t = len(self.targets)
+        stamped = pixels + pattern[tix]
+        g = g * ((stamped > 0) & (stamped < 1))  # clip passes no gradient where it saturates
+        g_delta = np.zeros_like(pattern)
+        np.add.at(g_delta, tix, g)
+        norms = self.norms(pattern, None).reshape(t, 1, 1, 1) + 1e-8
+        g_delta += self.cost.reshape(t, 1, 1, 1) * pattern / norms
+        return [g_delta]
+
+
+class _Warp(_Family):
+    """A smooth warp x' = warp(x, U·c·Uᵀ): a k×k control grid c of displacements upsampled
+    bilinearly to H×W (the WaNet trigger model), penalty on the RMS displacement (pixels)."""
+
+    name = "warp"
+    # displacements are in pixels: steps of half a pixel let every class reach the goal
+    # within the step budget, so honest classes end at their smallest successful warp
+    lr_scale = 5.0
+    init_cost_scale = 10.0
+
+    def init_params(self, t: int, shape: tuple[int, int, int],
+                    rng: np.random.Generator) -> list[np.ndarray]:
+        _, h, w = shape
+        k = self.cfg.warp_grid
+        self.up_h, self.up_w = upsample_matrix(k, h), upsample_matrix(k, w)
+        return [rng.normal(0, 0.05, (t, 2, k, k)).astype(np.float32)]
+
+    def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.einsum("hk,tdkl,wl->tdhw", self.up_h, self.params[0], self.up_w), None
+
+    def norms(self, pattern: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return np.sqrt((pattern**2).sum((1, 2, 3)) / (pattern.shape[2] * pattern.shape[3]))
+
+    def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
+        flow, _ = self.trigger()
+        return warp(pixels, flow[tix])
+
+    def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
+        flow, _ = self.trigger()
+        t, _, h, w = flow.shape
+        g_flow = np.zeros_like(flow)
+        np.add.at(g_flow, tix, warp_flow_grad(pixels, flow[tix], g))
+        norms = self.norms(flow, None).reshape(t, 1, 1, 1) + 1e-8
+        g_flow += self.cost.reshape(t, 1, 1, 1) * flow / (h * w * norms)
+        # the upsampling is linear: its transpose carries the gradient to the control grid
+        return [np.einsum("hk,tdhw,wl->tdkl", self.up_h, g_flow, self.up_w)]
+
+
+_FAMILY_TYPES: dict[str, type[_Family]] = {f.name: f for f in (_Patch, _Universal, _Warp)}
+
+
 def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSet,
                      n_classes: int, cfg: ReverseConfig = ReverseConfig(), seed: int = 0,
                      progress: Progress | None = None) -> ReverseResult:
@@ -192,7 +292,11 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     targets = np.arange(n_classes)
-    families = [_Family(name, targets, images.pixels.shape[1:], cfg, rng) for name in cfg.families]
+    unknown = set(cfg.families) - set(_FAMILY_TYPES)
+    if unknown:
+        raise ValueError(f"unknown trigger families {sorted(unknown)} (known: {FAMILIES})")
+    shape = images.pixels.shape[1:]
+    families = [_FAMILY_TYPES[name](targets, shape, cfg, rng) for name in cfg.families]
     # rows: (family, target, image) for every image whose label is not the target
     row_family, row_target, row_image = [], [], []
     for f in range(len(families)):
