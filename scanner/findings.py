@@ -63,12 +63,16 @@ class ClassReverse:
 
     target: int
     mask_l1: float  # L1 norm of the reversed mask (pixels): the patch family
-    anomaly_index: float  # the score compared with the threshold: mean of the families' indices
+    anomaly_index: float  # the score compared with the threshold: mean of the patch and
+    # universal families' indices
     reversed_asr: float  # share of non-target few-shot images sent to `target`
     universal_norm: float | None = None  # mask-free perturbation family (full-image triggers)
     universal_anomaly_index: float | None = None
     patch_anomaly_index: float | None = None
     patch_isolation: float | None = None  # gap to the next smallest patch trigger (σ units)
+    warp_norm: float | None = None  # RMS displacement (pixels) of the warp family (WaNet)
+    warp_anomaly_index: float | None = None
+    warp_isolation: float | None = None  # gap to the next smallest warp (σ units)
     flagged: bool = False
 
 

@@ -20,13 +20,17 @@ def test_degenerate_spread_gives_zero():
     assert np.all(anomaly_indices(np.full(10, 3.0)) == 0)
 
 
-def _result(patch: list[float], universal: list[float]) -> ReverseResult:
+def _result(patch: list[float], universal: list[float],
+            warp: list[float] | None = None) -> ReverseResult:
     triggers = {}
     for t, (p, u) in enumerate(zip(patch, universal, strict=True)):
         triggers[("patch", t)] = ReversedTrigger("patch", t, np.zeros((1, 4, 4)),
                                                  np.zeros((4, 4)), p, 1.0)
         triggers[("universal", t)] = ReversedTrigger("universal", t, np.zeros((1, 4, 4)),
                                                      None, u, 1.0)
+        if warp is not None:
+            triggers[("warp", t)] = ReversedTrigger("warp", t, np.zeros((2, 4, 4)), None,
+                                                    warp[t], 1.0)
     return ReverseResult(triggers, steps=1, forward_passes=0, seconds=0.0, classes=len(patch))
 
 
@@ -68,3 +72,37 @@ def test_a_naturally_easy_pair_of_classes_is_not_flagged():
     assert verdict.detection.flagged_targets == []
     assert verdict.detection.classes[8].patch_anomaly_index > 3.0
     assert verdict.detection.classes[8].patch_isolation < 1.0
+
+
+# Few-shot norms (patch, universal, warp) on the WaNet zoo model, target 6: its warp is
+# 0.23 pixels RMS against 3–7 for the other classes, its combined index only 2.1.
+CNN_WANET = ([38.72, 46.83, 28.51, 46.57, 27.93, 36.15, 18.42, 46.34, 18.24, 45.0],
+             [2.92, 2.84, 1.94, 3.48, 1.86, 2.61, 1.40, 3.18, 2.08, 2.75],
+             [3.44, 5.98, 4.61, 3.77, 3.17, 6.29, 0.23, 7.42, 3.87, 5.16])
+CNN_CLEAN_WARP = [2.90, 5.05, 3.69, 2.86, 3.60, 3.32, 3.96, 3.87, 2.87, 2.22]
+
+
+def test_an_isolated_warp_trigger_flags_and_supplies_the_trigger():
+    verdict = detect(_result(*CNN_WANET), threshold=2.5, warn_threshold=2.0)
+    c = verdict.detection.classes[6]
+    assert c.anomaly_index < 2.5 < c.warp_anomaly_index and c.warp_isolation > 5
+    assert verdict.detection.flagged_targets == [6]
+    assert verdict.triggers[6].family == "warp"
+
+
+def test_the_warp_family_stays_out_of_the_combined_index():
+    with_warp = detect(_result(*CNN_CLEAN, CNN_CLEAN_WARP), threshold=2.5, warn_threshold=2.0)
+    without = detect(_result(*CNN_CLEAN), threshold=2.5, warn_threshold=2.0)
+    assert [c.anomaly_index for c in with_warp.detection.classes] == pytest.approx(
+        [c.anomaly_index for c in without.detection.classes])
+    assert with_warp.detection.flagged_targets == []
+    assert with_warp.detection.classes[9].warp_norm == pytest.approx(2.22)
+
+
+def test_a_warp_outlier_below_the_threshold_is_not_flagged():
+    # isolated but only at the warn level: the warp test asks for the full threshold
+    warp = [3.0, 5.0, 3.6, 4.4, 2.8, 4.0, 5.4, 3.3, 4.7, 1.8]
+    verdict = detect(_result(*CNN_CLEAN, warp), threshold=2.5, warn_threshold=1.5)
+    c = verdict.detection.classes[9]
+    assert 1.5 < c.warp_anomaly_index < 2.5 and c.warp_isolation >= 1.0
+    assert 9 not in verdict.detection.flagged_targets

@@ -102,7 +102,8 @@ def _detection(d: Detection) -> str:
               if d.data_free else "few-shot clean images")
     parts = [f'<p class="note">Anomaly index of each class\'s reversed triggers '
              f'(how much smaller than the median, in robust standard deviations of the log '
-             f'norm, averaged over the patch and full-image families). '
+             f'norm, averaged over the patch and full-image families; the warp family, '
+             f'for image-warping triggers, is judged on its own). '
              f'Classes above the threshold ({_num(d.threshold, 2)}) are flagged. Inputs: '
              f'{esc(source)}; {d.forward_passes:,} forward passes.</p>',
              anomaly_chart(d.classes, d.threshold)]
@@ -112,13 +113,16 @@ def _detection(d: Detection) -> str:
         f"<td class=num>{_num(c.patch_anomaly_index, 2)}</td>"
         f"<td class=num>{_num(c.universal_norm, 2)}</td>"
         f"<td class=num>{_num(c.universal_anomaly_index, 2)}</td>"
+        f"<td class=num>{_num(c.warp_norm, 2)}</td>"
+        f"<td class=num>{_num(c.warp_anomaly_index, 2)}</td>"
         f"<td class=num>{_num(c.anomaly_index, 2)}</td>"
         f"<td class=num>{_pct(c.reversed_asr)}</td><td>{'yes' if c.flagged else ''}</td></tr>"
         for c in d.classes)
     parts.append("<details><summary>Per-class table</summary><table><tr>"
                  "<th class=num>Class</th><th class=num>Mask L1</th>"
                  "<th class=num>Patch index</th><th class=num>Perturbation L2</th>"
-                 "<th class=num>Full-image index</th>"
+                 "<th class=num>Full-image index</th><th class=num>Warp RMS (px)</th>"
+                 "<th class=num>Warp index</th>"
                  "<th class=num>Anomaly index</th><th class=num>Reversed trigger success</th>"
                  f"<th>Flagged</th></tr>{rows}</table></details>")
     for t in d.flagged_targets:

@@ -92,7 +92,9 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "universal_norm": _num(c.universal_norm),
             "universal_anomaly_index": _num(c.universal_anomaly_index),
             "patch_anomaly_index": _num(c.patch_anomaly_index),
-            "patch_isolation": _num(c.patch_isolation), "flagged": c.flagged}
+            "patch_isolation": _num(c.patch_isolation),
+            "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
+            "warp_isolation": _num(c.warp_isolation), "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
