@@ -5,8 +5,9 @@
     python benchmarks/detection.py --models cnn_clean,cnn_badnets
 
 Runs the scan's first two stages (trigger reverse, detection) exactly as `shapscan scan`
-does, with the default policy, and prints a markdown table. Score for the ROC: the largest
-combined anomaly index over classes (higher = more suspicious).
+does, with the default policy, and prints a markdown table. Score for the ROC:
+`scanner.detect.score`, how far the most suspicious class goes past the decision rule
+(a ratio; above 1 = flagged), so it sees all three tests (combined, patch, warp).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
                          args.data_free, program.bn_layers)
         seconds = time.perf_counter() - start
         det = verdict.detection
-        s = score(det)
+        s = score(det, d.warn_threshold, d.isolation_threshold)
         target = entry["target"]
         flagged = det.flagged_targets
         # the strongest flagged class must be the target (extra classes are shown)
@@ -90,7 +91,7 @@ def main() -> None:
     if args.dump:
         args.dump.write_text(json.dumps(dump, indent=1))
     mode = "data-free" if args.data_free else "few-shot (1 image/class)"
-    header = ("model", "attack", "target", "flagged", "max index", "index at target",
+    header = ("model", "attack", "target", "flagged", "decision score", "index at target",
               "correct", "seconds")
     print(f"\nDetection, {mode}, policy {policy.name} "
           f"(threshold {policy.detection.anomaly_threshold:g})\n")
@@ -99,7 +100,7 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     correct = sum(r[6] == "yes" for r in rows)
-    print(f"\n{correct}/{len(rows)} correct; ROC-AUC (max index) = "
+    print(f"\n{correct}/{len(rows)} correct; ROC-AUC (decision score) = "
           f"{roc_auc(scores, positive):.3f}; mean {np.mean([float(r[7]) for r in rows]):.0f} s "
           "per model")
 

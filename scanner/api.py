@@ -15,12 +15,12 @@ from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
 from .detect import Verdict as DetectVerdict
 from .detect import detect
 from .errors import DataError, Inconclusive, ModelRefused, UsageError
-from .findings import ChannelValue, LayerInfo, Repair, ScanResult, Verdict
+from .findings import ChannelValue, ClassReverse, LayerInfo, Repair, ScanResult, Verdict
 from .graph.activations import discover_activations
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
 from .graph.prefix import CoalitionEvaluator
-from .policy import Catalog, Policy, RepairPolicy, load_catalog, load_policy
+from .policy import Catalog, DetectionPolicy, Policy, RepairPolicy, load_catalog, load_policy
 from .progress import Progress
 from .prune import PruneConfig, PrunePlan, plan
 from .reverse import ReverseConfig, ReversedTrigger, SynthesisConfig, reverse_triggers, synthesize
@@ -193,7 +193,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                      det.isolation_threshold, opts.data_free, bn_layers)
     result.detection = verdict.detection
     result.timings["reverse"] = time.perf_counter() - t
-    _detection_findings(result, verdict, catalog, images, prep)
+    _detection_findings(result, verdict, catalog, images, det)
     if not verdict.detection.flagged_targets:
         result.verdict = Verdict.CLEAN
         return
@@ -205,22 +205,43 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
             policy, catalog, progress, device)
 
 
+_KIND = {"patch": "patch-like", "universal": "full-image", "warp": "image-warping"}
+
+
+def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
+    """The test that flagged the class, with the numbers it compared."""
+    if reason == "combined":
+        return f"anomaly index {c.anomaly_index:.2f} > {policy.anomaly_threshold:g}"
+    fam, cut = (("patch", policy.warn_threshold) if reason == "patch"
+                else ("warp", policy.anomaly_threshold))
+    index = c.patch_anomaly_index if reason == "patch" else c.warp_anomaly_index
+    alone = c.patch_isolation if reason == "patch" else c.warp_isolation
+    return (f"{fam} anomaly index {index:.2f} > {cut:g}, {alone:.2f} robust σ from the next "
+            f"class ≥ {policy.isolation_threshold:g}")
+
+
 def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Catalog,
-                        images: ImageSet, prep: Preprocess) -> None:
+                        images: ImageSet, policy: DetectionPolicy) -> None:
     det = verdict.detection
     by_class = {c.target: c for c in det.classes}
     for t in det.flagged_targets:
         trig = verdict.triggers[t]
         index = by_class[t].anomaly_index
-        kind = "patch-like" if trig.family == "patch" else "full-image"
         result.findings.append(catalog.make(
-            "SS201", f"backdoor towards class {t}: a {kind} reversed trigger flips "
-            f"{100 * trig.asr:.0f}% of other classes' images (anomaly index {index:.2f} > "
-            f"{det.threshold:g})", location=f"class {t}", target=t, anomaly_index=index,
-            family=trig.family, reversed_asr=trig.asr))
-        det.masks[t] = trig.mask if trig.mask is not None else np.abs(trig.pattern).mean(0)
-        det.patterns[t] = trig.pattern if trig.mask is not None else np.clip(
-            0.5 + trig.pattern, 0, 1)
+            "SS201", f"backdoor towards class {t}: a {_KIND[trig.family]} reversed trigger "
+            f"flips {100 * trig.asr:.0f}% of other classes' images "
+            f"({_why_flagged(by_class[t], verdict.reasons[t], policy)})",
+            location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
+            test=verdict.reasons[t], reversed_asr=trig.asr))
+        det.families[t] = trig.family
+        if trig.family == "warp":
+            magnitude = np.hypot(trig.pattern[0], trig.pattern[1])
+            det.masks[t] = magnitude / max(float(magnitude.max()), 1e-12)
+        elif trig.mask is not None:
+            det.masks[t], det.patterns[t] = trig.mask, trig.pattern
+        else:
+            det.masks[t] = np.abs(trig.pattern).mean(0)
+            det.patterns[t] = np.clip(0.5 + trig.pattern, 0, 1)
         example = images.pixels[np.flatnonzero(images.labels != t)[:1]]
         det.examples[t] = trig.apply(example)[0]
     for t in verdict.suspicious:

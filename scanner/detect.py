@@ -45,6 +45,7 @@ def anomaly_indices(norms: np.ndarray, log: bool = True) -> np.ndarray:
 class Verdict:
     detection: Detection
     triggers: dict[int, ReversedTrigger]  # flagged target -> the trigger that flagged it
+    reasons: dict[int, str]  # flagged target -> the test: "combined", "patch" or "warp"
     suspicious: list[int]  # above the warn level but below the threshold
 
 
@@ -96,7 +97,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     averaged = [f for f in COMBINED if f in index] or families
     combined = np.mean([index[f] for f in averaged], axis=0)
     alone = {fam: isolation(norms[fam]) for fam in ("patch", "warp") if fam in norms}
-    classes, flagged, suspicious, chosen = [], [], [], {}
+    classes, flagged, suspicious, chosen, reasons = [], [], [], {}, {}
     strength = combined.copy()  # orders the flagged classes: the strongest is repaired first
     for t in range(n):
         by_patch = "patch" in index and bool(
@@ -113,13 +114,15 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
         if is_flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
+            reasons[t] = ("combined" if combined[t] > threshold
+                          else "patch" if by_patch else "warp")
         elif combined[t] > warn_threshold:
             suspicious.append(t)
     flagged.sort(key=lambda t: -strength[t])
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes)
-    return Verdict(detection, chosen, suspicious)
+    return Verdict(detection, chosen, reasons, suspicious)
 
 
 def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
@@ -149,6 +152,20 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
     )
 
 
-def score(detection: Detection) -> float:
-    """One number per model for ROC analysis: the largest anomaly index over classes."""
-    return float(np.nanmax([c.anomaly_index for c in detection.classes]))
+def score(detection: Detection, warn_threshold: float, isolation_threshold: float) -> float:
+    """One number per model for ROC analysis: how far its most suspicious class goes past
+    the decision rule of `detect`, as a ratio (above 1 = flagged). Per class, the largest of
+    combined / threshold, the patch test min(patch index / warn, isolation / cut) and the
+    warp test min(warp index / threshold, isolation / cut)."""
+    def ratio(value: float | None, cut: float) -> float:
+        return -np.inf if value is None or not np.isfinite(value) else value / cut
+
+    best = -np.inf
+    for c in detection.classes:
+        tests = [ratio(c.anomaly_index, detection.threshold),
+                 min(ratio(c.patch_anomaly_index, warn_threshold),
+                     ratio(c.patch_isolation, isolation_threshold)),
+                 min(ratio(c.warp_anomaly_index, detection.threshold),
+                     ratio(c.warp_isolation, isolation_threshold))]
+        best = max(best, *tests)
+    return float(best)

@@ -84,11 +84,13 @@ class Detection:
     data_free: bool
     bn_layers_matched: int = 0  # data-free synthesis: BatchNormalization nodes used as prior
     # reversed trigger of each flagged class, pixel space [0, 1]: mask [H, W], pattern [C, H, W]
+    # (a warp trigger: its displacement magnitude as the mask, no pattern)
     masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     patterns: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     # one stamped example image per flagged class, pixel space [C, H, W]
     examples: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     forward_passes: int = 0
+    families: dict[int, str] = field(default_factory=dict)  # flagged class -> trigger family
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.detect import anomaly_indices, detect
+from scanner.detect import anomaly_indices, detect, score
 from scanner.reverse import ReversedTrigger, ReverseResult
 
 
@@ -64,6 +64,7 @@ def test_an_isolated_patch_trigger_is_flagged_even_when_the_mean_index_is_low():
     assert c.anomaly_index < 2.5 and c.patch_isolation > 2.0
     assert verdict.detection.flagged_targets == [1]
     assert verdict.triggers[1].family == "patch"
+    assert verdict.reasons == {1: "patch"}
 
 
 def test_a_naturally_easy_pair_of_classes_is_not_flagged():
@@ -88,6 +89,7 @@ def test_an_isolated_warp_trigger_flags_and_supplies_the_trigger():
     assert c.anomaly_index < 2.5 < c.warp_anomaly_index and c.warp_isolation > 5
     assert verdict.detection.flagged_targets == [6]
     assert verdict.triggers[6].family == "warp"
+    assert verdict.reasons == {6: "warp"}
 
 
 def test_the_warp_family_stays_out_of_the_combined_index():
@@ -106,3 +108,28 @@ def test_a_warp_outlier_below_the_threshold_is_not_flagged():
     c = verdict.detection.classes[9]
     assert 1.5 < c.warp_anomaly_index < 2.5 and c.warp_isolation >= 1.0
     assert 9 not in verdict.detection.flagged_targets
+
+
+@pytest.mark.parametrize("norms, flagged", [
+    (CNN_WANET, True),  # warp test
+    (RESNET_BADNETS, True),  # patch test
+    ((*CNN_CLEAN, CNN_CLEAN_WARP), False)])
+def test_the_roc_score_crosses_1_exactly_when_a_test_flags(norms, flagged):
+    verdict = detect(_result(*norms), threshold=2.5, warn_threshold=2.0, isolation_threshold=1.0)
+    s = score(verdict.detection, warn_threshold=2.0, isolation_threshold=1.0)
+    assert bool(verdict.detection.flagged_targets) == flagged == (s > 1.0)
+    # the combined index alone would miss both backdoors (it stays below the threshold)
+    assert max(c.anomaly_index for c in verdict.detection.classes) < 2.5
+
+
+def test_the_finding_quotes_the_test_that_flagged_the_class():
+    from scanner.api import _why_flagged
+    from scanner.policy import DetectionPolicy
+
+    policy = DetectionPolicy()
+    wanet = detect(_result(*CNN_WANET), policy.anomaly_threshold, policy.warn_threshold)
+    text = _why_flagged(wanet.detection.classes[6], wanet.reasons[6], policy)
+    assert text.startswith("warp anomaly index ") and "> 2.5" in text and "≥ 1" in text
+    badnets = detect(_result(*RESNET_BADNETS), policy.anomaly_threshold, policy.warn_threshold)
+    text = _why_flagged(badnets.detection.classes[1], badnets.reasons[1], policy)
+    assert text.startswith("patch anomaly index ") and "> 2" in text

@@ -131,7 +131,8 @@ def _detection(d: Detection) -> str:
         mask = np.asarray(d.masks[t])
         if mask.ndim == 3 and mask.shape[0] == 1:  # [1, H, W] from a batched optimiser
             mask = mask[0]
-        figures = [("mask", mask)]
+        warp = d.families.get(t) == "warp"
+        figures = [("displacement magnitude (warp)" if warp else "mask", mask)]
         if t in d.patterns:
             pattern = np.asarray(d.patterns[t])
             figures += [("pattern", pattern), ("trigger (mask × pattern)", pattern * mask)]
