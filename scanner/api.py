@@ -343,7 +343,10 @@ def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts:
         "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
         f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success "
         f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
-        + (f"; sanitized model written to {opts.out}" if repair.output_path else ""),
+        + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
+        + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
+           "repaired model's accuracy on real data before deploying it"
+           if opts.data_free and opts.method == "shapley" else ""),
         location=f"class {repair.target}"))
 
 
