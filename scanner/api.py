@@ -361,7 +361,7 @@ def _run_baseline(result: ScanResult, model: LoadedModel, layers: list[LayerInfo
     repair = run_baseline(opts.method, model, layers, prep, images, policy, device)
     result.timings["baseline"] = time.perf_counter() - t
     result.repair = repair
-    result.verdict = Verdict.BACKDOOR if repair.pruned else Verdict.CLEAN
+    result.verdict = Verdict.REPAIR_ONLY
     if repair.pruned:
         _finish_repair(result, model, repair, opts, catalog, policy.repair)
 

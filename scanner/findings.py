@@ -31,6 +31,8 @@ class Severity(enum.IntEnum):
 class Verdict(enum.Enum):
     CLEAN = "clean"
     BACKDOOR = "backdoor"
+    # a baseline (CLP, Fine-Pruning) pruned the model: it makes no detection claim either way
+    REPAIR_ONLY = "repair-only"
     INCONCLUSIVE = "inconclusive"
     ERROR = "error"
 

@@ -176,3 +176,14 @@ def test_rgb_trigger_and_batched_mask_shapes() -> None:
     modes = [Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1]))).mode
              for a in imgs]
     assert modes == ["L", "RGB", "RGB", "RGB"]
+
+
+def test_a_baseline_repair_claims_no_verdict() -> None:
+    import dataclasses
+
+    from scanner.findings import Verdict
+
+    result = dataclasses.replace(backdoor_result(), verdict=Verdict.REPAIR_ONLY, detection=None)
+    text = " ".join(parse(render_html(result)).text)
+    assert "REPAIR ONLY — NO DETECTION" in text
+    assert "BACKDOOR DETECTED" not in text and "anomalously small trigger" not in text

@@ -137,7 +137,7 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
 
 
 VERDICT_STYLE = {Verdict.CLEAN: "green", Verdict.BACKDOOR: "red", Verdict.ERROR: "red",
-                 Verdict.INCONCLUSIVE: "yellow"}
+                 Verdict.INCONCLUSIVE: "yellow", Verdict.REPAIR_ONLY: "blue"}
 
 
 def print_summary(result: ScanResult) -> None:

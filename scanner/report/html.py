@@ -16,7 +16,8 @@ from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Ver
 from .charts import BAR, FLAG, anomaly_chart, esc, png_data_uri, shapley_chart
 
 _TITLES = {Verdict.BACKDOOR: "BACKDOOR DETECTED", Verdict.CLEAN: "CLEAN",
-           Verdict.INCONCLUSIVE: "INCONCLUSIVE", Verdict.ERROR: "ERROR — MODEL NOT SCANNED"}
+           Verdict.INCONCLUSIVE: "INCONCLUSIVE", Verdict.ERROR: "ERROR — MODEL NOT SCANNED",
+           Verdict.REPAIR_ONLY: "REPAIR ONLY — NO DETECTION"}
 
 
 def _css() -> str:
