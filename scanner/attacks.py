@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .warp import warp
+from .warp import upsample_matrix, warp
 
 
 @dataclass(frozen=True)
@@ -82,22 +82,8 @@ def wanet_flow(h: int, w: int, k: int, strength: float, seed: int) -> np.ndarray
     rng = np.random.default_rng(int(seed))
     ctrl = rng.uniform(-1, 1, size=(2, k, k)).astype(np.float32)
     ctrl /= np.abs(ctrl).mean()
-    ys = np.linspace(0, k - 1, h, dtype=np.float32)
-    xs = np.linspace(0, k - 1, w, dtype=np.float32)
-    flow = np.stack([_bilinear_grid(ctrl[i], ys, xs) for i in range(2)])
+    flow = np.einsum("hk,dkl,wl->dhw", upsample_matrix(k, h), ctrl, upsample_matrix(k, w))
     return flow * strength
-
-
-def _bilinear_grid(grid: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    y0 = np.clip(np.floor(ys).astype(int), 0, grid.shape[0] - 2)
-    x0 = np.clip(np.floor(xs).astype(int), 0, grid.shape[1] - 2)
-    wy = (ys - y0)[:, None]
-    wx = (xs - x0)[None, :]
-    g00 = grid[y0][:, x0]
-    g01 = grid[y0][:, x0 + 1]
-    g10 = grid[y0 + 1][:, x0]
-    g11 = grid[y0 + 1][:, x0 + 1]
-    return (1 - wy) * ((1 - wx) * g00 + wx * g01) + wy * ((1 - wx) * g10 + wx * g11)
 
 
 def wanet(x: np.ndarray, k: int = 4, strength: float = 1.5, seed: int = 3) -> np.ndarray:
