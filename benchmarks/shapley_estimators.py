@@ -2,6 +2,7 @@
 
     python benchmarks/shapley_estimators.py [--model cnn_badnets] [--true-trigger]
         [--permutations 20] [--noise-floor] [--reference-permutations 80]
+        [--budget-ratio 3]
 
 The utility is the scan pipeline's: mean target probability of the trigger-stamped few-shot
 images (non-target classes, plus shifted copies, the trigger at the scan's gain) with only
@@ -18,6 +19,10 @@ as `scanner.api.scan` does) or, with --true-trigger, the zoo's own trigger. Rows
 
 Overlaps are |top-k(row) ∩ top-k(reference)| / k, the reference being plain unless
 --reference-permutations is given; ratios are plain / row in the same run.
+
+By default every row runs --permutations permutations. With --budget-ratio R the two
+speed-up rows instead run as many permutations as fit in 1/R of plain's forward passes
+(the question the speed-ups answer: the same ranking for a fraction of the cost).
 """
 
 from __future__ import annotations
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-floor", action="store_true",
                         help="also run plain with another seed (plain-vs-plain overlap)")
+    parser.add_argument("--budget-ratio", type=float, default=0.0,
+                        help="give threshold and eps-greedy 1/R of plain's forward passes")
     parser.add_argument("--reference-permutations", type=int, default=0,
                         help="compare every row with plain run this long (another seed)")
     args = parser.parse_args(argv)
@@ -139,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_permutations:
         variants.append(reference)
     results = {}
+    budgeted = {"threshold", "eps-greedy"} if args.budget_ratio else set()
     for v in variants:
         permutations = (args.reference_permutations if v is reference
                         else args.permutations)
+        max_passes = None
+        if v.name in budgeted:  # plain ran first: its passes set the budget
+            max_passes = int(results["plain"].forward_passes / args.budget_ratio)
+            permutations = 100 * args.permutations  # the budget ends the run
         cfg = ShapleyConfig(permutations=permutations, epsilon=v.epsilon,
-                            top_k=args.top_k, truncation=v.truncation)
+                            top_k=args.top_k, truncation=v.truncation, max_passes=max_passes)
         results[v.name] = estimate(evaluator, utility, cfg, seed=args.seed + v.seed_offset)
         r = results[v.name]
         print(f"{v.name}: {r.forward_passes} passes, {r.seconds:.1f} s", flush=True)
@@ -155,16 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Model {args.model} ({evaluator.n_channels} channels), trigger {trigger.source} "
           f"towards class {trigger.target} (zoo target {entry['target']}; found in "
           f"{reverse_seconds:.1f} s), {len(stamped)} stamped rows, v(all) = "
-          f"{plain.v_all:.3f}, {args.permutations} permutations each, seed {args.seed}; "
-          f"overlaps against {'the reference' if args.reference_permutations else 'plain'}.")
+          f"{plain.v_all:.3f}, seed {args.seed}; overlaps against "
+          f"{'the reference' if args.reference_permutations else 'plain'}.")
     print()
-    print("| estimator | ε | truncation | forward passes | seconds | mean depth | "
-          "top-5 overlap | top-10 overlap | top-20 overlap | passes ratio | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| estimator | ε | truncation | permutations | forward passes | seconds | "
+          "mean depth | top-5 overlap | top-10 overlap | top-20 overlap | passes ratio | "
+          "speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         r = results[v.name]
         top = r.top(max(20, args.top_k))
-        print(f"| {v.name} | {v.epsilon:g} | {v.truncation:g} | {r.forward_passes} | "
+        print(f"| {v.name} | {v.epsilon:g} | {v.truncation:g} | {r.permutations} | "
+              f"{r.forward_passes} | "
               f"{r.seconds:.1f} | {r.mean_depth:.1f} | {topk_overlap(top, ref_top, 5):.2f} | "
               f"{topk_overlap(top, ref_top, 10):.2f} | {topk_overlap(top, ref_top, 20):.2f} | "
               f"{plain.forward_passes / max(1, r.forward_passes):.1f}x | "

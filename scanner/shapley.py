@@ -63,6 +63,7 @@ class ShapleyConfig:
     chunk: int = 8  # permutation steps per evaluator call
     stable_rounds: int = 0  # > 0: stop early once the top-k set is unchanged this many rounds
     max_depth: int | None = None  # truncate every permutation after this many channels
+    max_passes: int | None = None  # stop starting permutations once this many image passes ran
 
 
 @dataclass
@@ -149,6 +150,9 @@ def estimate(evaluator: Evaluator, utility: Utility, cfg: ShapleyConfig = Shaple
             progress(done, cfg.permutations)
         if cfg.stable_rounds and stable >= cfg.stable_rounds:
             log.debug("top-%d stable for %d rounds after %d permutations", cfg.top_k, stable, done)
+            break
+        if cfg.max_passes is not None and evaluator.forward_passes - passes0 >= cfg.max_passes:
+            log.debug("pass budget %d spent after %d permutations", cfg.max_passes, done)
             break
     return ShapleyResult(
         values=total / max(1, done), counts=counts, permutations=done,

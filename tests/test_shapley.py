@@ -58,3 +58,17 @@ def test_stable_topk_stops_early():
     res = estimate(game, Utility(1), ShapleyConfig(permutations=200, epsilon=0.2, top_k=2,
                                                   parallel=4, stable_rounds=3), seed=0)
     assert res.permutations < 200
+
+
+def test_pass_budget_stops_between_rounds():
+    game = AndGame(50, [1, 2])
+    full = estimate(game, Utility(1), ShapleyConfig(permutations=40, epsilon=1.0,
+                                                   truncation=0.0, parallel=4), seed=0)
+    per_round = 4 * 50 * game.images  # 4 full-length permutations of 50 channels
+    assert full.forward_passes == game.images + 10 * per_round  # v(all), then 10 rounds
+    game.forward_passes = 0
+    capped = estimate(game, Utility(1), ShapleyConfig(permutations=40, epsilon=1.0,
+                                                     truncation=0.0, parallel=4,
+                                                     max_passes=3 * per_round), seed=0)
+    assert capped.permutations == 12
+    assert capped.forward_passes == game.images + 3 * per_round
