@@ -63,7 +63,9 @@ class ShapleyConfig:
     chunk: int = 8  # permutation steps per evaluator call
     stable_rounds: int = 0  # > 0: stop early once the top-k set is unchanged this many rounds
     max_depth: int | None = None  # truncate every permutation after this many channels
-    max_passes: int | None = None  # stop starting permutations once this many image passes ran
+    # image-pass budget: no new round of permutations once the next one (at the mean cost
+    # of the rounds so far) would go past it
+    max_passes: int | None = None
 
 
 @dataclass
@@ -151,7 +153,9 @@ def estimate(evaluator: Evaluator, utility: Utility, cfg: ShapleyConfig = Shaple
         if cfg.stable_rounds and stable >= cfg.stable_rounds:
             log.debug("top-%d stable for %d rounds after %d permutations", cfg.top_k, stable, done)
             break
-        if cfg.max_passes is not None and evaluator.forward_passes - passes0 >= cfg.max_passes:
+        spent = evaluator.forward_passes - passes0
+        if cfg.max_passes is not None and spent * (len(history) + 1) / len(history) \
+                > cfg.max_passes:
             log.debug("pass budget %d spent after %d permutations", cfg.max_passes, done)
             break
     return ShapleyResult(
