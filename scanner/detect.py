@@ -14,6 +14,7 @@ classes keep their spread.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,23 @@ class Verdict:
     triggers: dict[int, ReversedTrigger]  # flagged target -> the trigger that flagged it
     reasons: dict[int, str]  # flagged target -> the test: "combined", "patch" or "warp"
     suspicious: list[int]  # above the warn level but below the threshold
+
+    def keep_only(self, target: int) -> Verdict:
+        """This verdict with every flag but the one on `target` withdrawn."""
+        det = self.detection
+        det.flagged_targets = [t for t in det.flagged_targets if t == target]
+        for c in det.classes:
+            c.flagged = c.flagged and c.target == target
+        return Verdict(det, {t: v for t, v in self.triggers.items() if t == target},
+                       {t: v for t, v in self.reasons.items() if t == target},
+                       self.suspicious)
+
+
+def most_suspicious(detection: Detection) -> int | None:
+    """The class with the largest combined anomaly index (None when none is finite)."""
+    finite = [c for c in detection.classes
+              if c.anomaly_index is not None and np.isfinite(c.anomaly_index)]
+    return max(finite, key=lambda c: c.anomaly_index).target if finite else None
 
 
 def isolation(norms: np.ndarray) -> np.ndarray:
@@ -152,16 +170,20 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
     )
 
 
-def score(detection: Detection, warn_threshold: float, isolation_threshold: float) -> float:
-    """One number per model for ROC analysis: how far its most suspicious class goes past
-    the decision rule of `detect`, as a ratio (above 1 = flagged). Per class, the largest of
-    combined / threshold, the patch test min(patch index / warn, isolation / cut) and the
-    warp test min(warp index / threshold, isolation / cut)."""
+def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
+          classes: Collection[int] | None = None) -> float:
+    """One number per model for ROC analysis: how far its most suspicious class (among
+    `classes`, default all) goes past the decision rule of `detect`, as a ratio (above 1 =
+    flagged). Per class, the largest of combined / threshold, the patch test
+    min(patch index / warn, isolation / cut) and the warp test
+    min(warp index / threshold, isolation / cut)."""
     def ratio(value: float | None, cut: float) -> float:
         return -np.inf if value is None or not np.isfinite(value) else value / cut
 
     best = -np.inf
     for c in detection.classes:
+        if classes is not None and c.target not in classes:
+            continue
         tests = [ratio(c.anomaly_index, detection.threshold),
                  min(ratio(c.patch_anomaly_index, warn_threshold),
                      ratio(c.patch_isolation, isolation_threshold)),

@@ -93,6 +93,11 @@ class Detection:
     examples: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     forward_passes: int = 0
     families: dict[int, str] = field(default_factory=dict)  # flagged class -> trigger family
+    # each set of inputs triggers were reversed on ("few-shot", "synthesised": the second
+    # view runs when the few-shot images flag nothing) -> its decision score (how far its
+    # most suspicious class goes past the rule, above 1 = flagged; detect.score). The
+    # statistics above are from the view that flagged, else from the first.
+    views: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

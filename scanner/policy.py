@@ -126,6 +126,9 @@ class DetectionPolicy:
     warn_threshold: float = 2.0  # report a suspicious class (SS202) above this
     # flag a class whose patch trigger is anomalous (> warn) and this isolated from the next
     isolation_threshold: float = 1.0
+    # when the few-shot images flag no class, look again on inputs synthesised from the
+    # model's BatchNormalization statistics (models with BN only; about doubles a clean scan)
+    synthesised_view: bool = True
 
 
 @dataclass(frozen=True)

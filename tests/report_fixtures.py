@@ -63,7 +63,7 @@ def detection(target: int = 3, seed: int = 0) -> Detection:
     return Detection(classes=classes, flagged_targets=[c.target for c in classes if c.flagged],
                      threshold=2.0, data_free=False, masks={target: mask},
                      patterns={target: pattern}, examples={target: example},
-                     forward_passes=18_400)
+                     forward_passes=18_400, views={"few-shot": 1.6})
 
 
 def repair(target: int = 3) -> Repair:
@@ -111,6 +111,7 @@ def clean_result(path: str = "samples/models/cnn_clean.onnx") -> ScanResult:
         c.reversed_asr = min(c.reversed_asr, 0.9)
     det.flagged_targets = []
     det.masks, det.patterns, det.examples = {}, {}, {}
+    det.views = {"few-shot": 0.62, "synthesised": 0.71}  # both views looked: clean
     return ScanResult(model_path=path, verdict=Verdict.CLEAN, model=model_summary(path),
                       detection=det, timings={"load": 0.03, "reverse": 12.1, "detect": 0.01})
 

@@ -56,8 +56,35 @@ def test_clean_model_passes_the_gate_and_writes_no_model(run_cli, tmp_path):
     out = tmp_path / "safe.onnx"
     result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--json")
     assert result.code == 0, result.out + result.err
-    assert json.loads(result.out)["results"][0]["verdict"] == "clean"
+    scanned = json.loads(result.out)["results"][0]
+    assert scanned["verdict"] == "clean"
     assert not out.exists()
+    # the few-shot view flagged nothing, so the synthesised view looked too: both clean
+    views = scanned["detection"]["views"]
+    assert [v["inputs"] for v in views] == ["few-shot", "synthesised"]
+    assert all(v["decision_score"] < 1 for v in views)
+
+
+@pytest.mark.slow
+def test_blended_backdoor_hidden_from_the_few_shot_view_is_found_on_synthesised_inputs(
+        run_cli, tmp_path):
+    # resnet_blended's target is no easier to reach from 1 real image per class than an
+    # honest class; on inputs synthesised from the model it stands out
+    out, report = tmp_path / "safe.onnx", tmp_path / "r.json"
+    result = run_cli("scan", zoo_model("resnet_blended"), "--data", FEWSHOT, "--out", out,
+                     "--report", report, "--quiet")
+    assert result.code == 1, result.err
+    scanned = json.loads(report.read_text())["results"][0]
+    detection = scanned["detection"]
+    assert detection["flagged_targets"][0] == 3
+    scores = {v["inputs"]: v["decision_score"] for v in detection["views"]}
+    assert scores["few-shot"] < 1 < scores["synthesised"]
+    flagged = [f for f in scanned["findings"] if f["rule_id"] == "SS201"]
+    assert "found on inputs synthesised from the model" in flagged[0]["message"]
+    after = json.loads(run_cli("eval", out, "--data", TEST_SET, "--zoo-entry",
+                               "resnet_blended", "--json").out)
+    assert after["asr"] < 0.05  # 0.999 before; 0.002 measured
+    assert after["clean_acc"] > 0.908 - 0.06  # 0.860 measured
 
 
 def no_activation_model(tmp_path):

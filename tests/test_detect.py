@@ -133,3 +133,21 @@ def test_the_finding_quotes_the_test_that_flagged_the_class():
     badnets = detect(_result(*RESNET_BADNETS), policy.anomaly_threshold, policy.warn_threshold)
     text = _why_flagged(badnets.detection.classes[1], badnets.reasons[1], policy)
     assert text.startswith("patch anomaly index ") and "> 2" in text
+
+
+def test_second_view_helpers_pick_withdraw_and_score_one_class():
+    from scanner.detect import most_suspicious
+
+    patch = [40, 42, 39, 41, 40, 43, 38, 40, 41, 40]
+    universal = [3.0, 0.4, 2.9, 3.2, 3.0, 3.1, 0.5, 3.0, 2.9, 3.1]  # classes 1 and 6 stand out
+    verdict = detect(_result(patch, universal), threshold=2.0, warn_threshold=1.5)
+    assert sorted(verdict.detection.flagged_targets) == [1, 6]
+    assert most_suspicious(verdict.detection) == 1  # the smaller universal norm
+    both = score(verdict.detection, 1.5, 1.0)
+    only_6 = score(verdict.detection, 1.5, 1.0, classes=[6])
+    assert 1.0 < only_6 < both
+    assert score(verdict.detection, 1.5, 1.0, classes=[0]) < 1.0
+    kept = verdict.keep_only(6)
+    assert kept.detection.flagged_targets == [6]
+    assert [c.target for c in kept.detection.classes if c.flagged] == [6]
+    assert set(kept.triggers) == set(kept.reasons) == {6}

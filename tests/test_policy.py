@@ -58,6 +58,9 @@ def test_builtin_policies_order_from_strict_to_permissive() -> None:
     assert (strict.repair.max_clean_drop < default.repair.max_clean_drop
             < permissive.repair.max_clean_drop)
     assert {p.name for p in (strict, default, permissive)} == set(BUILTIN_POLICIES)
+    # only fast triage skips the second look on synthesised inputs
+    assert (strict.detection.synthesised_view, default.detection.synthesised_view,
+            permissive.detection.synthesised_view) == (True, True, False)
 
 
 def test_policy_is_frozen_and_hashable() -> None:

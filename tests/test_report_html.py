@@ -119,6 +119,8 @@ def test_other_verdicts_render() -> None:
     clean = render_html(clean_result())
     assert 'class="banner clean"' in clean and "Reversed trigger for" not in clean
     assert "Repair" not in clean and "No findings." in clean
+    assert "synthesised from the model were checked too" in clean
+    assert "few-shot 0.62, synthesised 0.71" in clean
     error = render_html(error_result())
     assert "ERROR — MODEL NOT SCANNED" in error and "Errors and skipped items" in error
     assert "com.evil" in error and "Detection" not in error

@@ -56,6 +56,7 @@ def test_backdoor_result_content() -> None:
     assert d["model"]["inputs"] == [{"name": "input", "shape": ["N", 1, 28, 28]}]
     det = d["detection"]
     assert det["flagged_targets"] == [3] and len(det["classes"]) == 10
+    assert det["views"] == [{"inputs": "few-shot", "decision_score": 1.6}]
     assert det["classes"][3]["flagged"] and det["classes"][3]["anomaly_index"] > 2.0
     rep = d["repair"]
     assert rep["pruned_count"] == 4 and rep["pruned_fraction"] == pytest.approx(4 / 416)
@@ -109,3 +110,9 @@ def test_write_report_is_atomic(tmp_path) -> None:
     write_report(target, render_json([clean_result()]))
     assert json.loads(target.read_text())["schema"] == SCHEMA_ID
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
+
+
+def test_clean_result_lists_both_views_with_their_scores() -> None:
+    views = to_dict(clean_result())["detection"]["views"]
+    assert views == [{"inputs": "few-shot", "decision_score": 0.62},
+                     {"inputs": "synthesised", "decision_score": 0.71}]

@@ -98,9 +98,13 @@ def _model(result: ScanResult, m: ModelSummary | None) -> str:
 
 
 def _detection(d: Detection) -> str:
-    source = ("data-free (synthesised inputs, "
-              f"{d.bn_layers_matched} BatchNormalization layers as prior)"
+    source = ("synthesised inputs, "
+              f"{d.bn_layers_matched} BatchNormalization layers as prior"
               if d.data_free else "few-shot clean images")
+    if len(d.views) > 1:
+        source += ("; the few-shot images flagged nothing, so inputs synthesised from the model "
+                   "were checked too (decision score, above 1 flags: "
+                   + ", ".join(f"{k} {_num(v, 2)}" for k, v in d.views.items()) + ")")
     parts = [f'<p class="note">Anomaly index of each class\'s reversed triggers '
              f'(how much smaller than the median, in robust standard deviations of the log '
              f'norm, averaged over the patch and full-image families; the warp family, '

@@ -99,6 +99,7 @@ def _class(c: ClassReverse) -> dict[str, Any]:
 
 def _detection(d: Detection) -> dict[str, Any]:
     return {"threshold": _num(d.threshold), "data_free": d.data_free,
+            "views": [{"inputs": k, "decision_score": _num(v)} for k, v in d.views.items()],
             "bn_layers_matched": d.bn_layers_matched, "flagged_targets": list(d.flagged_targets),
             "forward_passes": d.forward_passes, "classes": [_class(c) for c in d.classes]}
 
