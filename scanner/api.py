@@ -204,9 +204,9 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
 
 
 def _synthesise(result: ScanResult, program: GradientProgram, prep: Preprocess,
-                n_classes: int, opts: ScanOptions, catalog: Catalog,
-                progress: Progress) -> tuple[ImageSet, int]:
-    progress.stage("synthesising data (data-free)")
+                n_classes: int, opts: ScanOptions, catalog: Catalog, progress: Progress,
+                stage: str = "synthesising data (data-free)") -> tuple[ImageSet, int]:
+    progress.stage(stage)
     images, bn_layers = synthesize(program, prep, n_classes, opts.synthesis, opts.seed,
                                    progress)
     if not bn_layers:
@@ -242,8 +242,9 @@ def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_cla
     if not program.bn_layers:
         return first
     t = time.perf_counter()
-    synthetic, bn_layers = _synthesise(result, program, prep, n_classes, opts, catalog,
-                                       progress)
+    synthetic, bn_layers = _synthesise(
+        result, program, prep, n_classes, opts, catalog, progress,
+        "second view: the few-shot images flagged nothing, synthesising inputs")
     progress.stage("reversing triggers on synthesised inputs")
     second = _reverse_and_detect(program, prep, synthetic, n_classes, opts, det, True,
                                  bn_layers, progress)
