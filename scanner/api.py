@@ -222,7 +222,7 @@ def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: Imag
     reversed_ = reverse_triggers(program, prep, images, n_classes, opts.reverse, opts.seed,
                                  progress)
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
-                  det.isolation_threshold, synthetic, bn_layers)
+                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
 
 
 def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_classes: int,
@@ -261,7 +261,8 @@ def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_cla
 
 def _decision_score(verdict: DetectVerdict, det: DetectionPolicy,
                     classes: list[int] | None = None) -> float:
-    return score(verdict.detection, det.warn_threshold, det.isolation_threshold, classes)
+    return score(verdict.detection, det.warn_threshold, det.isolation_threshold, classes,
+                 det.warp_ratio)
 
 
 _KIND = {"patch": "patch-like", "universal": "full-image", "warp": "image-warping"}
@@ -275,8 +276,12 @@ def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
                 else ("warp", policy.anomaly_threshold))
     index = c.patch_anomaly_index if reason == "patch" else c.warp_anomaly_index
     alone = c.patch_isolation if reason == "patch" else c.warp_isolation
-    return (f"{fam} anomaly index {index:.2f} > {cut:g}, {alone:.2f} robust σ from the next "
+    text = (f"{fam} anomaly index {index:.2f} > {cut:g}, {alone:.2f} robust σ from the next "
             f"class ≥ {policy.isolation_threshold:g}")
+    if reason == "warp":
+        text += (f", {c.warp_ratio:.1f} times below the median class's ≥ "
+                 f"{policy.warp_ratio:g}")
+    return text
 
 
 def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Catalog,

@@ -75,6 +75,7 @@ class ClassReverse:
     warp_norm: float | None = None  # RMS displacement (pixels) of the warp family (WaNet)
     warp_anomaly_index: float | None = None
     warp_isolation: float | None = None  # gap to the next smallest warp (σ units)
+    warp_ratio: float | None = None  # median class's warp norm / this class's
     flagged: bool = False
 
 

@@ -126,6 +126,8 @@ class DetectionPolicy:
     warn_threshold: float = 2.0  # report a suspicious class (SS202) above this
     # flag a class whose patch trigger is anomalous (> warn) and this isolated from the next
     isolation_threshold: float = 1.0
+    # the warp test also asks the warp to be this many times smaller than the median class's
+    warp_ratio: float = 4.0
     # when the few-shot images flag no class, look again on inputs synthesised from the
     # model's BatchNormalization statistics (models with BN only; about doubles a clean scan)
     synthesised_view: bool = True
@@ -209,6 +211,7 @@ _RANGES: dict[str, _Range] = {
     "detection.anomaly_threshold": (0.0, None, False, True),
     "detection.warn_threshold": (0.0, None, False, True),
     "detection.isolation_threshold": (0.0, None, False, True),
+    "detection.warp_ratio": (1.0, None, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

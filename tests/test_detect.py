@@ -151,3 +151,25 @@ def test_second_view_helpers_pick_withdraw_and_score_one_class():
     assert kept.detection.flagged_targets == [6]
     assert [c.target for c in kept.detection.classes if c.flagged] == [6]
     assert set(kept.triggers) == set(kept.reasons) == {6}
+
+
+# cnn_clean, few-shot, seed 1: the ankle boot's warp (2.17 px) has index 3.98 and stands
+# 1.52 σ apart because the honest warps cluster, yet it is only 1.6 times below the median
+CNN_CLEAN_SEED1 = ([48.2, 36.7, 37.8, 43.0, 35.0, 43.7, 21.3, 56.3, 17.5, 50.9],
+                   [3.84, 2.65, 2.29, 2.72, 2.09, 3.75, 1.62, 4.53, 2.15, 3.40],
+                   [3.34, 4.95, 3.95, 3.52, 3.68, 2.62, 3.56, 6.28, 3.56, 2.17])
+
+
+def test_a_clustered_honest_warp_needs_the_median_ratio_too():
+    verdict = detect(_result(*CNN_CLEAN_SEED1), threshold=2.5, warn_threshold=2.0,
+                     isolation_threshold=1.0)
+    boot = verdict.detection.classes[9]
+    assert boot.warp_anomaly_index > 2.5 and boot.warp_isolation >= 1.0
+    assert boot.warp_ratio == pytest.approx(3.56 / 2.17, rel=1e-6)
+    assert verdict.detection.flagged_targets == []
+    assert score(verdict.detection, 2.0, 1.0) < 1.0
+    # without the ratio (warp_ratio 1) the old rule flags it
+    loose = detect(_result(*CNN_CLEAN_SEED1), threshold=2.5, warn_threshold=2.0,
+                   isolation_threshold=1.0, warp_ratio=1.0)
+    assert loose.detection.flagged_targets == [9]
+    assert score(loose.detection, 2.0, 1.0, warp_ratio=1.0) > 1.0

@@ -94,7 +94,8 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "patch_anomaly_index": _num(c.patch_anomaly_index),
             "patch_isolation": _num(c.patch_isolation),
             "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
-            "warp_isolation": _num(c.warp_isolation), "flagged": c.flagged}
+            "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
+            "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
