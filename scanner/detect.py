@@ -104,8 +104,8 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     moderately small (combined 1.9–2.1). The warp test asks for the full `threshold`, not
     the warn level: honest classes reach warp indices up to 1.9 (few-shot) and 2.2
     (data-free) on the clean zoo models, and data-free up to 4.2 with isolation 3.2 on
-    backdoored ones (resnet_badnets' bag, cnn_blended's ankle boot), which then carry a
-    second, wrong flag after the true target. Honest warp norms can also cluster so tightly
+    backdoored ones (resnet_badnets' bag, cnn_blended's ankle boot: without the ratio below
+    they carried a second, wrong flag). Honest warp norms can also cluster so tightly
     that a modestly small one gets a large index: with seed 1, cnn_clean's ankle boot
     reached warp index 3.98 (isolation 1.52) few-shot at 1.6 times below the median, and
     data-free its sandal 4.02 (isolation 3.44) at 1.3 times. Hence the scale-free ratio:
