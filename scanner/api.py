@@ -265,7 +265,7 @@ def _decision_score(verdict: DetectVerdict, det: DetectionPolicy,
                  det.warp_ratio)
 
 
-_KIND = {"patch": "patch-like", "universal": "full-image", "warp": "image-warping"}
+_KIND = {"patch": "a patch-like", "universal": "a full-image", "warp": "an image-warping"}
 
 
 def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
@@ -295,7 +295,7 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
         trig = verdict.triggers[t]
         index = by_class[t].anomaly_index
         result.findings.append(catalog.make(
-            "SS201", f"backdoor towards class {t}: a {_KIND[trig.family]} reversed trigger "
+            "SS201", f"backdoor towards class {t}: {_KIND[trig.family]} reversed trigger "
             f"flips {100 * trig.asr:.0f}% of other classes' images "
             f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}",
             location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
