@@ -235,8 +235,8 @@ def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_cla
     inputs synthesised from the model's BatchNormalization statistics the target stands
     out. Only models with BN statistics get this view (without them synthesis has no real
     prior). Two views are two chances for an honest class to look anomalous, so a flag from
-    this one counts only on the class the few-shot view already ranks most suspicious:
-    both views must point at the same target.
+    this one counts only on the class the few-shot view came closest to flagging (its
+    largest per-class decision score): both views must point at the same target.
     """
     program = GradientProgram(model.proto, bn_stats=True, device=device)
     if not program.bn_layers:
@@ -249,7 +249,8 @@ def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_cla
     second = _reverse_and_detect(program, prep, synthetic, n_classes, opts, det, True,
                                  bn_layers, progress)
     result.timings["second_view"] = time.perf_counter() - t
-    top = most_suspicious(first.detection)
+    top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
+                          det.warp_ratio)
     views = {**first.detection.views,
              "synthesised": _decision_score(second, det, [] if top is None else [top])}
     chosen = second.keep_only(top) if top in second.detection.flagged_targets else first
@@ -288,8 +289,8 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
                         images: ImageSet, policy: DetectionPolicy) -> None:
     det = verdict.detection
     by_class = {c.target: c for c in det.classes}
-    second = ("; found on inputs synthesised from the model, the few-shot images rank the "
-              "same class most suspicious but below the flag threshold"
+    second = ("; found on inputs synthesised from the model, on the class the few-shot "
+              "images came closest to flagging"
               if list(det.views) == ["few-shot", "synthesised"] and det.data_free else "")
     for t in det.flagged_targets:
         trig = verdict.triggers[t]

@@ -60,11 +60,14 @@ class Verdict:
                        self.suspicious)
 
 
-def most_suspicious(detection: Detection) -> int | None:
-    """The class with the largest combined anomaly index (None when none is finite)."""
-    finite = [c for c in detection.classes
-              if c.anomaly_index is not None and np.isfinite(c.anomaly_index)]
-    return max(finite, key=lambda c: c.anomaly_index).target if finite else None
+def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
+                    warp_ratio: float = 4.0) -> int | None:
+    """The class that comes closest to being flagged: the largest per-class decision score
+    (`score` of that class alone; None when no class has a finite one)."""
+    scores = {c.target: score(detection, warn_threshold, isolation_threshold, [c.target],
+                              warp_ratio) for c in detection.classes}
+    finite = {t: v for t, v in scores.items() if np.isfinite(v)}
+    return max(finite, key=finite.__getitem__) if finite else None
 
 
 def isolation(norms: np.ndarray) -> np.ndarray:

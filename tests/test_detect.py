@@ -142,7 +142,7 @@ def test_second_view_helpers_pick_withdraw_and_score_one_class():
     universal = [3.0, 0.4, 2.9, 3.2, 3.0, 3.1, 0.5, 3.0, 2.9, 3.1]  # classes 1 and 6 stand out
     verdict = detect(_result(patch, universal), threshold=2.0, warn_threshold=1.5)
     assert sorted(verdict.detection.flagged_targets) == [1, 6]
-    assert most_suspicious(verdict.detection) == 1  # the smaller universal norm
+    assert most_suspicious(verdict.detection, 1.5, 1.0) == 1  # the smaller universal norm
     both = score(verdict.detection, 1.5, 1.0)
     only_6 = score(verdict.detection, 1.5, 1.0, classes=[6])
     assert 1.0 < only_6 < both
@@ -173,3 +173,23 @@ def test_a_clustered_honest_warp_needs_the_median_ratio_too():
                    isolation_threshold=1.0, warp_ratio=1.0)
     assert loose.detection.flagged_targets == [9]
     assert score(loose.detection, 2.0, 1.0, warp_ratio=1.0) > 1.0
+
+
+# silunet_trojan, few-shot, seed 1: nothing is flagged; the shirt (6) has the largest
+# combined index, but the trojan target (5) comes closest to a flag (patch index 2.00,
+# isolation 0.93): the second view's flag must agree with 5, not with 6
+SILUNET_TROJAN_SEED1 = ([38.2, 54.7, 29.7, 52.8, 30.2, 10.6, 18.7, 39.7, 18.3, 48.0],
+                        [4.90, 4.84, 3.75, 4.64, 3.05, 3.17, 2.14, 3.90, 3.43, 4.03],
+                        [3.17, 5.44, 5.25, 5.90, 5.68, 3.39, 3.52, 6.34, 5.55, 2.84])
+
+
+def test_most_suspicious_is_the_class_closest_to_a_flag():
+    from scanner.detect import most_suspicious
+
+    verdict = detect(_result(*SILUNET_TROJAN_SEED1), threshold=2.5, warn_threshold=2.0,
+                     isolation_threshold=1.0)
+    det = verdict.detection
+    assert det.flagged_targets == []
+    assert max(det.classes, key=lambda c: c.anomaly_index).target == 6
+    assert most_suspicious(det, 2.0, 1.0) == 5
+    assert score(det, 2.0, 1.0, [5]) == pytest.approx(score(det, 2.0, 1.0))
