@@ -63,10 +63,9 @@ class Verdict:
 def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
                     warp_ratio: float = 4.0) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
-    (`score` of that class alone; None when no class has a finite one)."""
-    scores = {c.target: score(detection, warn_threshold, isolation_threshold, [c.target],
-                              warp_ratio) for c in detection.classes}
-    finite = {t: v for t, v in scores.items() if np.isfinite(v)}
+    (`class_scores`; None when no class has a finite one)."""
+    finite = {t: v for t, v in class_scores(detection, warn_threshold, isolation_threshold,
+                                            warp_ratio).items() if np.isfinite(v)}
     return max(finite, key=finite.__getitem__) if finite else None
 
 
@@ -183,25 +182,28 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
     )
 
 
-def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
-          classes: Collection[int] | None = None, warp_ratio: float = 4.0) -> float:
-    """One number per model for ROC analysis: how far its most suspicious class (among
-    `classes`, default all) goes past the decision rule of `detect`, as a ratio (above 1 =
-    flagged). Per class, the largest of combined / threshold, the patch test
+def class_scores(detection: Detection, warn_threshold: float, isolation_threshold: float,
+                 warp_ratio: float = 4.0) -> dict[int, float]:
+    """How far each class goes past the decision rule of `detect`, as a ratio (above 1 =
+    flagged): the largest of combined / threshold, the patch test
     min(patch index / warn, isolation / cut) and the warp test
     min(warp index / threshold, isolation / cut, median ratio / warp_ratio)."""
     def ratio(value: float | None, cut: float) -> float:
         return -np.inf if value is None or not np.isfinite(value) else value / cut
 
-    best = -np.inf
-    for c in detection.classes:
-        if classes is not None and c.target not in classes:
-            continue
-        tests = [ratio(c.anomaly_index, detection.threshold),
-                 min(ratio(c.patch_anomaly_index, warn_threshold),
-                     ratio(c.patch_isolation, isolation_threshold)),
-                 min(ratio(c.warp_anomaly_index, detection.threshold),
-                     ratio(c.warp_isolation, isolation_threshold),
-                     ratio(c.warp_ratio, warp_ratio))]
-        best = max(best, *tests)
-    return float(best)
+    return {c.target: float(max(
+        ratio(c.anomaly_index, detection.threshold),
+        min(ratio(c.patch_anomaly_index, warn_threshold),
+            ratio(c.patch_isolation, isolation_threshold)),
+        min(ratio(c.warp_anomaly_index, detection.threshold),
+            ratio(c.warp_isolation, isolation_threshold),
+            ratio(c.warp_ratio, warp_ratio)))) for c in detection.classes}
+
+
+def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
+          classes: Collection[int] | None = None, warp_ratio: float = 4.0) -> float:
+    """One number per model for ROC analysis: the largest `class_scores` entry among
+    `classes` (default all), -inf when there is none."""
+    per_class = class_scores(detection, warn_threshold, isolation_threshold, warp_ratio)
+    return max((v for t, v in per_class.items() if classes is None or t in classes),
+               default=-np.inf)
