@@ -188,8 +188,8 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                                _decision_score(verdict, det)}
     result.timings["reverse"] = time.perf_counter() - t
     if not verdict.detection.flagged_targets and not opts.data_free and det.synthesised_view:
-        verdict = _second_view(result, model, prep, n_classes, opts, det, verdict, catalog,
-                               device, progress)
+        verdict = _second_view(result, model, program.bn_layers, prep, n_classes, opts, det,
+                               verdict, catalog, device, progress)
     result.detection = verdict.detection
     _detection_findings(result, verdict, catalog, images, det)
     if not verdict.detection.flagged_targets:
@@ -225,9 +225,10 @@ def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: Imag
                   det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
 
 
-def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_classes: int,
-                 opts: ScanOptions, det: DetectionPolicy, first: DetectVerdict,
-                 catalog: Catalog, device: Device, progress: Progress) -> DetectVerdict:
+def _second_view(result: ScanResult, model: LoadedModel, bn_nodes: int, prep: Preprocess,
+                 n_classes: int, opts: ScanOptions, det: DetectionPolicy,
+                 first: DetectVerdict, catalog: Catalog, device: Device,
+                 progress: Progress) -> DetectVerdict:
     """The few-shot images flagged nothing: look again on inputs synthesised from the model.
 
     One real image per class can hide a full-image backdoor: from them honest classes are
@@ -238,10 +239,10 @@ def _second_view(result: ScanResult, model: LoadedModel, prep: Preprocess, n_cla
     this one counts only on the class the few-shot view came closest to flagging (its
     largest per-class decision score): both views must point at the same target.
     """
-    program = GradientProgram(model.proto, bn_stats=True, device=device)
-    if not program.bn_layers:
+    if not bn_nodes:  # the first view's program counts them, BN-statistics outputs or not
         return first
     t = time.perf_counter()
+    program = GradientProgram(model.proto, bn_stats=True, device=device)
     synthetic, bn_layers = _synthesise(
         result, program, prep, n_classes, opts, catalog, progress,
         "second view: the few-shot images flagged nothing, synthesising inputs")
