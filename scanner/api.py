@@ -198,8 +198,8 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     result.verdict = Verdict.BACKDOOR
     if not policy.repair.enabled:
         return
-    target = verdict.detection.flagged_targets[0]
-    _repair(result, model, scored, prep, images, target, verdict.triggers[target], opts,
+    target, *others = verdict.detection.flagged_targets
+    _repair(result, model, scored, prep, images, target, verdict.triggers, others, opts,
             policy, catalog, progress, device)
 
 
@@ -322,13 +322,13 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
 
 
 def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
-            images: ImageSet, target: int, trigger: ReversedTrigger, opts: ScanOptions,
-            policy: Policy, catalog: Catalog, progress: Progress, device: Device) -> None:
+            images: ImageSet, target: int, triggers: dict[int, ReversedTrigger],
+            other_targets: list[int], opts: ScanOptions, policy: Policy, catalog: Catalog,
+            progress: Progress, device: Device) -> None:
     t = time.perf_counter()
-    others = images.subset(np.flatnonzero(images.labels != target))
     # shifted copies: the utilities average over more rows, so they are less noisy
     # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-    stamped = trigger.apply(shifted(others, 4).pixels, gain=opts.trigger_gain)
+    stamped = _stamped(images, target, triggers[target], opts.trigger_gain)
     clean = shifted(images, 8)
     clean_pixels, clean_labels = clean.pixels, clean.labels
     backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
@@ -352,7 +352,42 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     _record_repair(result, model, layers, backdoor_eval, values, chosen, target,
                    backdoor_eval.forward_passes + clean_eval.forward_passes, cfg, opts,
                    catalog, rp)
+    if other_targets and chosen.channels:
+        _check_other_targets(result, backdoor_eval, prep, images, chosen.channels, target,
+                             {t: triggers[t] for t in other_targets}, opts, catalog, rp)
     result.timings["prune"] = time.perf_counter() - t
+
+
+def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: float
+             ) -> np.ndarray:
+    """The trigger on the images of the other classes and 4 shifted copies of each."""
+    others = images.subset(np.flatnonzero(images.labels != target))
+    return trigger.apply(shifted(others, 4).pixels, gain=gain)
+
+
+def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
+                         images: ImageSet, channels: list[int], target: int,
+                         triggers: dict[int, ReversedTrigger], opts: ScanOptions,
+                         catalog: Catalog, rp: RepairPolicy) -> None:
+    """The repair is planned for the most anomalous flagged class. Another flagged class's
+    backdoor may live in other channels: its reversed trigger is tested on the repaired
+    model, and SS304 says when it still works."""
+    assert result.repair is not None
+    coalitions = np.ones((2, evaluator.n_channels), np.float32)
+    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
+    kind = "synthesised" if opts.data_free else "few-shot"
+    for t, trigger in triggers.items():
+        stamped = evaluator.with_images(
+            prep.to_model(_stamped(images, t, trigger, opts.trigger_gain)))
+        before, after = (stamped.logits(coalitions).argmax(-1) == t).mean(-1)
+        result.repair.forward_passes += stamped.forward_passes
+        if after > rp.target_asr:
+            result.findings.append(catalog.make(
+                "SS304", f"class {t} was flagged too, and the repair was planned for class "
+                f"{target}: on the repaired model class {t}'s reversed trigger still flips "
+                f"{100 * after:.0f}% of the {kind} images of other classes (before: "
+                f"{100 * before:.0f}%)", location=f"class {t}", target=t,
+                reversed_asr_before=float(before), reversed_asr_after=float(after)))
 
 
 def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],

@@ -45,6 +45,11 @@ def test_data_free_scan_flags_repairs_and_says_clean_data_was_synthesised(run_cl
     assert scanned["detection"]["flagged_targets"][0] == 8
     repaired = [f for f in scanned["findings"] if f["rule_id"] == "SS301"]
     assert repaired and "synthesised inputs" in repaired[0]["message"]
+    # class 6 is flagged too (anomaly index 3.2); the repair, planned for 8, leaves its
+    # reversed trigger working (87% measured), and the report says so
+    assert scanned["detection"]["flagged_targets"][1:] == [6]
+    [missed] = [f for f in scanned["findings"] if f["rule_id"] == "SS304"]
+    assert missed["location"] == "class 6" and "synthesised images" in missed["message"]
     after = json.loads(run_cli("eval", out, "--data", TEST_SET, "--zoo-entry", "cnn_trojan",
                                "--json").out)
     assert after["asr"] < 0.10  # 1.00 before; 0.007 measured

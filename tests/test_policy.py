@@ -13,7 +13,7 @@ from scanner.findings import Finding, Severity
 from scanner.policy import BUILTIN_POLICIES, Policy, load_catalog, load_policy
 
 RULE_IDS = [f"SS1{n:02d}" for n in range(1, 13)] + [f"SS20{n}" for n in range(1, 6)] + [
-    "SS301", "SS302", "SS303"]
+    "SS301", "SS302", "SS303", "SS304"]
 
 
 def test_catalog_lists_every_stable_rule_id_in_order() -> None:
@@ -30,7 +30,7 @@ def test_catalog_lists_every_stable_rule_id_in_order() -> None:
     ("SS104", Severity.CRITICAL), ("SS108", Severity.INFO), ("SS112", Severity.HIGH),
     ("SS201", Severity.CRITICAL), ("SS202", Severity.MEDIUM), ("SS203", Severity.INFO),
     ("SS204", Severity.LOW), ("SS205", Severity.LOW), ("SS301", Severity.INFO),
-    ("SS302", Severity.HIGH), ("SS303", Severity.MEDIUM)])
+    ("SS302", Severity.HIGH), ("SS303", Severity.MEDIUM), ("SS304", Severity.HIGH)])
 def test_catalog_default_severities(rule_id: str, severity: Severity) -> None:
     assert load_catalog().get(rule_id).severity is severity
 
