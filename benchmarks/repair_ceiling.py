@@ -1,6 +1,6 @@
 """How far can channel zeroing go? The repair planner with the answers given to it.
 
-    python benchmarks/repair_ceiling.py [--models a,b] [--held-out 300] [--max-drop 1]
+    python benchmarks/repair_ceiling.py [--models a,b] [--held-out 1000] [--max-drop 1]
 
 The scan repairs with a *reversed* trigger and *one image per class*. This benchmark runs
 the same Shapley estimate and the same greedy planner (`scanner.prune.plan`, the default
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import FEWSHOT, TEST_SET, zoo_models  # noqa: E402
 
 FIT = 1000  # test images [0, FIT) may be used to fit; [FIT, end) score
-REPAIR_CAPTURE = 4, 8  # shifted copies: stamped, clean (as scanner.api._repair)
+SHIFTED_COPIES = 4, 8  # stamped, clean: as scanner.api._repair
 
 
-def ceiling(zm, held_out: int, max_drop: float, log=print) -> list[str]:
+def ceiling(zm, held_out: int, max_drop: float) -> None:
     from scanner.api import model_preprocess
     from scanner.attacks import Attack
     from scanner.data import load_images, shifted
@@ -63,12 +63,11 @@ def ceiling(zm, held_out: int, max_drop: float, log=print) -> list[str]:
     others = fewshot.subset(np.flatnonzero(fewshot.labels != target))
     fit_part = fit.subset(np.arange(held_out))
     inputs = {
-        "few-shot": (attack.apply(shifted(others, REPAIR_CAPTURE[0]).pixels),
-                     shifted(fewshot, REPAIR_CAPTURE[1]), rp.max_clean_drop),
+        "few-shot": (attack.apply(shifted(others, SHIFTED_COPIES[0]).pixels),
+                     shifted(fewshot, SHIFTED_COPIES[1]), rp.max_clean_drop),
         "held-out": (attack.apply(fit_part.pixels[fit_part.labels != target]), fit_part,
                      max_drop / 100),
     }
-    rows = []
     for name, (stamped, clean, clean_budget) in inputs.items():
         t0 = time.perf_counter()
         backdoor = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
@@ -87,9 +86,7 @@ def ceiling(zm, held_out: int, max_drop: float, log=print) -> list[str]:
         row = (f"| {zm.name} | {name} | {acc:.1f} / {asr:.1f} | {acc_after:.1f} / "
                f"{asr_after:.1f} | {acc - acc_after:.1f} | {len(chosen.channels)} "
                f"({share:.2f}%) | {'yes' if met else 'no'} | {seconds:.0f} |")
-        log(row, flush=True)
-        rows.append(row)
-    return rows
+        print(row, flush=True)
 
 
 def _score(evaluator, images, attack, target, prep, channels) -> tuple[float, float]:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: every "
                         "backdoored model)")
-    parser.add_argument("--held-out", type=int, default=300,
+    parser.add_argument("--held-out", type=int, default=FIT,
                         help=f"test images the held-out planner fits on (≤ {FIT})")
     parser.add_argument("--max-drop", type=float, default=1.0,
                         help="clean budget of the held-out planner, accuracy points")
