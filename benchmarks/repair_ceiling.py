@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo import FEWSHOT, TEST_SET, zoo_models  # noqa: E402
+from zoo import FEWSHOT, TEST_SET, ZooModel, zoo_models  # noqa: E402
 
 FIT = 1000  # test images [0, FIT) may be used to fit; [FIT, end) score
 SHIFTED_COPIES = 4, 8  # stamped, clean: as scanner.api._repair
 
 
-def ceiling(zm, held_out: int, max_drop: float) -> None:
+def ceiling(zm: ZooModel, held_out: int, max_drop: float) -> None:
     from scanner.api import model_preprocess
     from scanner.attacks import Attack
     from scanner.data import load_images, shifted
