@@ -60,8 +60,12 @@ class Verdict:
                        self.suspicious)
 
 
+# the warp test's default median ratio (policy key detection.warp_ratio; see `detect`)
+WARP_RATIO = 4.0
+
+
 def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
-                    warp_ratio: float = 4.0) -> int | None:
+                    warp_ratio: float = WARP_RATIO) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
     (`class_scores`; None when no class has a finite one)."""
     finite = {t: v for t, v in class_scores(detection, warn_threshold, isolation_threshold,
@@ -88,7 +92,7 @@ COMBINED = ("patch", "universal")
 
 def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            isolation_threshold: float = 1.0, data_free: bool = False,
-           bn_layers: int = 0, warp_ratio: float = 4.0) -> Verdict:
+           bn_layers: int = 0, warp_ratio: float = WARP_RATIO) -> Verdict:
     """Flag a class when its combined anomaly index exceeds `threshold`, when its patch
     trigger is both anomalous (above `warn_threshold`) and isolated (≥ `isolation_threshold`),
     or when its warp trigger is anomalous (above `threshold`), isolated, and at least
@@ -183,7 +187,7 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
 
 
 def class_scores(detection: Detection, warn_threshold: float, isolation_threshold: float,
-                 warp_ratio: float = 4.0) -> dict[int, float]:
+                 warp_ratio: float = WARP_RATIO) -> dict[int, float]:
     """How far each class goes past the decision rule of `detect`, as a ratio (above 1 =
     flagged): the largest of combined / threshold, the patch test
     min(patch index / warn, isolation / cut) and the warp test
@@ -201,7 +205,7 @@ def class_scores(detection: Detection, warn_threshold: float, isolation_threshol
 
 
 def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
-          classes: Collection[int] | None = None, warp_ratio: float = 4.0) -> float:
+          classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO) -> float:
     """One number per model for ROC analysis: the largest `class_scores` entry among
     `classes` (default all), -inf when there is none."""
     per_class = class_scores(detection, warn_threshold, isolation_threshold, warp_ratio)
