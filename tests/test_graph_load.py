@@ -91,6 +91,13 @@ def test_ss103_external_data_outside_the_model_folder(refused, tmp_path, locatio
     assert "'w'" in err
 
 
+@pytest.mark.parametrize("location,said", [
+    ("w\x00.bin", "NUL byte"), ("a" * 5000, "(5000 chars)' cannot be resolved")])
+def test_ss103_external_data_path_the_file_system_cannot_take(refused, location, said):
+    err = refused(_external(conv_relu_model(), location, length=432), "SS103")
+    assert said in err and len(err.splitlines()) == 1 and len(err) < 300
+
+
 def test_ss103_symlink_escaping_the_folder(refused, tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}_outside.bin"
     outside.write_bytes(b"\0" * 432)

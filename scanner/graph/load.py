@@ -253,17 +253,25 @@ def _check_external(name: str, tensor: TensorProto, folder: Path) -> int:
     location = info.get("location", "")
     if not location:
         raise refuse("SS103", f"tensor {name!r} has external data without a location", name)
+    shown = location if len(location) <= 80 else f"{location[:40]}...({len(location)} chars)"
     if (os.path.isabs(location) or location.startswith(("/", "\\"))
             or (len(location) > 1 and location[1] == ":")):
-        raise refuse("SS103", f"tensor {name!r} external data path {location!r} is absolute",
+        raise refuse("SS103", f"tensor {name!r} external data path {shown!r} is absolute",
                      name)
+    if "\x00" in location:
+        raise refuse("SS103", f"tensor {name!r} external data path contains a NUL byte", name)
     base = folder.resolve()
-    target = (base / location).resolve()
+    try:
+        target = (base / location).resolve()
+        present = target.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise refuse("SS103", f"tensor {name!r} external data path {shown!r} cannot be "
+                     f"resolved ({exc.strerror or exc})", name) from None
     if not target.is_relative_to(base):
-        raise refuse("SS103", f"tensor {name!r} external data path {location!r} escapes "
+        raise refuse("SS103", f"tensor {name!r} external data path {shown!r} escapes "
                      "the model folder", name)
-    if not target.is_file():
-        raise refuse("SS105", f"tensor {name!r} external data file {location!r} is missing",
+    if not present:
+        raise refuse("SS105", f"tensor {name!r} external data file {shown!r} is missing",
                      name)
     try:
         offset = int(info.get("offset", "0"))
@@ -276,7 +284,7 @@ def _check_external(name: str, tensor: TensorProto, folder: Path) -> int:
         length = file_size - offset
     if offset < 0 or length < 0 or offset + length > file_size:
         raise refuse("SS105", f"tensor {name!r} external data [{offset}, {offset + length}) "
-                     f"lies outside {location!r} ({file_size} bytes)", name)
+                     f"lies outside {shown!r} ({file_size} bytes)", name)
     expected = _byte_size(tensor)
     if expected is not None and expected != length:
         raise refuse("SS105", f"tensor {name!r} declares dims {list(tensor.dims)} "
