@@ -115,8 +115,10 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
     pool = shapley.top(max(cfg.candidates, budget))
     pool = pool[shapley.values[pool] > 0]
     base = _measure(backdoor, cost, utility, np.ones((1, n), np.float32))
-    singles = _measure(backdoor, cost, utility, _without(np.ones(n, np.float32), pool))
-    contrib = singles.clean_cost
+    # no channel with a positive value (e.g. the trigger works without any of them): none
+    # to zero, and the plan says the target was not reached
+    contrib = (_measure(backdoor, cost, utility, _without(np.ones(n, np.float32), pool))
+               .clean_cost if len(pool) else np.zeros(0))
     scores = shapley.values.copy()
     scores[pool] -= cfg.clean_penalty * contrib
     if cfg.order == "ranked":

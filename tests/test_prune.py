@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from graph_builders import conv_relu_model
+from onnx import numpy_helper
 
+from scanner.graph.activations import discover_activations
+from scanner.graph.prefix import CoalitionEvaluator
 from scanner.prune import PruneConfig, plan
 from scanner.shapley import ShapleyConfig, Utility, estimate
 
@@ -100,3 +105,25 @@ def test_plan_goes_on_until_the_trigger_no_longer_lifts_the_target(order):
                   PruneConfig(max_channel_fraction=0.05, order=order))
     assert sorted(result.channels) == [11, 40] and result.target_reached
     assert result.backdoor_after < 0.003
+
+
+
+@pytest.mark.parametrize("order", ["greedy", "ranked"])
+def test_no_channel_carries_the_backdoor_gives_an_empty_plan(order):
+    # all-zero conv weights: the masked layer is 0 whatever the mask, every Shapley value
+    # is 0, so there is no candidate: nothing zeroed, target missed (was a crash)
+    proto = conv_relu_model()
+    for init in proto.graph.initializer:
+        if init.name in ("w", "b"):
+            init.CopyFrom(numpy_helper.from_array(
+                np.zeros(numpy_helper.to_array(init).shape, np.float32), init.name))
+    proto = onnx.shape_inference.infer_shapes(proto)
+    layers = discover_activations(proto)
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    backdoor = CoalitionEvaluator(proto, layers, x, threads=1)
+    target = int(backdoor.logits(np.ones((1, backdoor.n_channels)))[0, 0].argmax())
+    values = estimate(backdoor, Utility(target), ShapleyConfig(permutations=8), seed=0)
+    assert not values.values.any()
+    result = plan(backdoor, backdoor, np.zeros(4, np.int64), Utility(target), values,
+                  PruneConfig(order=order))
+    assert result.channels == [] and not result.target_reached and result.asr_after == 1.0
