@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from . import __version__
 from .attacks import Attack
@@ -14,9 +16,10 @@ from .autodiff import GradientProgram
 from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
 from .detect import Verdict as DetectVerdict
 from .detect import detect, most_suspicious, score
-from .errors import DataError, Inconclusive, ModelRefused, UsageError
+from .errors import DataError, Inconclusive, ModelRefused, UsageError, internal_error
 from .findings import ChannelValue, ClassReverse, LayerInfo, Repair, ScanResult, Verdict
 from .graph.activations import discover_activations
+from .graph.batch import any_batch
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
 from .graph.prefix import CoalitionEvaluator
@@ -27,6 +30,8 @@ from .reverse import ReverseConfig, ReversedTrigger, SynthesisConfig, reverse_tr
 from .runtime import Device, make_session, resolve_device, run_batched
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -36,16 +41,46 @@ class EvalResult:
     n_attack_images: int
 
 
+MAX_IMAGE_VALUES = 1 << 22  # C*H*W of one input; every stage runs hundreds of rows at once
+
+
 def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Preprocess:
-    _, shape = model.image_input()
-    return resolve_preprocess(model.path, model.metadata, shape, overrides)
+    name, shape = model.image_input()
+    inits = {i.name for i in model.proto.graph.initializer}
+    others = [i.name for i in model.proto.graph.input if i.name not in inits and i.name != name]
+    if others:
+        raise Inconclusive(f"inconclusive: the model has {len(others) + 1} inputs "
+                           f"({', '.join([name, *others])}); shapscan scans image classifiers "
+                           "with one input")
+    elem = next(i for i in model.proto.graph.input if i.name == name).type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise Inconclusive(f"inconclusive: the image input {name!r} is "
+                           f"{onnx.TensorProto.DataType.Name(elem).lower()}; shapscan runs "
+                           "models with a float32 image input")
+    prep = resolve_preprocess(model.path, model.metadata, shape, overrides)
+    if min(prep.height, prep.width) <= 0:
+        raise DataError(f"the model's input {name} {shape} does not fix the image height and "
+                        f"width: give them as \"height\" and \"width\" in "
+                        f"{model.path.stem}.preprocess.json beside the model")
+    if prep.channels * prep.height * prep.width > MAX_IMAGE_VALUES:
+        raise Inconclusive(f"inconclusive: an input of {prep.channels}x{prep.height}x"
+                           f"{prep.width} values is more than shapscan scans "
+                           f"({MAX_IMAGE_VALUES:,} per image)")
+    return prep
+
+
+def batchable(model: LoadedModel, prep: Preprocess) -> None:
+    """Point `model.runnable` at a copy that takes any batch size (graph.batch)."""
+    name, _ = model.image_input()
+    relaxed = any_batch(model.proto, name, prep.input_shape)
+    model.batch_free = None if relaxed is model.proto else relaxed
 
 
 class Predictor:
     """Logits of the unmodified model for pixel-space images; one session, many calls."""
 
     def __init__(self, model: LoadedModel, prep: Preprocess, device: str = "cpu") -> None:
-        self.session = make_session(model.proto, resolve_device(device))
+        self.session = make_session(model.runnable, resolve_device(device))
         self.input_name, _ = model.image_input()
         self.prep = prep
 
@@ -63,6 +98,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     """
     model = load_model(model_path)
     prep = model_preprocess(model, overrides)
+    batchable(model, prep)
     data: ImageSet = load_images(data_path, prep)
     predict = Predictor(model, prep, device)
     logits = predict(data.pixels)
@@ -134,6 +170,12 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
     except DataError as exc:
         result.verdict = Verdict.ERROR
         result.errors.append(str(exc))
+    except UsageError:
+        raise
+    except Exception as exc:  # a bug: this model's result says so, the other models still run
+        log.debug("internal error scanning %s", model_path, exc_info=True)
+        result.verdict = Verdict.ERROR
+        result.errors.append(internal_error(exc))
     finally:
         progress.close()
     result.findings = policy.apply(result.findings)
@@ -153,6 +195,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         raise Inconclusive("inconclusive: no activation layers to scan", rule_id="SS204")
     scored = _select_layers(layers, opts.layers)
     prep = model_preprocess(model, opts.overrides)
+    batchable(model, prep)
     device = resolve_device(opts.device)
     result.device = device.name
     n_classes = _n_classes(model, prep, device)
@@ -163,7 +206,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         return
 
     t = time.perf_counter()
-    program = GradientProgram(model.proto, bn_stats=opts.data_free, device=device)
+    program = GradientProgram(model.runnable, bn_stats=opts.data_free, device=device)
     if opts.data_free:
         images, bn_layers = _synthesise(result, program, prep, n_classes, opts, catalog,
                                         progress)
@@ -242,7 +285,7 @@ def _second_view(result: ScanResult, model: LoadedModel, bn_nodes: int, prep: Pr
     if not bn_nodes:  # the first view's program counts them, BN-statistics outputs or not
         return first
     t = time.perf_counter()
-    program = GradientProgram(model.proto, bn_stats=True, device=device)
+    program = GradientProgram(model.runnable, bn_stats=True, device=device)
     synthetic, bn_layers = _synthesise(
         result, program, prep, n_classes, opts, catalog, progress,
         "second view: the few-shot images flagged nothing, synthesising inputs")
@@ -331,7 +374,7 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     stamped = _stamped(images, target, triggers[target], opts.trigger_gain)
     clean = shifted(images, 8)
     clean_pixels, clean_labels = clean.pixels, clean.labels
-    backdoor_eval = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
+    backdoor_eval = CoalitionEvaluator(model.runnable, layers, prep.to_model(stamped), device)
     clean_eval = backdoor_eval.with_images(prep.to_model(clean_pixels))
     sp = policy.shapley
     cfg = ShapleyConfig(permutations=opts.permutations or sp.permutations,

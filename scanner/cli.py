@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import click
 
 from . import __version__
-from .errors import ShapscanError, UsageError
+from .errors import ShapscanError, UsageError, internal_error
 
 EXAMPLES = """
 \b
@@ -46,8 +47,20 @@ def use_color() -> bool:
 from . import commands  # noqa: E402,F401  (registers the subcommands on `cli`)
 
 
+def _warn_one_line(message: Warning | str, category: type[Warning], filename: str,
+                   lineno: int, file: object = None, line: str | None = None) -> None:
+    click.echo(f"shapscan: warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    with warnings.catch_warnings():
+        if not debug:  # our warnings (CUDA fallback) as one line, not Python's file:line
+            warnings.showwarning = _warn_one_line
+        return _main(argv, debug)
+
+
+def _main(argv: list[str] | None, debug: bool) -> int:
     try:
         rv = cli.main(args=argv, prog_name="shapscan", standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help, --version
@@ -69,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise
-        click.echo(f"shapscan: internal error: {type(exc).__name__}: {exc} "
-                   "(rerun with --debug for a traceback)", err=True)
+        click.echo(f"shapscan: {internal_error(exc)}", err=True)
         return 2
     return rv if isinstance(rv, int) else 0
 

@@ -41,3 +41,14 @@ class UsageError(ShapscanError):
     """Bad flag, bad policy file, unknown rule id."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line: ORT and numpy errors run to several."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
+def internal_error(exc: BaseException) -> str:
+    """How a bug is reported when --debug is off."""
+    return (f"internal error: {type(exc).__name__}: {first_line(exc)} "
+            "(rerun with --debug for a traceback)")

@@ -102,3 +102,14 @@ def test_resident_feeds_on_cpu_are_plain_arrays():
     assert isinstance(kept, np.ndarray)
     np.testing.assert_array_equal(runner.run(["logits"], {}, {"image": kept})[0],
                                   runner.run(["logits"], {"image": x})[0])
+
+
+def test_cli_says_the_cuda_fallback_in_one_line(run_cli, monkeypatch):
+    monkeypatch.setattr(runtime, "_warned_cuda", False)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CPU])
+    result = run_cli("eval", "samples/models/cnn_badnets.onnx", "--data",
+                     "samples/data/fewshot.npz", "--device", "cuda")
+    assert result.code == 0
+    assert result.err == ("shapscan: warning: CUDA requested but unavailable: onnxruntime has "
+                          "no CUDA execution provider (install the `gpu` extra); running on "
+                          "CPU\n")

@@ -58,7 +58,7 @@ def _fewshot_acc(model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
     """Few-shot accuracy with every channel on and with `pruned` zeroed, and image passes."""
     touched = {c.layer for c in pruned}
     scope = [layer for layer in layers if layer.name in touched] or layers[:1]
-    evaluator = CoalitionEvaluator(model.proto, scope, prep.to_model(images.pixels), device)
+    evaluator = CoalitionEvaluator(model.runnable, scope, prep.to_model(images.pixels), device)
     rows = np.ones((2, evaluator.n_channels), np.float32)
     for c in pruned:
         rows[1, evaluator.flat_index(c.layer, c.channel)] = 0.0
@@ -91,7 +91,7 @@ def clp_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
 def fine_pruning_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
                         images: ImageSet, device: Device,
                         cfg: FinePruningConfig | None = None) -> Repair:
-    result = fine_prune(model.proto, layers, prep, images, device, cfg or FinePruningConfig())
+    result = fine_prune(model.runnable, layers, prep, images, device, cfg or FinePruningConfig())
     if result is None:
         raise Inconclusive("fine-pruning found no convolutional activation layer",
                            rule_id="SS204")

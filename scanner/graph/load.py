@@ -43,6 +43,13 @@ class LoadedModel:
     sha256: str
     size_bytes: int
     findings: list[Finding] = field(default_factory=list)
+    # what ONNX Runtime runs when set: a copy taking any batch size (graph.batch)
+    batch_free: onnx.ModelProto | None = None
+
+    @property
+    def runnable(self) -> onnx.ModelProto:
+        """The proto sessions run; `proto` stays what reports describe and export edits."""
+        return self.proto if self.batch_free is None else self.batch_free
 
     @property
     def metadata(self) -> dict[str, str]:
