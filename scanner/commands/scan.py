@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..api import ScanOptions, scan
 from ..cli import cli
 from ..errors import UsageError
@@ -18,6 +22,7 @@ from ..report import write_report
 from .common import device_option, preprocess_options, preprocess_overrides
 
 SEVERITIES = [s.name.lower() for s in Severity]
+SEPARATORS = tuple(s for s in (os.sep, os.altsep) if s)
 
 
 def model_paths(targets: tuple[Path, ...]) -> list[Path]:
@@ -33,22 +38,64 @@ def model_paths(targets: tuple[Path, ...]) -> list[Path]:
     return paths
 
 
-def per_model_path(base: Path | None, model: Path, several: bool, suffix: str) -> Path | None:
-    """With several models, an output option names a folder and files take the model's stem."""
-    if base is None:
-        return None
-    return base / f"{model.stem}{suffix}" if several else base
+def names_folder(option: str) -> bool:
+    return option.endswith(SEPARATORS) or Path(option).is_dir()
 
 
-def check_outputs(several: bool, **outputs: Path | None) -> None:
-    """Fail before any work when an output cannot be written (no half-done gate runs)."""
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        folder = path if several and flag in ("out", "html") else path.parent
-        if not folder.is_dir():
-            what = "folder" if folder == path else "folder of"
-            raise UsageError(f"--{flag}: {what} {folder} does not exist")
+def output_files(option: str | None, paths: list[Path], per_model: bool, suffix: str
+                 ) -> tuple[Path | None, list[Path | None]]:
+    """The folder an output option names (None: it names a file) and each model's file.
+
+    It names a folder when several models or a folder of models are scanned, when it
+    names an existing folder, or when it ends with a path separator. A model's file in it
+    is the model's stem + suffix; stems that repeat get -1, -2, ... in the order scanned."""
+    if option is None:
+        return None, [None] * len(paths)
+    if not (per_model or names_folder(option)):
+        return None, [Path(option)]
+    folder = Path(option)
+    repeats = Counter(p.stem for p in paths)
+    seen: Counter[str] = Counter()
+    files: list[Path | None] = []
+    for path in paths:
+        seen[path.stem] += 1
+        tag = f"-{seen[path.stem]}" if repeats[path.stem] > 1 else ""
+        files.append(folder / f"{path.stem}{tag}{suffix}")
+    return folder, files
+
+
+def check_folder(flag: str, folder: Path) -> None:
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"--{flag}: {folder} {state}")
+    try:  # a real probe: root passes every permission check, /proc takes no new file
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise UsageError(f"--{flag}: cannot write in {folder}: {exc.strerror}") from None
+
+
+def check_outputs(models: list[Path], folders: dict[str, Path | None],
+                  files: dict[str, list[Path | None]]) -> None:
+    """Fail before any work when an output cannot be written or would overwrite an input
+    model or another output: a gate never destroys its input nor leaves half its outputs."""
+    for flag, folder in folders.items():
+        if folder is not None:  # a missing output folder is created in an existing one
+            check_folder(flag, folder if folder.exists() else folder.parent)
+    inputs = {m.resolve(): m for m in models}
+    taken: dict[Path, str] = {}
+    for flag, paths in files.items():
+        for path in filter(None, paths):
+            key = path.resolve()
+            if key in inputs:
+                raise UsageError(f"--{flag}: {path} is the input model {inputs[key]}; "
+                                 "refusing to overwrite it")
+            if key in taken:
+                raise UsageError(f"--{taken[key]} and --{flag} name the same file {path}")
+            if path.is_dir():
+                raise UsageError(f"--{flag}: {path} is a folder, not a file")
+            taken[key] = flag
+            if folders[flag] is None:
+                check_folder(flag, path.parent)
 
 
 @cli.command("scan")
@@ -56,12 +103,16 @@ def check_outputs(several: bool, **outputs: Path | None) -> None:
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Clean images, 1 per class is enough: a .npz (x, y) or a folder.")
 @click.option("--data-free", is_flag=True, help="No data: synthesise inputs from the model.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Write the repaired model here (a folder when scanning several).")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="JSON report.")
-@click.option("--sarif", type=click.Path(path_type=Path), default=None, help="SARIF 2.1.0 report.")
-@click.option("--html", type=click.Path(path_type=Path), default=None,
-              help="Single-file HTML report (a folder when scanning several).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Write the repaired model to this file, or to STEM.sanitized.onnx in this "
+                   "folder (see Outputs).")
+@click.option("--report", type=click.Path(), default=None,
+              help="JSON report (one file for all models).")
+@click.option("--sarif", type=click.Path(), default=None,
+              help="SARIF 2.1.0 report (one file for all models).")
+@click.option("--html", type=click.Path(), default=None,
+              help="Single-file HTML report: this file, or STEM.html in this folder "
+                   "(see Outputs).")
 @click.option("--policy", default="default", show_default=True,
               help="default | strict | permissive | path to a policy .toml")
 @click.option("--method", type=click.Choice(["shapley", "clp", "fp"]), default="shapley",
@@ -83,8 +134,8 @@ def check_outputs(several: bool, **outputs: Path | None) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no summary.")
 @preprocess_options
 @device_option
-def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: Path | None,
-             report: Path | None, sarif: Path | None, html: Path | None, policy: str,
+def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: str | None,
+             report: str | None, sarif: str | None, html: str | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
              device: str, **prep: str | None) -> int:
@@ -92,6 +143,13 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
     3 inconclusive, 4 usage error.
+
+    Outputs: --out and --html name a folder when it exists, when it ends with a path
+    separator, or when several models or a folder of models are scanned. Each model then
+    writes STEM.sanitized.onnx or STEM.html in it (STEM-1, STEM-2, ... when models share a
+    file name), and a missing folder is created inside an existing one. An output that
+    cannot be written, or that names an input model or another output, is a usage error
+    before anything is scanned.
     """
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
@@ -101,17 +159,37 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     threshold = Severity.parse(fail_on) if fail_on else gate_policy.fail_on
     paths = model_paths(models)
     several = len(paths) > 1
-    check_outputs(several, out=out, html=html, report=report, sarif=sarif)
+    per_model = several or any(m.is_dir() for m in models)
+    folders: dict[str, Path | None] = {}
+    files: dict[str, list[Path | None]] = {}
+    for flag, option, suffix in (("out", out, ".sanitized.onnx"), ("html", html, ".html")):
+        folders[flag], files[flag] = output_files(option, paths, per_model, suffix)
+    for flag, option in (("report", report), ("sarif", sarif)):
+        if option is not None and names_folder(option):
+            raise UsageError(f"--{flag}: {option} names a folder, not a file")
+        folders[flag], files[flag] = None, [None if option is None else Path(option)]
+    check_outputs(paths, folders, files)
+    for folder in filter(None, folders.values()):
+        folder.mkdir(exist_ok=True)
     results: list[ScanResult] = []
-    for path in paths:
+    for path, out_file, html_file in zip(paths, files["out"], files["html"], strict=True):
         options = ScanOptions(
             data=data, data_free=data_free, policy=policy, method=method, device=device,
-            seed=seed, out=per_model_path(out, path, several, ".sanitized.onnx"),
+            seed=seed, out=out_file,
             layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
             overrides=preprocess_overrides(**prep), permutations=permutations,
             epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet)
         start = time.perf_counter()
-        result = scan(path, options, Progress(enabled=not quiet))
+        try:
+            result = scan(path, options, Progress(enabled=not quiet))
+        except UsageError as exc:
+            if not several:
+                raise
+            # a per-model problem (--layers naming a layer this model lacks) is this model's
+            # error: the other models are still scanned and every report is written
+            result = ScanResult(model_path=str(path), verdict=Verdict.ERROR,
+                                errors=[str(exc)], method=method, seed=seed,
+                                tool_version=__version__)
         result.timings["total"] = time.perf_counter() - start
         results.append(result)
         if not quiet and not as_json:
@@ -119,9 +197,9 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         else:  # a gate that fails must still say why, on stderr, one line each
             for problem in result.errors + result.skipped:
                 click.echo(f"shapscan: {path}: {problem}", err=True)
-        if html is not None:
+        if html_file is not None:
             from ..report.html import render_html
-            write_report(per_model_path(html, path, several, ".html"), render_html(result))
+            write_report(html_file, render_html(result))
     from ..report.json_report import render_json
     json_text = render_json(results, fail_on=threshold)
     if report is not None:

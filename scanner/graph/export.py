@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,10 +369,12 @@ def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
 
 
 def save_atomic(proto: onnx.ModelProto, path: str | Path) -> None:
-    """Write `proto` to `path` via a temp file in the same folder; nothing left on failure."""
+    """Write `proto` to `path` via a temp file in the same folder; nothing left on failure.
+    Not mkstemp: its files are 0600, and the model gets the mode the umask gives."""
     path = Path(path)
     payload = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

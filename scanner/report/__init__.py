@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .html import render_html
@@ -21,9 +21,11 @@ __all__ = ["SCHEMA_ID", "render_html", "render_json", "render_sarif", "report_di
 
 def write_report(path: str | Path, text: str) -> Path:
     """Write `text` atomically: a temp file in the same folder, then rename, so a reader
-    (or a CI artifact upload) never sees a half-written report."""
+    (or a CI artifact upload) never sees a half-written report. Not mkstemp: its files are
+    0600, and a report gets the mode the umask gives, like any other file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
