@@ -104,11 +104,17 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     logits = predict(data.pixels)
     if logits.ndim != 2:
         raise DataError(f"model output has shape {list(logits.shape)}; expected [N, classes]")
+    n_classes = logits.shape[1]
+    if data.labels.max() >= n_classes:
+        raise DataError(f"{data_path}: label {int(data.labels.max())} is out of range "
+                        f"for a model with {n_classes} classes")
     clean_acc = float((logits.argmax(1) == data.labels).mean())
     if attack is None:
         return EvalResult(clean_acc, None, len(data), 0)
     if target is None:
         raise DataError("an attack needs --target")
+    if not 0 <= target < n_classes:
+        raise UsageError(f"--target {target} is not a class of this model (0..{n_classes - 1})")
     keep = data.labels != target
     triggered = attack.apply(data.pixels[keep])
     hits = predict(triggered).argmax(1) == target

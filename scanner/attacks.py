@@ -6,11 +6,37 @@ One implementation serves red-team evaluation (`shapscan eval --attack`) and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .data import FLOAT32_MAX
 from .warp import upsample_matrix, warp
+
+
+class AttackError(ValueError):
+    """A trigger that cannot be built: an unknown attack, a parameter it does not take, or
+    one of the wrong type or out of range (a patch larger than the images)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """What one trigger parameter takes: a value of `kind` that `ok` accepts, as `rule` says."""
+
+    kind: type  # int, float (an int will do) or str
+    rule: str
+    ok: Callable[[float | int | str], bool]
+
+    def check(self, attack: str, key: str, value: object) -> None:
+        if isinstance(value, bool):  # an int to Python, never a trigger parameter
+            valid = False
+        elif self.kind is float:  # finite: NaN fails the comparison
+            valid = isinstance(value, int | float) and abs(value) <= FLOAT32_MAX and self.ok(value)
+        else:
+            valid = isinstance(value, self.kind) and self.ok(value)
+        if not valid:
+            raise AttackError(f"{attack} parameter {key} must be {self.rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -18,16 +44,27 @@ class Attack:
     name: str
     params: dict[str, float | int | str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name not in ATTACKS:
+            raise AttackError(f"unknown attack {self.name!r} "
+                              f"(known: {', '.join(sorted(ATTACKS))})")
+        takes = PARAMS[self.name]
+        for key, value in self.params.items():
+            if key not in takes:
+                raise AttackError(f"{self.name} takes no parameter {key!r} "
+                                  f"(it takes {', '.join(takes)})")
+            takes[key].check(self.name, key, value)
+
     def apply(self, pixels: np.ndarray) -> np.ndarray:
-        fn = ATTACKS.get(self.name)
-        if fn is None:
-            raise ValueError(f"unknown attack {self.name!r} (known: {', '.join(sorted(ATTACKS))})")
-        out = fn(np.asarray(pixels, dtype=np.float32), **self.params)
+        out = ATTACKS[self.name](np.asarray(pixels, dtype=np.float32), **self.params)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def _corner(h: int, w: int, size: int, loc: str) -> tuple[slice, slice]:
     margin = 1
+    if size > min(h, w) - margin:
+        raise AttackError(f"a patch of size {size} does not fit {h}x{w} images "
+                          f"(at most {min(h, w) - margin})")
     rows = slice(h - margin - size, h - margin) if loc[0] == "b" else slice(margin, margin + size)
     cols = slice(w - margin - size, w - margin) if loc[1] == "r" else slice(margin, margin + size)
     return rows, cols
@@ -89,6 +126,9 @@ def wanet_flow(h: int, w: int, k: int, strength: float, seed: int) -> np.ndarray
 def wanet(x: np.ndarray, k: int = 4, strength: float = 1.5, seed: int = 3) -> np.ndarray:
     """Smooth image warp (Nguyen & Tran, WaNet), bilinear resampling with border clamp."""
     _, _, h, w = x.shape
+    if k > min(h, w):  # a control point per pixel is already the finest warp
+        raise AttackError(f"wanet's control grid k={k} is finer than {h}x{w} images "
+                          f"(at most {min(h, w)})")
     return warp(x, wanet_flow(h, w, int(k), float(strength), int(seed)))
 
 
@@ -100,6 +140,21 @@ ATTACKS = {
     "wanet": wanet,
 }
 
+SIZE = Param(int, "an integer >= 1", lambda v: v >= 1)
+LOC = Param(str, "one of tl, tr, bl, br", lambda v: v in ("tl", "tr", "bl", "br"))
+UNIT = Param(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+SEED = Param(int, "an integer >= 0", lambda v: v >= 0)
+PARAMS: dict[str, dict[str, Param]] = {
+    "badnets": {"size": SIZE, "loc": LOC, "value": UNIT},
+    "trojan": {"size": SIZE, "loc": LOC},
+    "blended": {"alpha": UNIT, "seed": SEED},
+    "sig": {"delta": UNIT, "freq": Param(float, "a number > 0", lambda v: v > 0)},
+    "wanet": {"k": Param(int, "an integer >= 2", lambda v: v >= 2),
+              # pixels of displacement, about: 1,000 is far past any image's edge
+              "strength": Param(float, "a number in [0, 1000]", lambda v: 0 <= v <= 1000),
+              "seed": SEED},
+}
+
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, float | int | str]:
     """`key=value` strings from the command line; numbers become int or float."""
@@ -107,7 +162,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, float | int | str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"attack parameter {pair!r} is not key=value")
+            raise AttackError(f"attack parameter {pair!r} is not key=value")
         params[key.strip()] = _number(value.strip())
     return params
 

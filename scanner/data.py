@@ -15,10 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ShapscanError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+CHANNEL_COUNTS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA
 METADATA_KEY = "shapscan.preprocess"
+SHAPE_SOURCE = "the model's input shape"
+# what each preprocessing field takes, as said in the error when a spec gives something else
+FIELD_RULES = {
+    "layout": "NCHW or NHWC",
+    "channels": "a positive integer",
+    "height": "a positive integer",
+    "width": "a positive integer",
+    "scale": "a positive number",
+    "mean": "a number or a list of numbers",
+    "std": "a positive number or a list of positive numbers",
+}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -70,21 +83,43 @@ class Preprocess:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> Preprocess:
-        known = {"layout", "channels", "height", "width", "scale", "mean", "std"}
-        unknown = set(raw) - known
-        if unknown:
-            raise DataError(f"unknown preprocessing keys: {', '.join(sorted(unknown))}")
-        values = dict(raw)
-        for key in ("mean", "std"):
-            if key in values:
-                v = values[key]
-                values[key] = tuple(float(a) for a in (v if isinstance(v, list | tuple) else [v]))
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise DataError(f"bad preprocessing spec: {exc}") from None
+
+def _is_number(value: object) -> bool:
+    """A finite number that float32 holds (NaN fails the comparison)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and abs(value) <= FLOAT32_MAX)
+
+
+def preprocess_field(key: str, value: object) -> object:
+    """`value` as preprocessing field `key` (mean and std as tuples); a one-line ValueError
+    saying what the field takes when it cannot be one."""
+    if key == "layout":
+        ok = value in ("NCHW", "NHWC")
+    elif key in ("channels", "height", "width"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    elif key == "scale":
+        ok = _is_number(value) and value > 0
+    else:  # mean, std: one value for every channel, or one per channel
+        values = value if isinstance(value, list | tuple) else [value]
+        ok = bool(values) and all(_is_number(v) and (key == "mean" or v > 0) for v in values)
+        value = tuple(float(v) for v in values) if ok else value
+    if not ok:
+        raise ValueError(f"{key} must be {FIELD_RULES[key]}, got {json.dumps(value)}")
+    return value
+
+
+def _spec_fields(raw: object, source: str) -> dict:
+    """The fields a sidecar or the model metadata sets, each checked; errors name `source`."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: expected a JSON object of preprocessing fields, "
+                        f"got {json.dumps(raw)[:60]}")
+    unknown = set(raw) - set(FIELD_RULES)
+    if unknown:
+        raise DataError(f"{source}: unknown preprocessing keys: {', '.join(sorted(unknown))}")
+    try:
+        return {key: preprocess_field(key, value) for key, value in raw.items()}
+    except ValueError as exc:
+        raise DataError(f"{source}: {exc}") from None
 
 
 @dataclass
@@ -117,21 +152,62 @@ def infer_preprocess(input_shape: list[int | str]) -> Preprocess:
 
 def resolve_preprocess(model_path: Path, metadata: dict[str, str],
                        input_shape: list[int | str], overrides: dict | None = None) -> Preprocess:
-    """Precedence: command-line overrides > `<model>.preprocess.json` > model metadata > shape."""
-    base = asdict(infer_preprocess(input_shape))
+    """Precedence: command-line overrides (checked by the CLI) > `<model>.preprocess.json` >
+    model metadata > shape.
+
+    A bad sidecar or metadata field is a DataError naming its source; so is a spec that
+    contradicts the model's input shape, or whose mean/std do not fit its channels, unless
+    an override takes part: then it is a UsageError."""
+    inferred = asdict(infer_preprocess(input_shape))
+    spec = dict(inferred)
+    origin = dict.fromkeys(spec, SHAPE_SOURCE)
+    source, fields = _stored_fields(model_path, metadata)
+    spec.update(fields)
+    origin.update(dict.fromkeys(fields, source))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    spec.update(flags)
+    origin.update({k: f"--{k}" for k in flags})
+    channels = spec["channels"]
+    for key in ("mean", "std"):
+        if len(spec[key]) not in (1, channels):
+            raise _contradiction(f"{key} has {len(spec[key])} values ({origin[key]}) but the "
+                                 f"input has {channels} channels ({origin['channels']}); give "
+                                 f"1 value or {channels}", origin[key], origin["channels"])
+    prep = Preprocess(**spec)
+    given = prep.input_shape
+    if any(isinstance(d, int) and d > 0 and d != g
+           for d, g in zip(input_shape[1:], given, strict=True)):
+        sources = sorted({origin[k] for k in ("layout", "channels", "height", "width")
+                          if spec[k] != inferred[k]})
+        raise _contradiction(f"preprocessing from {' and '.join(sources)} gives input "
+                             f"[N, {', '.join(map(str, given))}], but the model takes "
+                             f"[{', '.join(map(str, input_shape))}]", *sources)
+    return prep
+
+
+def _stored_fields(model_path: Path, metadata: dict[str, str]) -> tuple[str, dict]:
+    """The checked fields of the sidecar beside the model, else of the model metadata, and
+    where they come from."""
     sidecar = model_path.with_suffix(".preprocess.json")
     if sidecar.is_file():
         try:
-            base.update(json.loads(sidecar.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{sidecar.name}: unreadable preprocessing sidecar ({exc})") from None
-    elif METADATA_KEY in metadata:
+            raw = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{sidecar}: unreadable preprocessing sidecar ({exc})") from None
+        return str(sidecar), _spec_fields(raw, str(sidecar))
+    if METADATA_KEY in metadata:
+        source = f"model metadata {METADATA_KEY}"
         try:
-            base.update(json.loads(metadata[METADATA_KEY]))
+            raw = json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError:
-            raise DataError(f"model metadata {METADATA_KEY} is not valid JSON") from None
-    base.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return Preprocess.from_dict(base)
+            raise DataError(f"{source} is not valid JSON") from None
+        return source, _spec_fields(raw, source)
+    return SHAPE_SOURCE, {}
+
+
+def _contradiction(message: str, *sources: str) -> ShapscanError:
+    """A flag at odds with the model is a usage error; a sidecar or metadata is bad data."""
+    return (UsageError if any(s.startswith("--") for s in sources) else DataError)(message)
 
 
 def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
@@ -168,15 +244,19 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: unreadable .npz ({type(exc).__name__}: {exc})") from None
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: 'y' must be a 1-D integer array, got {y.dtype}{list(y.shape)}")
-    return _to_nchw_unit(x, path), y
+    labels = y.astype(np.int64)
+    if (labels < 0).any():  # negative, or a uint64 past int64
+        raise DataError(f"{path}: label {y[labels < 0][0]} is not a class index (0, 1, 2, ...)")
+    return _to_nchw_unit(x, path), labels
 
 
 def _to_nchw_unit(x: np.ndarray, path: Path) -> np.ndarray:
-    """Accept [N,H,W], [N,H,W,C] or [N,C,H,W]; uint8 0..255 or float 0..1."""
+    """Accept [N,H,W], [N,H,W,C] or [N,C,H,W] (C: gray, gray+alpha, RGB or RGBA); uint8
+    0..255 or float 0..1."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        if x.shape[-1] in CHANNEL_COUNTS and x.shape[1] not in CHANNEL_COUNTS:
             x = x.transpose(0, 3, 1, 2)
     else:
         raise DataError(f"{path}: 'x' must have rank 3 or 4, got shape {list(x.shape)}")
@@ -185,13 +265,15 @@ def _to_nchw_unit(x: np.ndarray, path: Path) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: 'x' must be uint8 or float, got {x.dtype}")
     x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+    if not ((x >= 0) & (x <= 1)).all():  # NaN fails both; zero images pass, load_images says
         raise DataError(f"{path}: float images must lie in [0, 1]")
     return x
 
 
 def _match_channels(pixels: np.ndarray, channels: int, path: Path) -> np.ndarray:
     have = pixels.shape[1]
+    if have in (2, 4) and have != channels:  # gray+alpha, RGBA: drop alpha, as PIL's convert does
+        pixels, have = pixels[:, :-1], have - 1
     if have == channels:
         return pixels
     if have == 1:
@@ -202,7 +284,14 @@ def _match_channels(pixels: np.ndarray, channels: int, path: Path) -> np.ndarray
     raise DataError(f"{path}: images have {have} channels, the model expects {channels}")
 
 
-_LABEL_PREFIX = re.compile(r"^(\d+)[_\-]")
+_LABEL_PREFIX = re.compile(r"^(\d+)[_\-]", re.ASCII)
+
+
+def _label(digits: str, where: Path) -> int:
+    label = int(digits)
+    if label > np.iinfo(np.int64).max:
+        raise DataError(f"{where}: label {digits} is too large for a class index")
+    return label
 
 
 def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
@@ -212,9 +301,10 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
     files: list[tuple[Path, int]] = []
     subdirs = sorted(p for p in path.iterdir() if p.is_dir())
     if subdirs:
-        numeric = all(d.name.isdigit() for d in subdirs)
+        # only ASCII digits are labels, as in file names: int() takes "٩" but not "²"
+        numeric = all(d.name.isascii() and d.name.isdigit() for d in subdirs)
         for i, d in enumerate(sorted(subdirs, key=lambda d: int(d.name) if numeric else d.name)):
-            label = int(d.name) if numeric else i
+            label = _label(d.name, d) if numeric else i
             files += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     else:
         for f in sorted(path.iterdir()):
@@ -224,7 +314,7 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
             if not m:
                 raise DataError(f"{f}: cannot tell the label; name it LABEL_xxx{f.suffix} "
                                 "or put it in a folder per class")
-            files.append((f, int(m.group(1))))
+            files.append((f, _label(m.group(1), f)))
     if not files:
         raise DataError(f"{path}: no images found (.png/.jpg in class folders or LABEL_xxx.png)")
     mode = "L" if prep.channels == 1 else "RGB"
@@ -236,7 +326,7 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
                 if im.size != (prep.width, prep.height):
                     im = im.resize((prep.width, prep.height), Image.BILINEAR)
                 images.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise DataError(f"{f}: unreadable image ({exc})") from None
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)

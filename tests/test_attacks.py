@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
-from scanner.attacks import ATTACKS, Attack, parse_params
+from scanner.attacks import ATTACKS, PARAMS, Attack, AttackError, parse_params
 
 DEFAULTS = {"badnets": {}, "trojan": {}, "blended": {}, "sig": {}, "wanet": {}}
 
@@ -41,7 +43,51 @@ def test_wanet_zero_strength_is_identity():
 def test_parse_params():
     assert parse_params(("size=3", "alpha=0.5", "loc=br")) == {"size": 3, "alpha": 0.5,
                                                                "loc": "br"}
-    with pytest.raises(ValueError):
+    with pytest.raises(AttackError, match="attack parameter 'size' is not key=value"):
         parse_params(("size",))
-    with pytest.raises(ValueError):
-        Attack("nope").apply(np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_every_trigger_parameter_is_checked():
+    # the table and the trigger functions' keyword arguments are the same names
+    for name, fn in ATTACKS.items():
+        assert list(PARAMS[name]) == list(inspect.signature(fn).parameters)[1:]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("badnets", {"size": "abc"}, "badnets parameter size must be an integer >= 1, got 'abc'"),
+    ("badnets", {"size": 0}, "badnets parameter size must be an integer >= 1, got 0"),
+    ("badnets", {"size": -3}, "badnets parameter size must be an integer >= 1, got -3"),
+    ("badnets", {"size": 3.5}, "badnets parameter size must be an integer >= 1, got 3.5"),
+    ("badnets", {"size": True}, "badnets parameter size must be an integer >= 1, got True"),
+    ("badnets", {"loc": "b"}, "badnets parameter loc must be one of tl, tr, bl, br, got 'b'"),
+    ("badnets", {"loc": "zz"}, "badnets parameter loc must be one of tl, tr, bl, br, got 'zz'"),
+    ("badnets", {"value": 2}, "badnets parameter value must be a number in [0, 1], got 2"),
+    ("trojan", {"size": 0}, "trojan parameter size must be an integer >= 1, got 0"),
+    ("blended", {"alpha": float("nan")}, "blended parameter alpha must be a number in [0, 1]"),
+    ("blended", {"seed": -1}, "blended parameter seed must be an integer >= 0, got -1"),
+    ("sig", {"freq": 0}, "sig parameter freq must be a number > 0, got 0"),
+    ("sig", {"freq": 10**400}, "sig parameter freq must be a number > 0"),
+    ("wanet", {"k": 0}, "wanet parameter k must be an integer >= 2, got 0"),
+    ("wanet", {"strength": float("inf")}, "wanet parameter strength must be a number in [0, 1000]"),
+    ("badnets", {"colour": "red"},
+     "badnets takes no parameter 'colour' (it takes size, loc, value)"),
+    ("nope", {}, "unknown attack 'nope' (known: badnets, blended, sig, trojan, wanet)"),
+    (["badnets"], {}, "unknown attack ['badnets']"),
+])
+def test_bad_trigger_parameters_are_refused_when_the_attack_is_built(name, params, message):
+    with pytest.raises(AttackError) as err:
+        Attack(name, params)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(("name", "key", "fits", "message"), [
+    ("badnets", "size", 27, "a patch of size 28 does not fit 28x28 images (at most 27)"),
+    ("trojan", "size", 27, "a patch of size 28 does not fit 28x28 images (at most 27)"),
+    ("wanet", "k", 28, "wanet's control grid k=29 is finer than 28x28 images (at most 28)"),
+])
+def test_triggers_larger_than_the_images_are_refused(name, key, fits, message):
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    Attack(name, {key: fits}).apply(x)
+    with pytest.raises(AttackError) as err:
+        Attack(name, {key: fits + 1}).apply(x)
+    assert str(err.value) == message

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from scanner.data import (
+    METADATA_KEY,
     ImageSet,
     Preprocess,
     infer_preprocess,
@@ -15,7 +18,7 @@ from scanner.data import (
     save_npz,
     shifted,
 )
-from scanner.errors import DataError
+from scanner.errors import DataError, UsageError
 
 GRAY = Preprocess("NCHW", 1, 8, 8)
 
@@ -97,6 +100,72 @@ def test_bad_data_raises_one_line_error(tmp_path, make, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("y", "needle"), [
+    (np.array([-1, 0]), "label -1 is not a class index"),
+    (np.array([0, 2**64 - 1], np.uint64), "label 18446744073709551615 is not a class index"),
+])
+def test_labels_must_be_class_indices(tmp_path, y, needle):
+    path = write_npz(tmp_path / "d.npz", np.zeros((2, 8, 8), np.uint8), y)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {needle}"):
+        load_images(path, GRAY)
+
+
+def test_float_npz_without_images_says_so(tmp_path):
+    path = write_npz(tmp_path / "d.npz", np.zeros((0, 8, 8), np.float32), np.zeros(0, int))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: no images$"):
+        load_images(path, GRAY)
+
+
+def test_nhwc_with_alpha_drops_it(tmp_path):
+    # [N, H, W, 4] and [N, H, W, 2] are RGBA and gray+alpha, not 8 channels of width 4
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), np.uint8)
+    x = np.concatenate([rgb, np.full((3, 8, 8, 1), 7, np.uint8)], axis=3)
+    rgba = load_images(write_npz(tmp_path / "a.npz", x, np.arange(3)), Preprocess("NCHW", 3, 8, 8))
+    np.testing.assert_array_equal(rgba.pixels, rgb.transpose(0, 3, 1, 2) / np.float32(255))
+    gray_alpha = np.stack([rgb[..., 0], rgb[..., 1]], axis=3)  # [N, 8, 8, 2]: gray + alpha
+    data = load_images(write_npz(tmp_path / "g.npz", gray_alpha, np.arange(3)), GRAY)
+    np.testing.assert_array_equal(data.pixels[:, 0], rgb[..., 0] / np.float32(255))
+
+
+def test_folder_label_too_large_is_a_data_error(tmp_path):
+    huge = "99999999999999999999999"
+    image = tmp_path / f"{huge}_a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    with pytest.raises(DataError, match=f"^{re.escape(str(image))}: label {huge} is too large"):
+        load_images(tmp_path, GRAY)
+    image.unlink()
+    for name in ("0", huge):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name / "a.png")
+    folder = re.escape(str(tmp_path / huge))
+    with pytest.raises(DataError, match=f"^{folder}: label {huge} is too large"):
+        load_images(tmp_path, GRAY)
+
+
+@pytest.mark.parametrize("digit", ["\u00b2", "\u0669"])  # superscript two, Arabic-Indic nine
+def test_non_ascii_digits_are_never_labels(tmp_path, digit):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / f"{digit}_a.png")
+    with pytest.raises(DataError, match="cannot tell the label"):
+        load_images(flat, GRAY)
+    # as a class folder it is a class name: folders take labels in name order
+    dirs = tmp_path / "dirs"
+    for name in ("0", "1", digit):
+        (dirs / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(dirs / name / "a.png")
+    assert load_images(dirs, GRAY).labels.tolist() == [0, 1, 2]
+
+
+def test_decompression_bomb_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 16x16 image stands in for a bomb
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "0_bomb.png")
+    bomb = re.escape(str(tmp_path / "0_bomb.png"))
+    with pytest.raises(DataError, match=rf"^{bomb}: unreadable image \(Image size \(256 pixels\) "
+                                        "exceeds limit"):
+        load_images(tmp_path, GRAY)
+
+
 def test_unreadable_image_in_folder(tmp_path):
     (tmp_path / "0_bad.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(DataError, match="unreadable image"):
@@ -110,6 +179,59 @@ def test_preprocess_precedence(tmp_path):
     (tmp_path / "m.preprocess.json").write_text(json.dumps({"scale": 2.0}))
     assert resolve_preprocess(model, meta, ["N", 1, 8, 8]).scale == 2.0
     assert resolve_preprocess(model, meta, ["N", 1, 8, 8], {"scale": 3.0}).scale == 3.0
+
+
+@pytest.mark.parametrize(("stored", "needle"), [
+    ("null", "expected a JSON object of preprocessing fields, got null"),
+    ("[1, 2]", "expected a JSON object of preprocessing fields, got [1, 2]"),
+    ('"hello"', 'expected a JSON object of preprocessing fields, got "hello"'),
+    ('{"mean": "abc"}', 'mean must be a number or a list of numbers, got "abc"'),
+    ('{"mean": {"a": 1}}', "mean must be a number or a list of numbers"),
+    ('{"channels": "abc"}', 'channels must be a positive integer, got "abc"'),
+    ('{"scale": "x"}', 'scale must be a positive number, got "x"'),
+    ('{"height": -5}', "height must be a positive integer, got -5"),
+    ('{"height": 28.5}', "height must be a positive integer, got 28.5"),
+    ('{"std": [1, 0]}', "std must be a positive number or a list of positive numbers"),
+    ('{"std": [1e999]}', "std must be a positive number"),
+])
+def test_bad_preprocessing_metadata_names_its_source_and_field(stored, needle):
+    with pytest.raises(DataError) as err:
+        resolve_preprocess(Path("m.onnx"), {METADATA_KEY: stored}, ["N", 1, 8, 8])
+    assert str(err.value).startswith(f"model metadata {METADATA_KEY}: {needle}")
+    assert "\n" not in str(err.value)
+
+
+def test_binary_sidecar_is_a_data_error_naming_it(tmp_path):
+    sidecar = write_file(tmp_path / "m.preprocess.json", b"\xff\xfe\x00{")
+    with pytest.raises(DataError) as err:
+        resolve_preprocess(tmp_path / "m.onnx", {}, ["N", 1, 8, 8])
+    assert str(err.value).startswith(f"{sidecar}: unreadable preprocessing sidecar (")
+    assert "\n" not in str(err.value)
+
+
+def test_sidecar_field_errors_name_the_sidecar(tmp_path):
+    sidecar = tmp_path / "m.preprocess.json"
+    sidecar.write_text(json.dumps({"layout": "CHW"}))
+    with pytest.raises(DataError, match=f'^{re.escape(str(sidecar))}: layout must be NCHW or '
+                                        'NHWC, got "CHW"$'):
+        resolve_preprocess(tmp_path / "m.onnx", {}, ["N", 1, 8, 8])
+
+
+def test_spec_contradicting_the_model_input_is_bad_data_or_a_bad_flag():
+    meta = {METADATA_KEY: json.dumps({"height": 100, "width": 100})}
+    with pytest.raises(DataError, match=(
+            rf"^preprocessing from model metadata {METADATA_KEY} gives input \[N, 1, 100, 100\], "
+            r"but the model takes \[N, 1, 8, 8\]$")):
+        resolve_preprocess(Path("m.onnx"), meta, ["N", 1, 8, 8])
+    with pytest.raises(UsageError, match=(r"^preprocessing from --layout gives input "
+                                          r"\[N, 8, 8, 1\], but the model takes \[N, 1, 8, 8\]$")):
+        resolve_preprocess(Path("m.onnx"), {}, ["N", 1, 8, 8], {"layout": "NHWC"})
+    with pytest.raises(UsageError, match=(r"^mean has 2 values \(--mean\) but the input has 3 "
+                                          r"channels \(the model's input shape\); give 1 value "
+                                          r"or 3$")):
+        resolve_preprocess(Path("m.onnx"), {}, ["N", 3, 8, 8], {"mean": (0.5, 0.5)})
+    # a symbolic dimension takes what the spec gives
+    assert resolve_preprocess(Path("m.onnx"), meta, ["N", 1, "h", "w"]).height == 100
 
 
 def test_infer_layout_from_shape():

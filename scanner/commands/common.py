@@ -6,14 +6,23 @@ from collections.abc import Callable
 
 import click
 
+from ..data import preprocess_field
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
+
+def _preprocess_field(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    """Check a preprocessing flag as the sidecar and metadata fields are checked."""
+    if value is None:
         return None
+    if param.name in ("mean", "std"):
+        try:
+            value = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers"
+                                     ) from None
     try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+        return preprocess_field(param.name, value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def preprocess_options(fn: Callable) -> Callable:
@@ -21,11 +30,14 @@ def preprocess_options(fn: Callable) -> Callable:
     options = [
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
                      help="Model input layout (default: sidecar, model metadata, or shape)."),
-        click.option("--channels", type=int, default=None, help="Model input channels."),
-        click.option("--scale", type=float, default=None,
+        click.option("--channels", type=int, default=None, callback=_preprocess_field,
+                     help="Model input channels."),
+        click.option("--scale", type=float, default=None, callback=_preprocess_field,
                      help="Multiply [0,1] pixels by this before mean/std (e.g. 255)."),
-        click.option("--mean", default=None, help="Per-channel mean, comma-separated."),
-        click.option("--std", default=None, help="Per-channel std, comma-separated."),
+        click.option("--mean", default=None, callback=_preprocess_field,
+                     help="Per-channel mean, comma-separated."),
+        click.option("--std", default=None, callback=_preprocess_field,
+                     help="Per-channel std, comma-separated."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -33,9 +45,8 @@ def preprocess_options(fn: Callable) -> Callable:
 
 
 def preprocess_overrides(layout: str | None, channels: int | None, scale: float | None,
-                         mean: str | None, std: str | None) -> dict:
-    return {"layout": layout, "channels": channels, "scale": scale, "mean": _floats(mean),
-            "std": _floats(std)}
+                         mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict:
+    return {"layout": layout, "channels": channels, "scale": scale, "mean": mean, "std": std}
 
 
 def device_option(fn: Callable) -> Callable:

@@ -8,26 +8,44 @@ from pathlib import Path
 import click
 
 from ..api import evaluate
-from ..attacks import ATTACKS, Attack, parse_params
+from ..attacks import ATTACKS, Attack, AttackError, parse_params
 from ..cli import cli, echo_json
 from ..errors import DataError, UsageError
 from .common import device_option, preprocess_options, preprocess_overrides
 
 
-def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> dict:
+def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> tuple[Attack | None, int | None]:
+    """The trigger and target of zoo entry `name` (None, None for a clean model). A zoo file
+    that is not a list of entries, or an entry that is malformed, is bad data."""
     candidates = [zoo] if zoo else [model.resolve().parent.parent / "zoo.json",
                                     Path("samples/zoo.json")]
     for path in candidates:
         if path and path.is_file():
             try:
-                entries = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
+                entries = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DataError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise DataError(f"{path}: expected a JSON list of zoo entries (objects)")
             for entry in entries:
                 if entry.get("name") == name:
-                    return entry
+                    return _zoo_trigger(entry, f"{path}: zoo entry {name!r}")
             raise UsageError(f"zoo entry {name!r} not in {path}")
     raise UsageError("no zoo.json found; pass --zoo PATH")
+
+
+def _zoo_trigger(entry: dict, where: str) -> tuple[Attack | None, int | None]:
+    if not entry.get("attack"):
+        return None, None
+    target, params = entry.get("target"), entry.get("params", {})
+    if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+        raise DataError(f"{where}: target must be a class index, got {json.dumps(target)}")
+    if not isinstance(params, dict):
+        raise DataError(f"{where}: params must be a JSON object, got {json.dumps(params)}")
+    try:
+        return Attack(entry["attack"], params), target
+    except AttackError as exc:
+        raise DataError(f"{where}: {exc}") from None
 
 
 @cli.command("eval")
@@ -36,7 +54,7 @@ def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> dict:
               help="Test images: a .npz (x, y) or a folder of images.")
 @click.option("--attack", type=click.Choice(sorted(ATTACKS)), default=None,
               help="Trigger to stamp on the test images.")
-@click.option("--target", type=int, default=None, help="Attack target class.")
+@click.option("--target", type=click.IntRange(min=0), default=None, help="Attack target class.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Trigger parameter, repeatable (e.g. --param size=3).")
 @click.option("--zoo-entry", default=None, help="Take attack, target and params from zoo.json.")
@@ -47,7 +65,7 @@ def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> dict:
 @device_option
 def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
              params: tuple[str, ...], zoo_entry: str | None, zoo: Path | None, as_json: bool,
-             device: str, **prep: str | None) -> int:
+             device: str, **prep: object) -> int:
     """Clean accuracy and attack success rate (ASR) of MODEL on --data.
 
     ASR is the share of images whose true label is not the target that the triggered
@@ -57,19 +75,17 @@ def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
         raise UsageError("give either --zoo-entry or --attack, not both")
     trigger = None
     if zoo_entry:
-        entry = find_zoo_entry(zoo_entry, model, zoo)
-        if entry.get("attack"):
-            trigger, target = Attack(entry["attack"], entry.get("params", {})), entry["target"]
+        trigger, target = find_zoo_entry(zoo_entry, model, zoo)
     elif attack:
         if target is None:
             raise UsageError("--attack needs --target")
         try:
             trigger = Attack(attack, parse_params(params))
-        except ValueError as exc:
+        except AttackError as exc:
             raise UsageError(str(exc)) from None
     try:
         result = evaluate(model, data, trigger, target, preprocess_overrides(**prep), device)
-    except TypeError as exc:  # an attack parameter the trigger does not take
+    except AttackError as exc:  # checked against the images only: a patch larger than them
         raise UsageError(f"bad attack parameter: {exc}") from None
     if as_json:
         echo_json({"model": str(model), "clean_acc": result.clean_acc, "asr": result.asr,

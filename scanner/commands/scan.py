@@ -138,7 +138,7 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
              report: str | None, sarif: str | None, html: str | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
-             device: str, **prep: str | None) -> int:
+             device: str, **prep: object) -> int:
     """Scan MODELS (files or folders of .onnx) for backdoors and repair them.
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
