@@ -137,14 +137,16 @@ class ImageSet:
         return ImageSet(self.pixels[idx], self.labels[idx])
 
 
-def infer_preprocess(input_shape: list[int | str]) -> Preprocess:
-    """A default from the model's image input shape: layout from where the 1 or 3 sits."""
+def infer_preprocess(input_shape: list[int | str], layout: str | None = None) -> Preprocess:
+    """A default from the model's image input shape: layout from where the 1, 3 or 4
+    channels sit, else `layout` (from a flag or sidecar) when the shape cannot tell."""
     dims = [d if isinstance(d, int) else -1 for d in input_shape]
     if len(dims) != 4:
         raise DataError(f"model input has rank {len(dims)}; expected an image batch of rank 4")
-    if dims[1] in (1, 3, 4):
+    unclear = dims[1] not in (1, 3, 4) and dims[3] not in (1, 3, 4)
+    if dims[1] in (1, 3, 4) or unclear and layout == "NCHW":
         return Preprocess("NCHW", dims[1], dims[2], dims[3])
-    if dims[3] in (1, 3, 4):
+    if dims[3] in (1, 3, 4) or unclear and layout == "NHWC":
         return Preprocess("NHWC", dims[3], dims[1], dims[2])
     raise DataError(f"cannot tell the channel axis of input shape {input_shape}; "
                     "give --layout or a preprocessing sidecar")
@@ -158,13 +160,13 @@ def resolve_preprocess(model_path: Path, metadata: dict[str, str],
     A bad sidecar or metadata field is a DataError naming its source; so is a spec that
     contradicts the model's input shape, or whose mean/std do not fit its channels, unless
     an override takes part: then it is a UsageError."""
-    inferred = asdict(infer_preprocess(input_shape))
+    source, fields = _stored_fields(model_path, metadata)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    inferred = asdict(infer_preprocess(input_shape, flags.get("layout", fields.get("layout"))))
     spec = dict(inferred)
     origin = dict.fromkeys(spec, SHAPE_SOURCE)
-    source, fields = _stored_fields(model_path, metadata)
     spec.update(fields)
     origin.update(dict.fromkeys(fields, source))
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     spec.update(flags)
     origin.update({k: f"--{k}" for k in flags})
     channels = spec["channels"]

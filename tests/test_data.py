@@ -248,3 +248,13 @@ def test_shifted_copies_keep_labels():
     assert len(rows) == 15 and rows.labels.tolist() == [0, 1, 2] * 5
     np.testing.assert_array_equal(rows.pixels[:3], images.pixels)
     np.testing.assert_array_equal(rows.pixels[3], np.roll(images.pixels[0], 1, axis=2))
+
+
+def test_a_layout_from_flag_or_sidecar_settles_an_input_with_5_channels(tmp_path):
+    shape = ["N", 5, 28, 28]  # neither 1, 3 nor 4 channels on either side: the shape can't tell
+    with pytest.raises(DataError, match="cannot tell the channel axis"):
+        resolve_preprocess(tmp_path / "m.onnx", {}, shape)
+    prep = resolve_preprocess(tmp_path / "m.onnx", {}, shape, {"layout": "NCHW"})
+    assert (prep.layout, prep.channels, prep.height, prep.width) == ("NCHW", 5, 28, 28)
+    (tmp_path / "m.preprocess.json").write_text('{"layout": "NCHW"}')
+    assert resolve_preprocess(tmp_path / "m.onnx", {}, shape).channels == 5
