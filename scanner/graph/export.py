@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import __version__
+from ..files import write_atomic
 from ..findings import LayerInfo
 from .activations import Activation, activation_maps_zero, find_activations, graph_index
 from .compare import compare_models, run_model
@@ -369,18 +368,5 @@ def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
 
 
 def save_atomic(proto: onnx.ModelProto, path: str | Path) -> None:
-    """Write `proto` to `path` via a temp file in the same folder; nothing left on failure.
-    Not mkstemp: its files are 0600, and the model gets the mode the umask gives."""
-    path = Path(path)
-    payload = proto.SerializeToString()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `proto` to `path` atomically (scanner.files.write_atomic)."""
+    write_atomic(path, proto.SerializeToString())
