@@ -10,8 +10,17 @@ from pathlib import Path
 def write_atomic(path: str | Path, payload: bytes) -> Path:
     """Write `payload` to a temp file beside `path`, then rename it into place, so a reader
     (or a CI artifact upload) never sees half a file; nothing is left on failure. Not
-    mkstemp: its files are 0600, and an output gets the mode the umask gives."""
+    mkstemp: its files are 0600, and an output gets the mode the umask gives.
+
+    A symlink is followed (its target is replaced, the link stays); a path that is not a
+    regular file (/dev/null, /dev/stdout, a FIFO) is written in place, never replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as f:
+            f.write(payload)
+        return path
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
