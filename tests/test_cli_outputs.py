@@ -189,3 +189,17 @@ def test_several_models_with_out_naming_a_file_say_it_is_a_file(run_cli, tmp_pat
     (tmp_path / "taken").write_text("")
     assert_refused(clp(run_cli, planted(tmp_path / "a.onnx"), planted(tmp_path / "b.onnx"),
                        "--out", tmp_path / "taken"), "is a file, not a folder")
+
+
+@pytest.mark.parametrize("flag", ["--report", "--sarif", "--out", "--html"])
+def test_an_output_naming_the_data_or_the_policy_file_is_refused(run_cli, tmp_path, flag):
+    model = save(conv_relu_model(), tmp_path / "m.onnx")
+    policy = tmp_path / "p.toml"
+    policy.write_text((Path("rules/policies/default.toml")).read_text())
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((2, 8, 8, 3), np.uint8), y=np.array([0, 1]))
+    for victim, what in ((data, "the --data file"), (policy, "the --policy file")):
+        before = victim.read_bytes()
+        result = run_cli("scan", model, "--data", data, "--policy", policy, "-q", flag, victim)
+        assert result.code == 4 and f"is {what} {victim}; refusing" in result.err
+        assert victim.read_bytes() == before

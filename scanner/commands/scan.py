@@ -74,21 +74,20 @@ def check_folder(flag: str, folder: Path) -> None:
         raise UsageError(f"--{flag}: cannot write in {folder}: {exc.strerror}") from None
 
 
-def check_outputs(models: list[Path], folders: dict[str, Path | None],
+def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
                   files: dict[str, list[Path | None]]) -> None:
     """Fail before any work when an output cannot be written or would overwrite an input
-    model or another output: a gate never destroys its input nor leaves half its outputs."""
+    (a model, the data, the policy) or another output: a gate never destroys its input nor
+    leaves half its outputs. `inputs` maps resolved input paths to what they are."""
     for flag, folder in folders.items():
         if folder is not None:  # a missing output folder is created in an existing one
             check_folder(flag, folder if folder.exists() else folder.parent)
-    inputs = {m.resolve(): m for m in models}
     taken: dict[Path, str] = {}
     for flag, paths in files.items():
         for path in filter(None, paths):
             key = path.resolve()
             if key in inputs:
-                raise UsageError(f"--{flag}: {path} is the input model {inputs[key]}; "
-                                 "refusing to overwrite it")
+                raise UsageError(f"--{flag}: {path} is {inputs[key]}; refusing to overwrite it")
             if key in taken:
                 raise UsageError(f"--{taken[key]} and --{flag} name the same file {path}")
             if path.is_dir():
@@ -168,7 +167,11 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         if option is not None and names_folder(option):
             raise UsageError(f"--{flag}: {option} names a folder, not a file")
         folders[flag], files[flag] = None, [None if option is None else Path(option)]
-    check_outputs(paths, folders, files)
+    inputs = {m.resolve(): f"the input model {m}" for m in paths}
+    for flag, given in (("data", data), ("policy", Path(policy))):
+        if given is not None and given.is_file():
+            inputs[given.resolve()] = f"the --{flag} file {given}"
+    check_outputs(inputs, folders, files)
     for folder in filter(None, folders.values()):
         folder.mkdir(exist_ok=True)
     results: list[ScanResult] = []
