@@ -114,7 +114,8 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     if target is None:
         raise DataError("an attack needs --target")
     if not 0 <= target < n_classes:
-        raise UsageError(f"--target {target} is not a class of this model (0..{n_classes - 1})")
+        raise UsageError(f"attack target {target} is not a class of this model "
+                         f"(0..{n_classes - 1})")
     keep = data.labels != target
     triggered = attack.apply(data.pixels[keep])
     hits = predict(triggered).argmax(1) == target

@@ -27,9 +27,9 @@ FIELD_RULES = {
     "channels": "a positive integer",
     "height": "a positive integer",
     "width": "a positive integer",
-    "scale": "a positive number",
+    "scale": "a number in (0, 1e6]",
     "mean": "a number or a list of numbers",
-    "std": "a positive number or a list of positive numbers",
+    "std": "a number in [1e-6, 1e6] or a list of them",
 }
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -98,10 +98,11 @@ def preprocess_field(key: str, value: object) -> object:
     elif key in ("channels", "height", "width"):
         ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
     elif key == "scale":
-        ok = _is_number(value) and value > 0
+        ok = _is_number(value) and 0 < value <= 1e6  # past it float32 images overflow
     else:  # mean, std: one value for every channel, or one per channel
         values = value if isinstance(value, list | tuple) else [value]
-        ok = bool(values) and all(_is_number(v) and (key == "mean" or v > 0) for v in values)
+        ok = bool(values) and all(_is_number(v) and (key == "mean" or 1e-6 <= v <= 1e6)
+                                  for v in values)
         value = tuple(float(v) for v in values) if ok else value
     if not ok:
         raise ValueError(f"{key} must be {FIELD_RULES[key]}, got {json.dumps(value)}")
@@ -172,9 +173,11 @@ def resolve_preprocess(model_path: Path, metadata: dict[str, str],
     channels = spec["channels"]
     for key in ("mean", "std"):
         if len(spec[key]) not in (1, channels):
+            wanted = "1 value" if channels == 1 else f"1 value or {channels}"
             raise _contradiction(f"{key} has {len(spec[key])} values ({origin[key]}) but the "
-                                 f"input has {channels} channels ({origin['channels']}); give "
-                                 f"1 value or {channels}", origin[key], origin["channels"])
+                                 f"input has {channels} channel{'s' * (channels > 1)} "
+                                 f"({origin['channels']}); give {wanted}", origin[key],
+                                 origin["channels"])
     prep = Preprocess(**spec)
     given = prep.input_shape
     if any(isinstance(d, int) and d > 0 and d != g
@@ -220,7 +223,7 @@ def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
     if path.is_dir():
         pixels, labels = _load_folder(path, prep)
     elif path.suffix == ".npz":
-        pixels, labels = _load_npz(path)
+        pixels, labels = _load_npz(path, prep.channels)
     else:
         raise DataError(f"{path}: expected a .npz file or a folder of images")
     pixels = _match_channels(pixels, prep.channels, path)
@@ -234,7 +237,7 @@ def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
     return ImageSet(np.ascontiguousarray(pixels, np.float32), labels.astype(np.int64))
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_npz(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
@@ -249,16 +252,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = y.astype(np.int64)
     if (labels < 0).any():  # negative, or a uint64 past int64
         raise DataError(f"{path}: label {y[labels < 0][0]} is not a class index (0, 1, 2, ...)")
-    return _to_nchw_unit(x, path), labels
+    return _to_nchw_unit(x, path, channels), labels
 
 
-def _to_nchw_unit(x: np.ndarray, path: Path) -> np.ndarray:
-    """Accept [N,H,W], [N,H,W,C] or [N,C,H,W] (C: gray, gray+alpha, RGB or RGBA); uint8
-    0..255 or float 0..1."""
+def _to_nchw_unit(x: np.ndarray, path: Path, channels: int) -> np.ndarray:
+    """Accept [N,H,W], [N,H,W,C] or [N,C,H,W] (C: gray, gray+alpha, RGB, RGBA, or the
+    model's `channels`); uint8 0..255 or float 0..1."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
-        if x.shape[-1] in CHANNEL_COUNTS and x.shape[1] not in CHANNEL_COUNTS:
+        counts = (*CHANNEL_COUNTS, channels)
+        if x.shape[-1] in counts and x.shape[1] not in counts:
             x = x.transpose(0, 3, 1, 2)
     else:
         raise DataError(f"{path}: 'x' must have rank 3 or 4, got shape {list(x.shape)}")

@@ -50,7 +50,8 @@ def choose_providers(requested: str, available: Sequence[str], cuda_usable: bool
     if requested != "cpu" and CUDA in available and cuda_usable:
         return ProviderChoice((CUDA, CPU), None)
     if requested == "cuda":
-        reason = ("onnxruntime has no CUDA execution provider (install the `gpu` extra)"
+        reason = ("onnxruntime has no CUDA execution provider (install onnxruntime-gpu in "
+                  "place of onnxruntime: README, GPU)"
                   if CUDA not in available else "no NVIDIA device found")
         return ProviderChoice((CPU,), f"CUDA requested but unavailable: {reason}; "
                               "running on CPU")

@@ -104,7 +104,7 @@ def assert_one_line_error(result, code: int, message: str):
     ('"hello"', 'expected a JSON object of preprocessing fields, got "hello"'),
     ('{"mean": "abc"}', 'mean must be a number or a list of numbers, got "abc"'),
     ('{"channels": "abc"}', 'channels must be a positive integer, got "abc"'),
-    ('{"scale": "x"}', 'scale must be a positive number, got "x"'),
+    ('{"scale": "x"}', 'scale must be a number in (0, 1e6], got "x"'),
     ('{"height": -5}', "height must be a positive integer, got -5"),
 ])
 def test_bad_preprocessing_metadata_exits_2_naming_source_and_field(run_cli, tmp_path, stored,
@@ -129,14 +129,14 @@ def test_binary_sidecar_exits_2_naming_it(run_cli, tmp_path):
                         "got 0"),
     ("--channels", "-2", "Invalid value for '--channels': channels must be a positive integer, "
                          "got -2"),
-    ("--std", "0", "Invalid value for '--std': std must be a positive number or a list of "
-                   "positive numbers, got [0.0]"),
-    ("--std", "1,-1", "Invalid value for '--std': std must be a positive number or a list of "
-                      "positive numbers, got [1.0, -1.0]"),
-    ("--scale", "nan", "Invalid value for '--scale': scale must be a positive number, got NaN"),
-    ("--scale", "inf", "Invalid value for '--scale': scale must be a positive number, "
+    ("--std", "0", "Invalid value for '--std': std must be a number in [1e-6, 1e6] or a list of "
+                   "them, got [0.0]"),
+    ("--std", "1,-1", "Invalid value for '--std': std must be a number in [1e-6, 1e6] or a list "
+                      "of them, got [1.0, -1.0]"),
+    ("--scale", "nan", "Invalid value for '--scale': scale must be a number in (0, 1e6], got NaN"),
+    ("--scale", "inf", "Invalid value for '--scale': scale must be a number in (0, 1e6], "
                        "got Infinity"),
-    ("--scale", "0", "Invalid value for '--scale': scale must be a positive number, got 0.0"),
+    ("--scale", "0", "Invalid value for '--scale': scale must be a number in (0, 1e6], got 0.0"),
     ("--mean", "0.5,0.5", "mean has 2 values (--mean) but the input has 3 channels (the "
                           "model's input shape); give 1 value or 3"),
     ("--layout", "NHWC", "preprocessing from --layout gives input [N, 8, 8, 3], but the model "
@@ -243,4 +243,22 @@ def test_labels_past_the_model_classes_exit_2_as_in_scan(run_cli, tmp_path):
 def test_target_past_the_model_classes_exits_4(run_cli, tmp_path):
     result = run_cli("eval", tiny_model(tmp_path), "--data", tiny_data(tmp_path),
                      "--attack", "badnets", "--target", "99")
-    assert result.code == 4 and "--target 99" in result.err and result.err.count("\n") == 1
+    assert result.code == 4 and "target 99 is not a class" in result.err
+    assert result.err.count("\n") == 1
+
+
+def test_attack_options_without_an_attack_and_a_missing_zoo_file_are_usage_errors(run_cli,
+                                                                                   tmp_path):
+    model, data = tiny_model(tmp_path), tiny_data(tmp_path)
+    for extra in (["--target", "1"], ["--param", "size=3"]):
+        assert_one_line_error(run_cli("eval", model, "--data", data, *extra), 4,
+                              "--target and --param describe an attack: give --attack too")
+    missing = tmp_path / "nope.json"
+    assert_one_line_error(run_cli("eval", model, "--data", data, "--zoo-entry", "x", "--zoo",
+                                  missing), 4, f"--zoo {missing}: no such file")
+
+
+@pytest.mark.parametrize("flag,value", [("--scale", "1e30"), ("--std", "1e-30")])
+def test_preprocessing_that_would_overflow_float32_is_refused(run_cli, tmp_path, flag, value):
+    result = run_cli("eval", tiny_model(tmp_path), "--data", tiny_data(tmp_path), flag, value)
+    assert result.code == 4 and "1e6" in result.err and result.err.count("\n") == 1

@@ -188,11 +188,11 @@ def test_preprocess_precedence(tmp_path):
     ('{"mean": "abc"}', 'mean must be a number or a list of numbers, got "abc"'),
     ('{"mean": {"a": 1}}', "mean must be a number or a list of numbers"),
     ('{"channels": "abc"}', 'channels must be a positive integer, got "abc"'),
-    ('{"scale": "x"}', 'scale must be a positive number, got "x"'),
+    ('{"scale": "x"}', 'scale must be a number in (0, 1e6], got "x"'),
     ('{"height": -5}', "height must be a positive integer, got -5"),
     ('{"height": 28.5}', "height must be a positive integer, got 28.5"),
-    ('{"std": [1, 0]}', "std must be a positive number or a list of positive numbers"),
-    ('{"std": [1e999]}', "std must be a positive number"),
+    ('{"std": [1, 0]}', "std must be a number in [1e-6, 1e6] or a list of them"),
+    ('{"std": [1e999]}', "std must be a number in [1e-6, 1e6]"),
 ])
 def test_bad_preprocessing_metadata_names_its_source_and_field(stored, needle):
     with pytest.raises(DataError) as err:
@@ -258,3 +258,10 @@ def test_a_layout_from_flag_or_sidecar_settles_an_input_with_5_channels(tmp_path
     assert (prep.layout, prep.channels, prep.height, prep.width) == ("NCHW", 5, 28, 28)
     (tmp_path / "m.preprocess.json").write_text('{"layout": "NCHW"}')
     assert resolve_preprocess(tmp_path / "m.onnx", {}, shape).channels == 5
+
+
+def test_nhwc_data_with_the_model_channel_count_is_read_as_nhwc(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 5), dtype=np.uint8)
+    np.savez(tmp_path / "c5.npz", x=x, y=np.arange(4))
+    images = load_images(tmp_path / "c5.npz", Preprocess("NCHW", 5, 8, 8))
+    np.testing.assert_allclose(images.pixels, x.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)

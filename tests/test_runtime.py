@@ -111,5 +111,6 @@ def test_cli_says_the_cuda_fallback_in_one_line(run_cli, monkeypatch):
                      "samples/data/fewshot.npz", "--device", "cuda")
     assert result.code == 0
     assert result.err == ("shapscan: warning: CUDA requested but unavailable: onnxruntime has "
-                          "no CUDA execution provider (install the `gpu` extra); running on "
+                          "no CUDA execution provider (install onnxruntime-gpu in place of "
+                          "onnxruntime: README, GPU); running on "
                           "CPU\n")

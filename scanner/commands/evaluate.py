@@ -31,6 +31,8 @@ def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> tuple[Attack | N
                 if entry.get("name") == name:
                     return _zoo_trigger(entry, f"{path}: zoo entry {name!r}")
             raise UsageError(f"zoo entry {name!r} not in {path}")
+    if zoo:
+        raise UsageError(f"--zoo {zoo}: no such file")
     raise UsageError("no zoo.json found; pass --zoo PATH")
 
 
@@ -73,6 +75,8 @@ def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
     """
     if zoo_entry and attack:
         raise UsageError("give either --zoo-entry or --attack, not both")
+    if not (zoo_entry or attack) and (target is not None or params):
+        raise UsageError("--target and --param describe an attack: give --attack too")
     trigger = None
     if zoo_entry:
         trigger, target = find_zoo_entry(zoo_entry, model, zoo)
