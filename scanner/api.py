@@ -230,6 +230,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                             f"for a model with {n_classes} classes")
         if len(images.classes()) < 2:
             raise DataError(f"{opts.data}: need images of at least 2 classes")
+        _check_clean_accuracy(model, prep, images, device, policy.detection)
     progress.stage("reversing triggers")
     det = policy.detection
     verdict = _reverse_and_detect(program, prep, images, n_classes, opts, det,
@@ -529,6 +530,18 @@ def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> l
         raise UsageError(f"--layers: no activation layer named {', '.join(sorted(missing))} "
                          "(see `shapscan inspect`)")
     return chosen
+
+
+def _check_clean_accuracy(model: LoadedModel, prep: Preprocess, images: ImageSet,
+                          device: Device, det: DetectionPolicy) -> None:
+    logits = Predictor(model, prep, device.requested)(images.pixels)
+    acc = float((logits.argmax(1) == images.labels).mean())
+    if acc < det.min_clean_accuracy:
+        raise Inconclusive(
+            f"inconclusive: the model classifies {100 * acc:.0f}% of the {len(images)} clean "
+            f"images correctly (the policy asks for {100 * det.min_clean_accuracy:.0f}%): "
+            "check the preprocessing (--scale/--mean/--std/--layout) and the labels",
+            rule_id="SS206")
 
 
 def _n_classes(model: LoadedModel, prep: Preprocess, device: Device) -> int:

@@ -131,6 +131,10 @@ class DetectionPolicy:
     # when the few-shot images flag no class, look again on inputs synthesised from the
     # model's BatchNormalization statistics (models with BN only; about doubles a clean scan)
     synthesised_view: bool = True
+    # below this clean accuracy on the few-shot images the scan is inconclusive (SS206):
+    # a model that misreads its clean inputs (wrong preprocessing, wrong labels, a broken
+    # model) makes every reversed trigger look like a backdoor or none
+    min_clean_accuracy: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ _RANGES: dict[str, _Range] = {
     "detection.warn_threshold": (0.0, None, False, True),
     "detection.isolation_threshold": (0.0, None, False, True),
     "detection.warp_ratio": (1.0, None, True, True),
+    "detection.min_clean_accuracy": (0.0, 1.0, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

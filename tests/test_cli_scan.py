@@ -130,3 +130,21 @@ def test_several_models_get_a_table_and_the_worst_exit_code(run_cli, tmp_path):
     assert result.code == 2  # an error outranks an inconclusive model: the gate never passes
     assert "broken.onnx" in result.out and "flat.onnx" in result.out
     assert "error" in result.out and "inconclusive" in result.out
+
+
+def test_a_model_that_misreads_its_clean_images_is_inconclusive_not_a_verdict(run_cli,
+                                                                              tmp_path):
+    # --scale 255 on a model trained on [0, 1] pixels: every image becomes class noise,
+    # and every reversed trigger would look like a backdoor or none
+    sarif = tmp_path / "s.sarif"
+    result = run_cli("scan", "samples/models/cnn_badnets.onnx", "--data", FEWSHOT, "--scale",
+                     "255", "-q", "--sarif", sarif)
+    assert result.code == 3
+    assert result.err.count("\n") == 1 and "SS206" in result.err
+    assert "classifies 10% of the 10 clean images correctly" in result.err
+    rule_ids = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
+    assert "SS206" in rule_ids
+    # the policy sets the floor: at 0 the scan goes on to reverse triggers
+    policy = tmp_path / "p.toml"
+    policy.write_text("[detection]\nmin_clean_accuracy = 0.0\n")
+    assert run_cli("rules", "--policy", policy).code == 0
