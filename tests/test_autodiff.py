@@ -266,6 +266,16 @@ CASES: dict[str, Case] = {
     "concat_dynamic_axis": graph_case([node("Sigmoid", ["x"], "r"),
                                        node("Concat", ["x", "r"], axis=-1)], (2, 3, 4),
                                       symbolic=["N", 3, "W"]),
+    "split_both_halves": graph_case([
+        helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1),
+        node("Sigmoid", ["b"], "sb"), node("Mul", ["a", "sb"])], (2, 4, 3),
+        {"sizes": np.array([2, 2], I64)}),
+    "split_second_output_only": graph_case([  # shufflenet-style: output 0 is never read
+        helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=-1),
+        node("Tanh", ["b"])], (2, 3, 5), {"sizes": np.array([2, 3], I64)}),
+    "split_num_outputs_opset18": graph_case([
+        helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2, num_outputs=3),
+        node("Concat", ["c", "a"], "ca", axis=2), node("Relu", ["ca"])], (2, 3, 6), opset=18),
     "pad_constant": graph_case([node("Pad", ["x", "p", "v"])], (2, 3, 4, 4),
                                {"p": np.array([0, 0, 1, 2, 0, 0, 2, 0], I64),
                                 "v": np.array(0.5, np.float32)}),
@@ -615,3 +625,20 @@ def test_program_rejects_mismatched_targets() -> None:
     prog = GradientProgram(_bn_classifier())
     with pytest.raises(DataError):
         prog.run(rand(2, 2, 7, 7), np.zeros((3, 6), np.float32))
+
+
+def test_program_on_an_opset_13_model_with_overlapping_maxpool_is_built_at_opset_17() -> None:
+    # ResNet's stem (3x3 stride 2, pad 1) exported at opset 13: its backward needs
+    # ScatterElements(reduction="add") from opset 16, so the program runs a converted copy
+    inits = {"w1": rand(4, 2, 3, 3), "fc": rand(6, 4), "fb": rand(6)}
+    nodes = [node("Conv", ["x", "w1"], "a", pads=[1, 1, 1, 1]), node("Relu", ["a"], "r"),
+             node("MaxPool", ["r"], "p", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+             node("GlobalAveragePool", ["p"], "g"), node("Flatten", ["g"], "f"),
+             node("Gemm", ["f", "fc", "fb"], "logits", transB=1)]
+    model = make(nodes, ["N", 2, 7, 7], inits, opset=13, outputs=("logits",))
+    with pytest.raises(Inconclusive, match="ScatterElements reduction"):
+        build_vjp(model, "x", ["logits"])
+    x = rand(3, 2, 7, 7)
+    err = check_gradients(model, x, target_weights=np.eye(6)[[0, 3, 5]])
+    assert err <= FD_TOL
+    assert model.opset_import[0].version == 13  # the caller's model is not converted

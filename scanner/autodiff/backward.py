@@ -18,6 +18,8 @@ from . import rules_elementwise, rules_nn, rules_resize, rules_shape  # noqa: F4
 from .context import FLOAT_TYPES, RULES, VJPContext, cannot
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+# ops whose every output carries data (elsewhere outputs after the first are side outputs)
+EVERY_OUTPUT_DIFFERENTIABLE = frozenset({"Split"})
 COTANGENT_SUFFIX = "__cotangent"
 GRAD_SUFFIX = "__grad"
 
@@ -72,7 +74,7 @@ def backprop(model: onnx.ModelProto, ctx: VJPContext, wrt: str, seeds: dict[str,
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
             raise cannot(node)
         gouts = [ctx.add_all(cot.pop(o)) if o in cot else None for o in node.output]
-        if gouts[0] is None:
+        if gouts[0] is None and node.op_type not in EVERY_OUTPUT_DIFFERENTIABLE:
             continue  # only a non-differentiable side output (indices, mask) is used
         needs = [bool(i) and i in live for i in node.input]
         grads = RULES[node.op_type](ctx, node, gouts, needs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, version_converter
 
 from ..errors import DataError, Inconclusive
 from ..runtime import Device, make_session
@@ -60,6 +60,7 @@ def inference_bn_nodes(proto: onnx.ModelProto, x: str) -> list[onnx.NodeProto]:
 def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGraph:
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    model = _with_scatter_add(model)
     x = image_input(model)
     logits = _logits_of(model)
     dtype = float_type(model, x)
@@ -103,6 +104,29 @@ def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGrap
         helper.make_tensor_value_info(BN_LOSS_OUTPUT, elem, None),
         helper.make_tensor_value_info(GRAD_OUTPUT, elem, None)])
     return ProgramGraph(model, x, logits, len(bn_nodes))
+
+
+def _with_scatter_add(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The backward of a MaxPool whose windows overlap (ResNet's 3x3 stride-2 stem) scatters
+    with ScatterElements(reduction="add"), opset 16. An older model gets its program built
+    on a copy converted to opset 17; the model itself (masks, export) is left as it is. If
+    the conversion fails the MaxPool rule says why the op cannot be differentiated."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 16 or not any(_overlapping(n) for n in model.graph.node
+                              if n.op_type == "MaxPool"):
+        return model
+    try:
+        return version_converter.convert_version(model, 17)
+    except Exception:  # noqa: BLE001  the converter raises many types; the rule will refuse
+        return model
+
+
+def _overlapping(node: onnx.NodeProto) -> bool:
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    kernel = list(a.get("kernel_shape", []))
+    strides = list(a.get("strides", [1] * len(kernel)))
+    dilations = list(a.get("dilations", [1] * len(kernel)))
+    return any(k * d > s for k, d, s in zip(kernel, dilations, strides, strict=False))
 
 
 def _logits_of(model: onnx.ModelProto) -> str:

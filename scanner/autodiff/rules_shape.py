@@ -59,6 +59,15 @@ def _concat(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) 
     return out
 
 
+@rule("Split")
+def _split(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
+    """The adjoint of Split is Concat; an output nothing reads contributes zeros."""
+    axis = int(node_attrs(node).get("axis", 0))
+    parts = [gi if gi is not None else ctx.zeros_like(out)
+             for gi, out in zip(g, node.output, strict=True)]
+    return [ctx.op("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
+
+
 def _as_tensor(ctx: VJPContext, v: int | str) -> str:
     return ctx.const([v]) if isinstance(v, int) else v
 
