@@ -16,6 +16,8 @@ from scanner.graph.activations import (
     activation_maps_zero,
     discover_activations,
 )
+from scanner.graph.compare import run_model
+from scanner.graph.export import sanitize
 from scanner.graph.load import load_model
 
 ZOO = zoo_entries()
@@ -87,6 +89,43 @@ def test_sigmoid_gate_of_another_tensor_is_a_sigmoid_layer():
     proto = inferred(model(nodes + hn, [tensor("w", [4, 3, 1, 1]), tensor("w2", [4, 3, 1, 1]),
                                         *hi]))
     assert [(la.name, la.op) for la in discover_activations(proto)] == [("s", "Sigmoid")]
+
+
+def _gelu_nodes(x: str, out: str, form: str) -> list[onnx.NodeProto]:
+    """Gelu as torch exports it below opset 20: tanh form (approximate="tanh") or erf form."""
+    def const(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.array(value, np.float32)))
+    if form == "tanh":
+        nodes = [helper.make_node("Mul", [x, x], ["sq"]),
+                 helper.make_node("Mul", [x, "sq"], ["cu"]),
+                 const("k", 0.044715), helper.make_node("Mul", ["k", "cu"], ["kc"]),
+                 helper.make_node("Add", [x, "kc"], ["inner"]), const("r", 0.7978845),
+                 helper.make_node("Mul", ["r", "inner"], ["arg"]),
+                 helper.make_node("Tanh", ["arg"], ["gate"], name="tanh")]
+    else:
+        nodes = [const("r", 1.4142135), helper.make_node("Div", [x, "r"], ["arg"]),
+                 helper.make_node("Erf", ["arg"], ["gate"], name="erf")]
+    return nodes + [const("one", 1.0), helper.make_node("Add", ["one", "gate"], ["one_plus"]),
+                    helper.make_node("Mul", [x, "one_plus"], [f"{out}_x"], name="gelu"),
+                    const("half", 0.5), helper.make_node("Mul", ["half", f"{out}_x"], [out])]
+
+
+@pytest.mark.parametrize("form", ["tanh", "erf"])
+def test_decomposed_gelu_is_one_layer_whose_zeroed_channels_are_zero(form):
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", kernel_shape=[1, 1])]
+    gelu = _gelu_nodes("c", "act", form)
+    hn, hi = head("act", 4)
+    proto = inferred(model(nodes + gelu + hn, [tensor("w", [4, 3, 1, 1]), *hi]))
+    layers = discover_activations(proto)
+    # the Mul that makes x * (1 + gate): not the inner Tanh, whose zero would leave x / 2
+    assert [(la.name, la.op, la.node) for la in layers] == [("act_x", "GELU", "gelu")]
+    sanitized = sanitize(proto, {"act_x": [0, 2]})
+    sanitized.graph.output.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    act = run_model(sanitized, {"image": x})["act"]
+    assert np.abs(act[:, [0, 2]]).max() == 0.0  # zeroed channels: exactly 0
+    assert (np.abs(act[:, [1, 3]]).mean(axis=(0, 2, 3)) > 0.05).all()  # the others live
 
 
 def test_unknown_channel_count_is_skipped_with_a_debug_log(caplog):

@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid",
                             "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Softplus"})
 SILU = "SiLU"  # the Mul(x, Sigmoid(x)) pattern
+GELU = "GELU"  # Mul(x, Add(Tanh|Erf(...x...), 1)): torch's Gelu below opset 20, either form
+_GELU_GATES = frozenset({"Tanh", "Erf"})
+_GELU_ARITHMETIC = frozenset({"Mul", "Add", "Div", "Pow", "Sub"})
 # f(0) = 0: zeroing the pre-activation zeroes the output (what export's folding relies on).
 # Clip only when its range contains 0: the node-level check is `clip_keeps_zero`.
 _ZERO_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Tanh", "Elu",
@@ -74,26 +77,61 @@ def silu_parts(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]
     return None
 
 
+def gelu_parts(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]
+               ) -> tuple[str, onnx.NodeProto] | None:
+    """(x, the Tanh or Erf node) when `node` is Mul(x, Add(gate, c)) with c a constant and
+    gate = Tanh|Erf of a short arithmetic chain from x: a decomposed Gelu. Masking the Mul
+    zeroes the channel; masking the inner Tanh would leave x/2 in it."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    for x, a in (node.input, reversed(node.input)):
+        add = producer.get(a)
+        if add is None or add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for gate_in, other in (add.input, reversed(add.input)):
+            gate, const = producer.get(gate_in), producer.get(other)
+            if (gate is not None and gate.op_type in _GELU_GATES
+                    and (const is None or const.op_type == "Constant")
+                    and _reaches(gate.input[0], x, producer, hops=6)):
+                return x, gate
+    return None
+
+
+def _reaches(tensor: str, source: str, producer: dict[str, onnx.NodeProto], hops: int) -> bool:
+    """`tensor` is computed from `source` by at most `hops` elementwise arithmetic nodes."""
+    frontier = {tensor}
+    for _ in range(hops + 1):
+        if source in frontier:
+            return True
+        frontier = {i for t in frontier if (p := producer.get(t)) is not None
+                    and p.op_type in _GELU_ARITHMETIC for i in p.input}
+    return False
+
+
 def find_activations(proto: onnx.ModelProto) -> list[Activation]:
     """Activations with a known channel count, in topological (graph node) order."""
     graph = proto.graph
     producer, _ = graph_index(graph)
     shapes = tensor_shapes(proto)
-    silu_sigmoids: set[str] = set()
+    inner: set[str] = set()  # the Sigmoid of a SiLU, the Tanh of a Gelu: not layers
     candidates: list[tuple[onnx.NodeProto, str, str, tuple[str, ...]]] = []
     for node in graph.node:
-        silu = silu_parts(node, producer)
+        silu, gelu = silu_parts(node, producer), gelu_parts(node, producer)
         if silu is not None:
             x, sig = silu
-            silu_sigmoids.add(sig.output[0])
+            inner.add(sig.output[0])
             candidates.append((node, SILU, x, (sig.name, node.name)))
+        elif gelu is not None:
+            x, gate = gelu
+            inner.add(gate.output[0])
+            candidates.append((node, GELU, x, (gate.name, node.name)))
         elif node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
             candidates.append((node, node.op_type, node.input[0], (node.name,)))
     found: list[Activation] = []
     for node, op, pre, nodes in candidates:
         out = node.output[0]
-        if op == "Sigmoid" and out in silu_sigmoids:
-            continue  # part of a SiLU, not a layer of its own
+        if out in inner:
+            continue  # part of a SiLU or a Gelu, not a layer of its own
         shape = shapes.get(out)
         if shape is None or len(shape) not in (2, 4) or shape[1] is None:
             log.debug("skipping activation %s (%s): channel count unknown (shape %s)",
