@@ -157,3 +157,29 @@ def test_zoo_discovery_counts(entry):
     assert sum(la.channels for la in layers) == entry["channels"]
     assert {la.op for la in layers} == EXPECTED_OPS[entry["arch"]]
     assert all(la.rank in (2, 4) for la in layers)
+
+
+def test_layers_after_a_runtime_reshape_get_their_channels_from_a_probe_run():
+    # a ShuffleNet channel shuffle: the Reshape targets are computed from Shape at run
+    # time, so shape inference loses the channel dim of the Relu after it
+    def runtime_shape(name: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("Shape", ["c"], [f"{name}_s"]),
+                helper.make_node("Slice", [f"{name}_s", "zero", "one"], [f"{name}_n"]),
+                helper.make_node("Concat", [f"{name}_n", f"{name}_tail"], [name], axis=0)]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], kernel_shape=[1, 1]),
+             *runtime_shape("t1"),
+             helper.make_node("Reshape", ["c", "t1"], ["g"]),
+             helper.make_node("Transpose", ["g"], ["gt"], perm=[0, 2, 1, 3, 4]),
+             *runtime_shape("t2"),
+             helper.make_node("Reshape", ["gt", "t2"], ["shuffled"]),
+             helper.make_node("Relu", ["shuffled"], ["r"], name="relu")]
+    hn, hi = head("r", 4)
+    inits = [tensor("w", [4, 3, 1, 1]), *hi,
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([2, 2, 8, 8], np.int64), "t1_tail"),
+             numpy_helper.from_array(np.array([4, 8, 8], np.int64), "t2_tail")]
+    proto = inferred(model(nodes + hn, inits))
+    value = {v.name: v for v in proto.graph.value_info}.get("r")
+    assert value is None or not value.type.tensor_type.shape.dim[1].HasField("dim_value")
+    assert [(la.name, la.channels) for la in discover_activations(proto)] == [("r", 4)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from ..findings import LayerInfo
+from ..runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,10 @@ def find_activations(proto: onnx.ModelProto) -> list[Activation]:
             candidates.append((node, GELU, x, (gate.name, node.name)))
         elif node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
             candidates.append((node, node.op_type, node.input[0], (node.name,)))
+    lost = [n.output[0] for n, _, _, _ in candidates if n.output[0] not in inner
+            and (shapes.get(n.output[0]) is None or None in shapes[n.output[0]][1:2])]
+    if lost:  # e.g. after a channel shuffle whose Reshape target is computed at run time
+        shapes.update(probe_shapes(proto, lost))
     found: list[Activation] = []
     for node, op, pre, nodes in candidates:
         out = node.output[0]
@@ -141,6 +147,32 @@ def find_activations(proto: onnx.ModelProto) -> list[Activation]:
                           rank=len(shape))
         found.append(Activation(layer, pre, nodes))
     return found
+
+
+def probe_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int | None]]:
+    """Shapes of `names` from one run on a zero image, where shape inference lost them.
+    Empty when the image's own shape is not static or the run fails: those layers are then
+    skipped, as before."""
+    inits = {i.name for i in proto.graph.initializer}
+    image = next((i for i in proto.graph.input if i.name not in inits), None)
+    dims = image.type.tensor_type.shape.dim if image is not None else []
+    if len(dims) < 2 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+        return {}
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT,
+                                                                 None) for n in names)
+    batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
+    elem = image.type.tensor_type.elem_type
+    x = np.zeros([batch] + [d.dim_value for d in dims[1:]],
+                 onnx.helper.tensor_dtype_to_np_dtype(elem))
+    try:
+        arrays = make_session(model).run(names, {image.name: x})
+    except Exception as exc:  # noqa: BLE001  a model ORT cannot run fails later, clearly
+        log.debug("shape probe failed: %s", exc)
+        return {}
+    return {n: [None, *a.shape[1:]] for n, a in zip(names, arrays, strict=True)}
 
 
 def discover_activations(proto: onnx.ModelProto) -> list[LayerInfo]:
