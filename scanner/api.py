@@ -47,12 +47,12 @@ MAX_IMAGE_VALUES = 1 << 22  # C*H*W of one input; every stage runs hundreds of r
 def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Preprocess:
     name, shape = model.image_input()
     inits = {i.name for i in model.proto.graph.initializer}
-    others = [i.name for i in model.proto.graph.input if i.name not in inits and i.name != name]
-    if others:
-        raise Inconclusive(f"inconclusive: the model has {len(others) + 1} inputs "
-                           f"({', '.join([name, *others])}); shapscan scans image classifiers "
-                           "with one input")
-    elem = next(i for i in model.proto.graph.input if i.name == name).type.tensor_type.elem_type
+    inputs = [i for i in model.proto.graph.input if i.name not in inits]  # inputs[0]: image
+    if len(inputs) > 1:
+        raise Inconclusive(f"inconclusive: the model has {len(inputs)} inputs "
+                           f"({', '.join(i.name for i in inputs)}); shapscan scans image "
+                           "classifiers with one input")
+    elem = inputs[0].type.tensor_type.elem_type
     if elem != onnx.TensorProto.FLOAT:
         raise Inconclusive(f"inconclusive: the image input {name!r} is "
                            f"{onnx.TensorProto.DataType.Name(elem).lower()}; shapscan runs "
@@ -71,8 +71,7 @@ def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Prepr
 
 def batchable(model: LoadedModel, prep: Preprocess) -> None:
     """Point `model.runnable` at a copy that takes any batch size (graph.batch)."""
-    name, _ = model.image_input()
-    relaxed = any_batch(model.proto, name, prep.input_shape)
+    relaxed = any_batch(model.proto, prep.input_shape)
     model.batch_free = None if relaxed is model.proto else relaxed
 
 
@@ -205,7 +204,8 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     batchable(model, prep)
     device = resolve_device(opts.device)
     result.device = device.name
-    n_classes = _n_classes(model, prep, device)
+    predict = Predictor(model, prep, device.requested)  # one session for the checks below
+    n_classes = _n_classes(predict, prep)
     result.timings["load"] = time.perf_counter() - t0
 
     if opts.method != "shapley":
@@ -230,7 +230,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                             f"for a model with {n_classes} classes")
         if len(images.classes()) < 2:
             raise DataError(f"{opts.data}: need images of at least 2 classes")
-        _check_clean_accuracy(model, prep, images, device, policy.detection)
+        _check_clean_accuracy(predict, images, policy.detection)
     progress.stage("reversing triggers")
     det = policy.detection
     verdict = _reverse_and_detect(program, prep, images, n_classes, opts, det,
@@ -532,9 +532,8 @@ def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> l
     return chosen
 
 
-def _check_clean_accuracy(model: LoadedModel, prep: Preprocess, images: ImageSet,
-                          device: Device, det: DetectionPolicy) -> None:
-    logits = Predictor(model, prep, device.requested)(images.pixels)
+def _check_clean_accuracy(predict: Predictor, images: ImageSet, det: DetectionPolicy) -> None:
+    logits = predict(images.pixels)
     acc = float((logits.argmax(1) == images.labels).mean())
     if acc < det.min_clean_accuracy:
         raise Inconclusive(
@@ -544,8 +543,8 @@ def _check_clean_accuracy(model: LoadedModel, prep: Preprocess, images: ImageSet
             rule_id="SS206")
 
 
-def _n_classes(model: LoadedModel, prep: Preprocess, device: Device) -> int:
-    probe = Predictor(model, prep, device.requested)(
+def _n_classes(predict: Predictor, prep: Preprocess) -> int:
+    probe = predict(
         np.zeros((1, prep.channels, prep.height, prep.width), np.float32))
     if probe.ndim != 2 or probe.shape[1] < 2:
         raise Inconclusive(f"inconclusive: model output has shape {list(probe.shape)}; "

@@ -49,7 +49,7 @@ def flat_model(batch: int | str = 1, shape_from_constant: bool = False,
 
 def test_a_batch_1_export_runs_any_batch_with_the_same_outputs():
     proto = flat_model(batch=1)
-    relaxed = any_batch(proto, "image", (1, 28, 28))
+    relaxed = any_batch(proto, (1, 28, 28))
     x = np.random.default_rng(3).random((5, 1, 28, 28), dtype=np.float32)
     one = make_session(proto)
     per_row = np.concatenate([one.run(None, {"image": x[i:i + 1]})[0] for i in range(5)])
@@ -61,14 +61,14 @@ def test_a_batch_1_export_runs_any_batch_with_the_same_outputs():
 
 def test_a_free_batch_dim_is_left_alone():
     proto = flat_model(batch="N")
-    assert any_batch(proto, "image", (1, 28, 28)) is proto
+    assert any_batch(proto, (1, 28, 28)) is proto
 
 
 def test_a_batch_that_cannot_be_freed_is_inconclusive_in_one_line():
     # the Reshape target is a Constant node, which the relaxation does not rewrite
     proto = flat_model(batch=1, shape_from_constant=True)
     with pytest.raises(Inconclusive) as info:
-        any_batch(proto, "image", (1, 28, 28))
+        any_batch(proto, (1, 28, 28))
     text = str(info.value)
     assert "fixed at 1" in text and "dynamic batch axis" in text and "\n" not in text
 

@@ -1,6 +1,7 @@
 """ONNX graph engine: safe loading, activation discovery, mask insertion, export.
 
 load.py         load_model(path, allowed_domains=, max_bytes=) -> LoadedModel (SS101-SS112)
+batch.py        any_batch(proto, sample_shape): a fixed-batch model as a free-batch copy
 activations.py  discover_activations(proto) -> [LayerInfo]; activation_maps_zero(op)
 mask.py         insert_masks(proto, layers), mask_inputs(...), MaskedModel
 prefix.py       split_at_masks(...), CoalitionEvaluator (prefix-cached coalition batches)

@@ -10,6 +10,7 @@ import onnx
 
 from ..findings import LayerInfo
 from ..runtime import make_session
+from .load import first_input
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ def probe_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int
     """Shapes of `names` from one run on a zero image, where shape inference lost them.
     Empty when the image's own shape is not static or the run fails: those layers are then
     skipped, as before."""
-    inits = {i.name for i in proto.graph.initializer}
-    image = next((i for i in proto.graph.input if i.name not in inits), None)
+    image = first_input(proto)
     dims = image.type.tensor_type.shape.dim if image is not None else []
     if len(dims) < 2 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
         return {}

@@ -16,33 +16,29 @@ from onnx import numpy_helper
 
 from ..errors import Inconclusive, first_line
 from ..runtime import make_session
+from .load import first_input
 
 BATCH = "shapscan_batch"
 TOLERANCE = 1e-4  # relative, on the outputs: the same kernels run on more rows
 
 
-def fixed_batch(proto: onnx.ModelProto, input_name: str) -> int | None:
-    """The image input's batch size when it is a number, else None."""
-    value = next(v for v in proto.graph.input if v.name == input_name)
-    dims = value.type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-
-
-def any_batch(proto: onnx.ModelProto, input_name: str, sample_shape: tuple[int, ...]
-              ) -> onnx.ModelProto:
-    """`proto` itself when its batch dim is free; else the relaxed copy, checked on random
-    rows of `sample_shape` (one image). Inconclusive when no copy runs like the original."""
-    fixed = fixed_batch(proto, input_name)
-    if fixed is None:
+def any_batch(proto: onnx.ModelProto, sample_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """`proto` itself when its image input's batch dim is free; else the relaxed copy,
+    checked on random rows of `sample_shape` (one image). Inconclusive when no copy runs
+    like the original."""
+    image = first_input(proto)
+    dims = image.type.tensor_type.shape.dim if image is not None else []
+    if not dims or not dims[0].HasField("dim_value"):
         return proto
-    relaxed = _relax(proto, input_name, fixed)
-    rng = np.random.default_rng(0)
-    x = rng.random((2 * fixed, *sample_shape)).astype(_input_dtype(proto, input_name))
+    fixed, name = dims[0].dim_value, image.name
+    relaxed = _relax(proto, name, fixed)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
+    x = np.random.default_rng(0).random((2 * fixed, *sample_shape)).astype(dtype)
     try:
         original = make_session(proto)
-        wanted = [np.concatenate([original.run(None, {input_name: x[i:i + fixed]})[k]
-                                  for i in (0, fixed)]) for k in range(len(proto.graph.output))]
-        got = make_session(relaxed).run(None, {input_name: x})
+        chunks = [original.run(None, {name: x[i:i + fixed]}) for i in (0, fixed)]
+        wanted = [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+        got = make_session(relaxed).run(None, {name: x})
         same = all(w.shape == g.shape and np.allclose(g, w, rtol=TOLERANCE, atol=TOLERANCE)
                    for w, g in zip(wanted, got, strict=True))
         why = "its outputs change with the batch size"
@@ -87,8 +83,3 @@ def _relax(proto: onnx.ModelProto, input_name: str, fixed: int) -> onnx.ModelPro
                 graph.initializer.append(inits[name])
             node.input[1] = name
     return model
-
-
-def _input_dtype(proto: onnx.ModelProto, input_name: str) -> np.dtype:
-    value = next(v for v in proto.graph.input if v.name == input_name)
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
