@@ -104,9 +104,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     if logits.ndim != 2:
         raise DataError(f"model output has shape {list(logits.shape)}; expected [N, classes]")
     n_classes = logits.shape[1]
-    if data.labels.max() >= n_classes:
-        raise DataError(f"{data_path}: label {int(data.labels.max())} is out of range "
-                        f"for a model with {n_classes} classes")
+    _check_labels(data_path, data, n_classes)
     clean_acc = float((logits.argmax(1) == data.labels).mean())
     if attack is None:
         return EvalResult(clean_acc, None, len(data), 0)
@@ -225,9 +223,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
                             "or --data-free")
         images = load_images(opts.data, prep)
         bn_layers = 0
-        if images.labels.max() >= n_classes:
-            raise DataError(f"{opts.data}: label {int(images.labels.max())} is out of range "
-                            f"for a model with {n_classes} classes")
+        _check_labels(opts.data, images, n_classes)
         if len(images.classes()) < 2:
             raise DataError(f"{opts.data}: need images of at least 2 classes")
         _check_clean_accuracy(predict, images, policy.detection)
@@ -530,6 +526,12 @@ def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> l
         raise UsageError(f"--layers: no activation layer named {', '.join(sorted(missing))} "
                          "(see `shapscan inspect`)")
     return chosen
+
+
+def _check_labels(path: str | Path, images: ImageSet, n_classes: int) -> None:
+    if images.labels.max() >= n_classes:
+        raise DataError(f"{path}: label {int(images.labels.max())} is out of range "
+                        f"for a model with {n_classes} classes")
 
 
 def _check_clean_accuracy(predict: Predictor, images: ImageSet, det: DetectionPolicy) -> None:
