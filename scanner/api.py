@@ -46,13 +46,13 @@ MAX_IMAGE_VALUES = 1 << 22  # C*H*W of one input; every stage runs hundreds of r
 
 def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Preprocess:
     name, shape = model.image_input()
-    inits = {i.name for i in model.proto.graph.initializer}
-    inputs = [i for i in model.proto.graph.input if i.name not in inits]  # inputs[0]: image
+    inits = {i.name for i in model.analysed.graph.initializer}
+    inputs = [i for i in model.analysed.graph.input if i.name not in inits]  # inputs[0]: image
     if len(inputs) > 1:
         raise Inconclusive(f"inconclusive: the model has {len(inputs)} inputs "
                            f"({', '.join(i.name for i in inputs)}); shapscan scans image "
                            "classifiers with one input")
-    elem = inputs[0].type.tensor_type.elem_type
+    elem = inputs[0].type.tensor_type.elem_type  # float16 inputs are float32 in the copy
     if elem != onnx.TensorProto.FLOAT:
         raise Inconclusive(f"inconclusive: the image input {name!r} is "
                            f"{onnx.TensorProto.DataType.Name(elem).lower()}; shapscan runs "
@@ -71,8 +71,8 @@ def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Prepr
 
 def batchable(model: LoadedModel, prep: Preprocess) -> None:
     """Point `model.runnable` at a copy that takes any batch size (graph.batch)."""
-    relaxed = any_batch(model.proto, prep.input_shape)
-    model.batch_free = None if relaxed is model.proto else relaxed
+    relaxed = any_batch(model.analysed, prep.input_shape)
+    model.batch_free = None if relaxed is model.analysed else relaxed
 
 
 class Predictor:
@@ -193,7 +193,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     model = load_model(path, allowed_domains=policy.load.allowed_domains,
                        max_bytes=policy.load.max_model_bytes)
     result.findings.extend(model.findings)
-    layers = discover_activations(model.proto)
+    layers = discover_activations(model.analysed)
     result.model = model.summary(layers)
     if not layers:
         raise Inconclusive("inconclusive: no activation layers to scan", rule_id="SS204")

@@ -31,7 +31,7 @@ def flat_model(batch: int | str = 1, shape_from_constant: bool = False,
              helper.make_node("Reshape", ["r", "shape"], ["f"], name="flatten"),
              helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc")]
     inits = [tensor("w", [4, 1, 3, 3]), tensor("fc", [4 * 26 * 26, 10], scale=0.05)]
-    if elem != TensorProto.FLOAT:  # a half-precision input cast up front
+    if elem != TensorProto.FLOAT:  # an input of another float type, cast up front
         nodes.insert(0, helper.make_node("Cast", ["image"], ["image32"], to=TensorProto.FLOAT))
         nodes[1].input[0] = "image32"
     if shape_from_constant:
@@ -97,7 +97,7 @@ def test_eval_of_a_batch_1_model_and_of_one_that_cannot_be_freed(run_cli, tmp_pa
 
 @pytest.mark.parametrize("build,code,said", [
     (lambda: _two_inputs(), 3, "has 2 inputs (image, extra)"),
-    (lambda: flat_model("N", elem=TensorProto.FLOAT16), 3, "'image' is float16"),
+    (lambda: flat_model("N", elem=TensorProto.DOUBLE), 3, "'image' is double"),
     (lambda: flat_model("N", image=["N", 1, "H", "W"]), 2, "height\" and \"width\" in m.pre"),
     (lambda: _gap_model(["N", 1, 100000, 100000]), 3, "1x100000x100000 values"),
 ])

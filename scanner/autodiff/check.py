@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ..graph.precision import retype
 from ..runtime import session_options
 from .backward import COTANGENT_SUFFIX, GRAD_SUFFIX, build_vjp
 from .program import (
@@ -40,30 +40,10 @@ _FLOAT_ONLY_SLOTS = {"Resize": (2,), "Upsample": (1,)}
 
 def to_double(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy computing in float64: float initializers, constants, casts and I/O types."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    g = model.graph
-    keep_float = {n.input[i] for n in g.node for i in _FLOAT_ONLY_SLOTS.get(n.op_type, ())
-                  if i < len(n.input)}
-    for i, t in enumerate(g.initializer):
-        if t.data_type == FLOAT and t.name not in keep_float:
-            g.initializer[i].CopyFrom(numpy_helper.from_array(
-                numpy_helper.to_array(t).astype(np.float64), t.name))
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT and not (
-                    node.op_type == "Constant" and node.output[0] in keep_float):
-                attr.t.CopyFrom(numpy_helper.from_array(
-                    numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
-                attr.i = DOUBLE
-            elif node.op_type == "Constant" and attr.name == "value_float":
-                attr.CopyFrom(helper.make_attribute(
-                    "value", numpy_helper.from_array(np.array(attr.f, np.float64))))
-    for vi in list(g.input) + list(g.output):
-        if vi.type.tensor_type.elem_type == FLOAT:
-            vi.type.tensor_type.elem_type = DOUBLE
-    del g.value_info[:]
+    keep_float = {n.input[i] for n in proto.graph.node
+                  for i in _FLOAT_ONLY_SLOTS.get(n.op_type, ()) if i < len(n.input)}
+    model = retype(proto, {FLOAT}, DOUBLE, keep=keep_float)
+    del model.graph.value_info[:]
     return model
 
 

@@ -68,7 +68,7 @@ def _fewshot_acc(model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
 
 def clp_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
                images: ImageSet | None, device: Device, u: float = 3.0) -> Repair:
-    scored = layer_lipschitz(model.proto, layers, u)
+    scored = layer_lipschitz(model.analysed, layers, u)
     if not scored:
         raise Inconclusive("CLP found no Conv-fed activation layer to prune", rule_id="SS204")
     values = []

@@ -30,7 +30,7 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
     Exit 2 when the model is refused, 3 when it has no activation layers to scan.
     """
     loaded = load_model(model, allowed_domains=allowed, max_bytes=max_bytes)
-    layers = discover_activations(loaded.proto)
+    layers = discover_activations(loaded.analysed)
     summary = loaded.summary(layers)
     if as_json:
         echo_json({

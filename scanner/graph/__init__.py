@@ -1,10 +1,11 @@
 """ONNX graph engine: safe loading, activation discovery, mask insertion, export.
 
-load.py         load_model(path, allowed_domains=, max_bytes=) -> LoadedModel (SS101-SS112)
+load.py         load_model(path, allowed_domains=, max_bytes=) -> LoadedModel (SS101-SS113)
+precision.py    widen(proto): a float16 / bfloat16 model's float32 copy; retype(...)
 batch.py        any_batch(proto, sample_shape): a fixed-batch model as a free-batch copy
 activations.py  discover_activations(proto) -> [LayerInfo]; activation_maps_zero(op)
 mask.py         insert_masks(proto, layers), mask_inputs(...), MaskedModel
 prefix.py       split_at_masks(...), CoalitionEvaluator (prefix-cached coalition batches)
 export.py       sanitize(proto, zeroed, metadata), verify_sanitized(...), save_atomic(...)
-compare.py      compare_models(a, b, feeds, atol) -> max abs difference
+compare.py      compare_models(a, b, feeds, atol) -> max abs difference; probe_input
 """

@@ -18,6 +18,25 @@ class ModelMismatch(ShapscanError):
     exit_code = 2
 
 
+def image_input(proto: onnx.ModelProto) -> str:
+    inits = {i.name for i in proto.graph.initializer}
+    return next(i.name for i in proto.graph.input if i.name not in inits)
+
+
+def probe_input(proto: onnx.ModelProto) -> np.ndarray | None:
+    """Two seeded random inputs for a differential check, or None if dims are unknown."""
+    name = image_input(proto)
+    value = next(i for i in proto.graph.input if i.name == name)
+    dims = value.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    if not shape or any(d <= 0 for d in shape[1:]):
+        return None
+    if shape[0] <= 0:
+        shape[0] = 2
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """All outputs of `model`; feeds it does not take are ignored."""
     session = make_session(model)

@@ -22,7 +22,7 @@ from .. import __version__
 from ..files import write_atomic
 from ..findings import LayerInfo
 from .activations import Activation, activation_maps_zero, find_activations, graph_index
-from .compare import compare_models, run_model
+from .compare import compare_models, image_input, probe_input, run_model
 from .mask import insert_masks, mask_inputs
 
 PRUNED_KEY = "shapscan.pruned_channels"
@@ -318,34 +318,15 @@ def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
-    probe = _probe_input(proto)
+    probe = probe_input(proto)
     if verify and probe is not None and edits:
-        reference = run_model(proto, {_image_input(proto): probe})
+        reference = run_model(proto, {image_input(proto): probe})
         scale = max([1.0] + [float(np.abs(v).max()) for v in reference.values() if v.size])
         verify_sanitized(proto, model, zeroed, probe, atol=VERIFY_ATOL * scale)
     return model
 
 
 VERIFY_ATOL = 1e-5
-
-
-def _image_input(proto: onnx.ModelProto) -> str:
-    inits = {i.name for i in proto.graph.initializer}
-    return next(i.name for i in proto.graph.input if i.name not in inits)
-
-
-def _probe_input(proto: onnx.ModelProto) -> np.ndarray | None:
-    """Two seeded random inputs for the differential check, or None if dims are unknown."""
-    name = _image_input(proto)
-    value = next(i for i in proto.graph.input if i.name == name)
-    dims = value.type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
-    if not shape or any(d <= 0 for d in shape[1:]):
-        return None
-    if shape[0] <= 0:
-        shape[0] = 2
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
 
 
 def export_edits(model: onnx.ModelProto) -> list[dict[str, str]]:
@@ -359,7 +340,7 @@ def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
                      atol: float = 1e-5) -> float:
     """Differential check: `sanitized` equals the masked engine with `zeroed` at 0."""
     layers = [act.layer for act, _ in plan_layers(source, zeroed)]
-    feeds = {_image_input(source): images}
+    feeds = {image_input(source): images}
     for spec in mask_inputs(source, layers):
         mask = np.ones((len(images), spec.layer.channels), np.float32)
         mask[:, list(zeroed[spec.layer.name])] = 0

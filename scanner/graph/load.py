@@ -4,7 +4,9 @@ Loading is an attack surface: the checks here run on the parsed protobuf *before
 onnxruntime touch external data or execute anything, in this order: file (SS101, SS112),
 op domains (SS102), tensor storage (SS103-SS105), graph structure (SS106, SS107), opset
 (SS108/SS109), image input type (SS110), then onnx.checker and strict shape inference
-(SS111). The model kept in `LoadedModel.proto` is the shape-inferred one.
+(SS111). The model kept in `LoadedModel.proto` is the shape-inferred one. A float16 or
+bfloat16 model then gets its float32 copy (SS113, graph.precision): the first step that runs
+the model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from onnx import TensorProto, external_data_helper, version_converter
 
 from ..errors import ModelRefused
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
+from .precision import low_precision, widen
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,20 @@ class LoadedModel:
     sha256: str
     size_bytes: int
     findings: list[Finding] = field(default_factory=list)
-    # what ONNX Runtime runs when set: a copy taking any batch size (graph.batch)
+    # a float16 / bfloat16 model's float32 copy (graph.precision): what is analysed
+    widened: onnx.ModelProto | None = None
+    # what ONNX Runtime runs when set: a copy of `analysed` taking any batch size (graph.batch)
     batch_free: onnx.ModelProto | None = None
+
+    @property
+    def analysed(self) -> onnx.ModelProto:
+        """The graph every stage reads: `proto`, or its float32 copy."""
+        return self.proto if self.widened is None else self.widened
 
     @property
     def runnable(self) -> onnx.ModelProto:
         """The proto sessions run; `proto` stays what reports describe and export edits."""
-        return self.proto if self.batch_free is None else self.batch_free
+        return self.analysed if self.batch_free is None else self.batch_free
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -125,7 +135,14 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
         findings.append(converted)
     _check_image_input(proto)
     proto = _check_and_infer(proto)
-    return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings)
+    widened = None
+    precision = low_precision(proto)
+    if precision:
+        widened = widen(proto)
+        findings.append(Finding(
+            "SS113", Severity.INFO, f"{precision} model analysed as a float32 copy; a repaired "
+            f"model keeps {precision}", details={"precision": precision}))
+    return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings, widened)
 
 
 def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
