@@ -50,6 +50,11 @@ class ReverseConfig:
     early_stop: int = 50  # stop when no class's best norm improved by 1% for this many steps
     families: tuple[str, ...] = FAMILIES
     warp_grid: int = 4  # control points per side of the warp family's displacement grid
+    # rows a step aims at: each target's trigger is optimised on at most
+    # max(min_images, max_rows / (families * classes)) images of other classes (a
+    # class-balanced random subset), so a step costs O(classes), not O(classes²)
+    max_rows: int = 3000
+    min_images: int = 5
 
 
 @dataclass
@@ -301,9 +306,11 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     families = [_FAMILY_TYPES[name](targets, shape, cfg, rng) for name in cfg.families]
     # rows: (family, target, image) for every image whose label is not the target
     row_family, row_target, row_image = [], [], []
+    limit = max(cfg.min_images, cfg.max_rows // (len(families) * n_classes))
+    chosen = {int(t): _rows_for(images.labels, int(t), limit, rng) for t in targets}
     for f in range(len(families)):
         for t in targets:
-            idx = np.flatnonzero(images.labels != t)
+            idx = chosen[int(t)]
             row_family += [f] * len(idx)
             row_target += [t] * len(idx)
             row_image += idx.tolist()
@@ -348,6 +355,23 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         for trig in fam.results(asr[f]):
             triggers[(fam.name, trig.target)] = trig
     return ReverseResult(triggers, step, passes, time.perf_counter() - start, n_classes)
+
+
+def _rows_for(labels: np.ndarray, target: int, limit: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """The images a target's trigger is optimised on: all of other classes, or when there
+    are more than `limit`, as many classes as possible once (in random order) before any
+    class twice."""
+    idx = np.flatnonzero(labels != target)
+    if len(idx) <= limit:
+        return idx
+    idx = rng.permutation(idx)
+    rank = np.zeros(len(idx), int)  # how many images of the same class come before
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels[idx].tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    return np.sort(idx[np.argsort(rank, kind="stable")[:limit]])
 
 
 @dataclass(frozen=True)

@@ -570,6 +570,32 @@ def test_program_without_bn_stats_has_zero_bn_loss_and_independent_rows() -> Non
     np.testing.assert_allclose(both.grad[:1], first.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_large_batch_runs_in_chunks_with_the_same_results(monkeypatch) -> None:
+    import scanner.autodiff.program as program
+
+    model = _bn_classifier()
+    x = rand(11, 2, 7, 7)
+    t = np.eye(6, dtype=np.float32)[np.arange(11) % 6]
+    whole = GradientProgram(model).run(x, t)
+    monkeypatch.setattr(program, "MAX_RUN_VALUES", 4 * 2 * 7 * 7)  # 4 rows a run: 3 runs
+    calls = []
+    prog = GradientProgram(model)
+    real = prog._session.run
+    prog._session.run = lambda *a: calls.append(len(a[1][prog.input_name])) or real(*a)
+    chunked = prog.run(x, t)
+    assert calls == [4, 4, 3]
+    for a, b in ((whole.logits, chunked.logits), (whole.ce, chunked.ce),
+                 (whole.grad, chunked.grad)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # the BN-statistics loss couples the rows through batch statistics: one run
+    calls.clear()
+    stats = GradientProgram(model, bn_stats=True)
+    real_stats = stats._session.run
+    stats._session.run = lambda *a: calls.append(len(a[1][stats.input_name])) or real_stats(*a)
+    stats.run(x, t, bn_weight=1.0)
+    assert calls == [11]
+
+
 @pytest.mark.parametrize("bn_stats,bn_weight", [(False, 0.0), (True, 0.7)])
 def test_program_gradient_matches_finite_differences(bn_stats: bool, bn_weight: float) -> None:
     model = _bn_classifier()

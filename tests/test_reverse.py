@@ -8,6 +8,7 @@ from scanner.reverse import (
     _FAMILY_TYPES,
     ReverseConfig,
     ReversedTrigger,
+    _rows_for,
     reverse_triggers,
 )
 from scanner.warp import warp
@@ -63,3 +64,45 @@ def test_an_unknown_family_is_refused():
     images = ImageSet(np.zeros((2, *SHAPE), np.float32), np.array([0, 1]))
     with pytest.raises(ValueError, match="unknown trigger families"):
         reverse_triggers(None, None, images, 2, ReverseConfig(families=("patch", "blur")))
+
+
+def test_each_target_gets_every_other_image_up_to_the_limit():
+    labels = np.repeat(np.arange(10), 1)
+    np.testing.assert_array_equal(_rows_for(labels, 3, 9, np.random.default_rng(0)),
+                                  [0, 1, 2, 4, 5, 6, 7, 8, 9])
+
+
+@pytest.mark.parametrize(("classes", "per_class", "limit"), [(100, 1, 10), (10, 5, 30)])
+def test_beyond_the_limit_the_images_spread_over_classes(classes, per_class, limit):
+    labels = np.repeat(np.arange(classes), per_class)
+    rows = _rows_for(labels, 5, limit, np.random.default_rng(0))
+    counts = np.bincount(labels[rows], minlength=classes)
+    assert len(rows) == limit == len(set(rows.tolist())) and counts[5] == 0
+    assert counts.max() - np.delete(counts, 5).min() <= 1  # no class twice before all once
+
+
+class _Program:
+    """Counts rows; the logits say every row is its target (every trigger works at once)."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def run(self, x, weights, bn_weight=0.0):
+        from scanner.autodiff import GradResult
+
+        self.rows.append(len(x))
+        return GradResult(10 * weights, np.zeros(len(x)), 0.0, np.zeros_like(x))
+
+
+def test_a_step_costs_rows_linear_in_the_class_count():
+    from scanner.data import Preprocess
+
+    classes = 40
+    images = ImageSet(np.random.default_rng(0).uniform(size=(classes, 1, 6, 6)).astype(
+        np.float32), np.arange(classes))
+    program = _Program()
+    cfg = ReverseConfig(steps=2, max_rows=300, min_images=5)
+    result = reverse_triggers(program, Preprocess(height=6, width=6), images, classes, cfg)
+    # 3 families x 40 targets x max(5, 300 // 120) images; all 39 others would be 4,680
+    assert program.rows == [600, 600] and result.forward_passes == 1200
+    assert len(result.triggers) == 3 * classes

@@ -24,6 +24,7 @@ BN_WEIGHT_INPUT = "shapscan/bn_weight"
 CE_OUTPUT = "shapscan/ce"
 BN_LOSS_OUTPUT = "shapscan/bn_loss"
 GRAD_OUTPUT = "shapscan/grad"
+MAX_RUN_VALUES = 1 << 22  # input values per session run (16 MiB of float32)
 
 
 @dataclass
@@ -183,8 +184,21 @@ class GradientProgram:
         if target_weights.ndim != 2 or len(target_weights) != len(x):
             raise DataError(f"target_weights must be [N, K] with N = {len(x)}, "
                             f"got {target_weights.shape}")
-        feeds = {self.input_name: np.ascontiguousarray(x, self._dtype),
-                 TARGET_INPUT: np.ascontiguousarray(target_weights, self._dtype),
-                 BN_WEIGHT_INPUT: np.asarray(bn_weight, self._dtype)}
-        logits, ce, bn_loss, grad = self._session.run(self._outputs, feeds)
-        return GradResult(logits, ce, float(bn_loss), grad)
+        x = np.ascontiguousarray(x, self._dtype)
+        target_weights = np.ascontiguousarray(target_weights, self._dtype)
+        weight = np.asarray(bn_weight, self._dtype)
+        # Rows are independent unless the BN-statistics head couples them through batch
+        # statistics: then the batch is one run. Otherwise chunks bound the memory of the
+        # backward pass (a 100-class model reverses thousands of rows a step).
+        rows = max(1, len(x)) if self.bn_stats else max(
+            1, MAX_RUN_VALUES // max(1, int(np.prod(x.shape[1:]))))
+        parts = [self._session.run(self._outputs, {self.input_name: x[s:s + rows],
+                                                   TARGET_INPUT: target_weights[s:s + rows],
+                                                   BN_WEIGHT_INPUT: weight})
+                 for s in range(0, max(1, len(x)), rows)]
+        if len(parts) == 1:
+            logits, ce, bn_loss, grad = parts[0]
+            return GradResult(logits, ce, float(bn_loss), grad)
+        logits, ce, _, grad = zip(*parts, strict=True)  # no BN head: its loss is 0
+        return GradResult(np.concatenate(logits), np.concatenate(ce), 0.0,
+                          np.concatenate(grad))
