@@ -16,7 +16,14 @@ from .autodiff import GradientProgram
 from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
 from .detect import Verdict as DetectVerdict
 from .detect import detect, most_suspicious, score
-from .errors import DataError, Inconclusive, ModelRefused, UsageError, internal_error
+from .errors import (
+    DataError,
+    Inconclusive,
+    ModelRefused,
+    UsageError,
+    internal_error,
+    out_of_memory,
+)
 from .findings import ChannelValue, ClassReverse, LayerInfo, Repair, ScanResult, Verdict
 from .graph.activations import discover_activations
 from .graph.batch import any_batch
@@ -178,8 +185,13 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
         raise
     except Exception as exc:  # a bug: this model's result says so, the other models still run
         log.debug("internal error scanning %s", model_path, exc_info=True)
-        result.verdict = Verdict.ERROR
-        result.errors.append(internal_error(exc))
+        oom = out_of_memory(exc)
+        if oom is not None:
+            result.verdict = Verdict.INCONCLUSIVE
+            result.skipped.append(str(oom))
+        else:
+            result.verdict = Verdict.ERROR
+            result.errors.append(internal_error(exc))
     finally:
         progress.close()
     result.findings = policy.apply(result.findings)

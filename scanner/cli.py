@@ -12,7 +12,7 @@ import warnings
 import click
 
 from . import __version__
-from .errors import ShapscanError, UsageError, internal_error
+from .errors import ShapscanError, UsageError, internal_error, out_of_memory
 
 EXAMPLES = """
 \b
@@ -82,6 +82,10 @@ def _main(argv: list[str] | None, debug: bool) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise
+        oom = out_of_memory(exc)
+        if oom is not None:
+            click.echo(f"shapscan: error: {oom}", err=True)
+            return oom.exit_code
         click.echo(f"shapscan: {internal_error(exc)}", err=True)
         return 2
     return rv if isinstance(rv, int) else 0

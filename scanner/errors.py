@@ -52,3 +52,14 @@ def internal_error(exc: BaseException) -> str:
     """How a bug is reported when --debug is off."""
     return (f"internal error: {type(exc).__name__}: {first_line(exc)} "
             "(rerun with --debug for a traceback)")
+
+
+def out_of_memory(exc: BaseException) -> Inconclusive | None:
+    """numpy's MemoryError or a failed onnxruntime allocation, as what it means to a user:
+    the model is too large for this machine's memory, which is not a bug."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or "Failed to allocate memory" in text
+            or "bad_alloc" in text):
+        return None
+    return Inconclusive("inconclusive: ran out of memory; the model, its input size or its "
+                        "class count is too large for this machine")

@@ -78,7 +78,9 @@ def default_threads() -> int | None:
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: ORT's warnings are noise for our users
+    # fatal only: ORT's warnings are noise for our users, and its errors reach them as the
+    # exception's one line (logged too, they were a second, multi-line copy)
+    opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = threads or default_threads()
     if threads:

@@ -65,9 +65,24 @@ def test_auto_on_cpu_is_silent(monkeypatch):
 
 def test_session_options_threads_and_quiet_logs(monkeypatch):
     opts = session_options(3)
-    assert opts.intra_op_num_threads == 3 and opts.log_severity_level == 3
+    assert opts.intra_op_num_threads == 3 and opts.log_severity_level == 4
     monkeypatch.setenv(runtime.THREADS_ENV, "2")
     assert session_options().intra_op_num_threads == 2
+
+
+def test_a_kernel_failure_raises_without_printing_a_second_copy(capfd):
+    # the failure reaches the user as the exception's one line; ORT used to log it as well
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([7], np.int64), "shape")])
+    session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(Exception, match="Reshape"):
+        session.run(None, {"x": np.zeros(8, np.float32)})
+    assert capfd.readouterr().err == ""
 
 
 def test_runner_and_run_batched_on_cpu():
