@@ -115,7 +115,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     that a modestly small one gets a large index: with seed 1, cnn_clean's ankle boot
     reached warp index 3.98 (isolation 1.52) few-shot at 1.6 times below the median, and
     data-free its sandal 4.02 (isolation 3.44) at 1.3 times. Hence the scale-free ratio:
-    WaNet targets sit 19 and 22 times below the median, honest classes at most 1.8.
+    WaNet targets sit 9-23 times below the median, honest classes at most 2.0.
     These cuts were calibrated on the 12-model sample zoo, only 3 of them clean: a small
     sample, see README.
     """
