@@ -25,6 +25,7 @@ from onnx import TensorProto, external_data_helper, version_converter
 from ..errors import ModelRefused
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
 from .precision import low_precision, widen
+from .walk import graphs
 
 log = logging.getLogger(__name__)
 
@@ -158,27 +159,15 @@ def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
 
 # ---------------------------------------------------------------- walking the model
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    for graph in _graphs(proto.graph):
+    for graph in graphs(proto.graph):
         yield from graph.node
     for function in proto.functions:
         yield from function.node
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
-    for graph in _graphs(proto.graph):
+    for graph in graphs(proto.graph):
         for t in graph.initializer:
             yield t.name, t
         for s in graph.sparse_initializer:
@@ -358,7 +347,7 @@ def _outer_deps(node: onnx.NodeProto, producer: dict[str, int]) -> set[int]:
     for attr in node.attribute:
         subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for g in subgraphs:
-            for sub in _graphs(g):
+            for sub in graphs(g):
                 for n in sub.node:
                     names.update(n.input)
     return {producer[n] for n in names if n in producer}

@@ -10,7 +10,7 @@ repaired model is written from the original and keeps its precision.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -18,23 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import Inconclusive, first_line
 from .compare import image_input, probe_input, run_model
+from .walk import graphs
 
 LOW_PRECISION = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
 
 # The float32 copy may differ from a half-precision original by rounding alone: float16 has
 # 11 significant bits, and a deep net's logits move by up to a few percent of their scale.
 WIDEN_ATOL = 0.05
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 def _convert(tensor: onnx.TensorProto, target: int) -> onnx.TensorProto:
@@ -50,7 +40,7 @@ def retype(proto: onnx.ModelProto, source: Collection[int], target: int,
     Tensors named in `keep` (and their Constant producers) are left as they are."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    for g in _graphs(model.graph):
+    for g in graphs(model.graph):
         for i, t in enumerate(g.initializer):
             if t.data_type in source and t.name not in keep:
                 g.initializer[i].CopyFrom(_convert(t, target))
@@ -76,7 +66,7 @@ def retype(proto: onnx.ModelProto, source: Collection[int], target: int,
 def low_precision(proto: onnx.ModelProto) -> str | None:
     """'float16' or 'bfloat16' when the graph holds tensors of that type, else None."""
     found: set[int] = set()
-    for g in _graphs(proto.graph):
+    for g in graphs(proto.graph):
         found.update(t.data_type for t in g.initializer)
         found.update(vi.type.tensor_type.elem_type for vi in [*g.input, *g.output,
                                                               *g.value_info])
