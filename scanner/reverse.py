@@ -304,9 +304,9 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         raise ValueError(f"unknown trigger families {sorted(unknown)} (known: {FAMILIES})")
     shape = images.pixels.shape[1:]
     families = [_FAMILY_TYPES[name](targets, shape, cfg, rng) for name in cfg.families]
-    # rows: (family, target, image) for every image whose label is not the target
+    # rows: (family, target, image) for the images each target is reversed on (_rows_for)
     row_family, row_target, row_image = [], [], []
-    limit = max(cfg.min_images, cfg.max_rows // (len(families) * n_classes))
+    limit = max(cfg.min_images, cfg.max_rows // max(1, len(families) * n_classes))
     chosen = {int(t): _rows_for(images.labels, int(t), limit, rng) for t in targets}
     for f in range(len(families)):
         for t in targets:
