@@ -102,3 +102,36 @@ def test_scan_repairs_a_float16_model_and_writes_it_in_float16(run_cli, tmp_path
     assert before["asr"] > 0.95
     assert after["asr"] < 0.25 * before["asr"]
     assert after["clean_acc"] > before["clean_acc"] - 0.05
+
+
+def test_nan_where_the_original_has_nan_is_agreement(tmp_path):
+    # sqrt(x)^2 is x on images and NaN on the probe's negative values, in both precisions
+    proto = onnx.load(zoo_model("cnn_badnets"))
+    g = proto.graph
+    for node in g.node:
+        node.input[:] = ["x2" if i == "image" else i for i in node.input]
+    g.node.insert(0, helper.make_node("Sqrt", ["image"], ["s"]))
+    g.node.insert(1, helper.make_node("Mul", ["s", "s"], ["x2"]))
+    loaded = load_model(save(half(proto), tmp_path / "sqrt.onnx"))
+    assert loaded.widened is not None
+
+
+def test_running_out_of_memory_while_comparing_says_so(tmp_path, monkeypatch):
+    import scanner.graph.precision as precision
+
+    def too_big(model, feeds):
+        raise RuntimeError("Non-zero status code returned while running Conv node. Status "
+                           "Message: bfc_arena.cc:360 Failed to allocate memory for buffer")
+
+    monkeypatch.setattr(precision, "run_model", too_big)
+    with pytest.raises(Inconclusive, match="ran out of memory"):
+        load_model(save(half(onnx.load(zoo_model("cnn_badnets"))), tmp_path / "h.onnx"))
+
+
+def test_the_shape_probe_runs_a_float16_graph_with_float16_outputs():
+    from scanner.graph.activations import probe_shapes
+
+    h = half(onnx.load(zoo_model("cnn_badnets")))
+    h.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a static image shape
+    layer = "/features/features.5/features.5.2/Relu_output_0"
+    assert probe_shapes(h, [layer]) == {layer: [None, 128, 7, 7]}

@@ -158,13 +158,17 @@ def probe_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int
     dims = image.type.tensor_type.shape.dim if image is not None else []
     if len(dims) < 2 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
         return {}
+    elem = image.type.tensor_type.elem_type
+    # each output declared with its inferred type (float16 in a float16 model), else the
+    # image's: ORT refuses a graph whose declared output type is not the computed one
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*proto.graph.value_info, *proto.graph.output]}
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     del model.graph.output[:]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT,
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n) or elem,
                                                                  None) for n in names)
     batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
-    elem = image.type.tensor_type.elem_type
     x = np.zeros([batch] + [d.dim_value for d in dims[1:]],
                  onnx.helper.tensor_dtype_to_np_dtype(elem))
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import Inconclusive, first_line
+from ..errors import Inconclusive, first_line, out_of_memory
 from .compare import image_input, probe_input, run_model
 from .walk import graphs
 
@@ -92,12 +92,17 @@ def widen(proto: onnx.ModelProto) -> onnx.ModelProto:
         reference = run_model(proto, {name: probe})
         widened = run_model(wide, {name: probe.astype(np.float32)})
     except Exception as exc:  # noqa: BLE001  onnxruntime raises many types
+        oom = out_of_memory(exc)
+        if oom is not None:
+            raise oom from None
         raise Inconclusive(f"inconclusive: cannot run this {low_precision(proto)} model "
                            f"and its float32 copy side by side: {first_line(exc)}") from None
     for out, ref in reference.items():
         ref64 = ref.astype(np.float64)
         scale = max(1.0, float(np.abs(ref64[np.isfinite(ref64)]).max(initial=0.0)))
-        worst = float(np.abs(ref64 - widened[out].astype(np.float64)).max(initial=0.0))
+        diff = np.abs(ref64 - widened[out].astype(np.float64))
+        diff[np.isnan(ref64) & np.isnan(widened[out])] = 0.0  # NaN in the same place agrees
+        worst = float(diff.max(initial=0.0))
         if not worst <= WIDEN_ATOL * scale:
             raise Inconclusive(f"inconclusive: the float32 copy of this "
                                f"{low_precision(proto)} model differs from it by {worst:.3g} "
