@@ -219,7 +219,8 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     result.timings["load"] = time.perf_counter() - t0
 
     if opts.method != "shapley":
-        _run_baseline(result, model, scored, prep, opts, policy, catalog, progress, device)
+        _run_baseline(result, model, scored, prep, opts, policy, catalog, progress, device,
+                      n_classes)
         return
 
     t = time.perf_counter()
@@ -518,12 +519,15 @@ def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts:
 
 def _run_baseline(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],
                   prep: Preprocess, opts: ScanOptions, policy: Policy, catalog: Catalog,
-                  progress: Progress, device: Device) -> None:
+                  progress: Progress, device: Device, n_classes: int) -> None:
     from .baselines import run_baseline
 
     t = time.perf_counter()
     progress.stage(f"baseline {opts.method}")
-    images = load_images(opts.data, prep) if opts.data is not None else None
+    images = None
+    if opts.data is not None:
+        images = load_images(opts.data, prep)
+        _check_labels(opts.data, images, n_classes)
     repair = run_baseline(opts.method, model, layers, prep, images, policy, device)
     result.timings["baseline"] = time.perf_counter() - t
     result.repair = repair

@@ -236,8 +236,11 @@ def test_malformed_zoo_file_exits_2(run_cli, tmp_path, zoo, message):
 
 def test_labels_past_the_model_classes_exit_2_as_in_scan(run_cli, tmp_path):
     big = tiny_data(tmp_path, y=np.arange(5) + 5)
-    assert_one_line_error(run_cli("eval", tiny_model(tmp_path), "--data", big), 2,
-                          f"{big}: label 9 is out of range for a model with 5 classes")
+    said = f"{big}: label 9 is out of range for a model with 5 classes"
+    assert_one_line_error(run_cli("eval", tiny_model(tmp_path), "--data", big), 2, said)
+    # the baselines read the labels too (fine-pruning's accuracy budget): same refusal
+    scan = run_cli("scan", tiny_model(tmp_path), "--data", big, "--method", "fp", "-q")
+    assert scan.code == 2 and said in scan.err and scan.err.count("\n") == 1
 
 
 def test_target_past_the_model_classes_exits_4(run_cli, tmp_path):
