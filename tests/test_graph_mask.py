@@ -288,3 +288,25 @@ def test_cut_keeps_constants_and_shape_tensors_out_of_the_cache():
         part = coalitions[:, :4]
         np.testing.assert_allclose(fast.logits(part), reference.logits(part), atol=ATOL)
     assert full.shape == (5, 3, 5)
+
+
+def test_a_branch_that_reads_the_image_from_the_outer_scope_is_cut_after_it():
+    # If(cond) { then: Identity(image) } else { Neg(image) }: the If has no explicit input
+    # but the condition, yet it needs the image; the suffix must get the image before it
+    proto = conv_relu_model()
+    g = proto.graph
+    for node in g.node:
+        node.input[:] = ["picked" if i == "image" else i for i in node.input]
+    out = helper.make_tensor_value_info("branch", onnx.TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("Identity", ["image"], ["branch"])], "then",
+                             [], [out])
+    other = helper.make_graph([helper.make_node("Neg", ["image"], ["branch"])], "else", [],
+                              [out])
+    g.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    g.node.insert(0, helper.make_node("If", ["cond"], ["picked"], then_branch=then,
+                                      else_branch=other))
+    layers = discover_activations(proto)
+    x = images(3)
+    ev = CoalitionEvaluator(proto, layers, x)
+    np.testing.assert_allclose(ev.logits(np.ones(ev.n_channels))[0], plain(proto, x),
+                               atol=1e-6, rtol=0)

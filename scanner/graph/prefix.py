@@ -55,7 +55,7 @@ def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -
     dynamic = {t.name for t in image_inputs}
     downstream: set[str] = set(masks)
     for node in graph.nodes:
-        names = {t.name for t in node.inputs}
+        names = {t.name for t in _inputs(node, tensors)}
         if names & dynamic:
             dynamic.update(t.name for t in node.outputs)
         if names & downstream:
@@ -64,12 +64,12 @@ def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -
         return PrefixSplit(_subgraph(masked, [t.name for t in image_inputs], [output],
                                      tensors), None, (), output)
     position = {id(n): i for i, n in enumerate(graph.nodes)}
-    stack = [n for n in graph.nodes if any(t.name in downstream for t in n.inputs)]
+    stack = [n for n in graph.nodes if any(t.name in downstream for t in _inputs(n, tensors))]
     in_suffix = {id(n) for n in stack}
     cut: set[str] = set()
     while stack:
         node = stack.pop()
-        for t in node.inputs:
+        for t in _inputs(node, tensors):
             if not isinstance(t, gs.Variable) or t.name in downstream or t.name in cut:
                 continue
             if t.name in dynamic and _batch_major(t, batch):
@@ -86,6 +86,14 @@ def split_at_masks(masked: onnx.ModelProto, masks: Sequence[str], output: str) -
         if produced else None
     suffix = _gather_cut(_subgraph(masked, [*ordered, *masks], [output], tensors), ordered)
     return PrefixSplit(prefix, suffix, tuple(ordered), output)
+
+
+def _inputs(node: gs.Node, tensors: dict[str, gs.Tensor]) -> list[gs.Tensor]:
+    """The node's inputs and the outer-scope tensors its subgraphs read (an If branch that
+    uses the image): both must be computed, or cut, before the node runs."""
+    outer = [tensors[name] for sub in node.subgraphs()
+             for name in sub._foreign_tensors() if name in tensors]
+    return [*node.inputs, *outer]
 
 
 def _batch_major(t: gs.Variable, batch: int | str | None) -> bool:
