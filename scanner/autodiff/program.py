@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, version_converter
 
 from ..errors import DataError, Inconclusive
+from ..graph.walk import first_input
 from ..runtime import Device, make_session
 from .backward import attach, backprop, dependents, float_type
 from .context import VJPContext
@@ -44,11 +45,10 @@ class ProgramGraph:
 
 
 def image_input(proto: onnx.ModelProto) -> str:
-    inits = {t.name for t in proto.graph.initializer}
-    for vi in proto.graph.input:
-        if vi.name not in inits:
-            return vi.name
-    raise Inconclusive("model has no graph input to differentiate", rule_id="SS205")
+    image = first_input(proto)
+    if image is None:
+        raise Inconclusive("model has no graph input to differentiate", rule_id="SS205")
+    return image.name
 
 
 def inference_bn_nodes(proto: onnx.ModelProto, x: str) -> list[onnx.NodeProto]:

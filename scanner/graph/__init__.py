@@ -8,5 +8,5 @@ mask.py         insert_masks(proto, layers), mask_inputs(...), MaskedModel
 prefix.py       split_at_masks(...), CoalitionEvaluator (prefix-cached coalition batches)
 export.py       sanitize(proto, zeroed, metadata), verify_sanitized(...), save_atomic(...)
 compare.py      compare_models(a, b, feeds, atol) -> max abs difference; probe_input
-walk.py         graphs(graph): the graph and every subgraph
+walk.py         graphs(graph): the graph and every subgraph; first_input(proto)
 """

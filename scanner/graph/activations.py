@@ -10,7 +10,7 @@ import onnx
 
 from ..findings import LayerInfo
 from ..runtime import make_session
-from .load import first_input
+from .walk import first_input
 
 log = logging.getLogger(__name__)
 

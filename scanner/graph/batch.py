@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from ..errors import Inconclusive, first_line
 from ..runtime import make_session
-from .load import first_input
+from .walk import first_input
 
 BATCH = "shapscan_batch"
 TOLERANCE = 1e-4  # relative, on the outputs: the same kernels run on more rows

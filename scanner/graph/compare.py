@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import ShapscanError
 from ..runtime import make_session
+from .walk import first_input
 
 
 class ModelMismatch(ShapscanError):
@@ -18,15 +19,9 @@ class ModelMismatch(ShapscanError):
     exit_code = 2
 
 
-def image_input(proto: onnx.ModelProto) -> str:
-    inits = {i.name for i in proto.graph.initializer}
-    return next(i.name for i in proto.graph.input if i.name not in inits)
-
-
 def probe_input(proto: onnx.ModelProto) -> np.ndarray | None:
     """Two seeded random inputs for a differential check, or None if dims are unknown."""
-    name = image_input(proto)
-    value = next(i for i in proto.graph.input if i.name == name)
+    value = first_input(proto)
     dims = value.type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
     if not shape or any(d <= 0 for d in shape[1:]):

@@ -22,8 +22,9 @@ from .. import __version__
 from ..files import write_atomic
 from ..findings import LayerInfo
 from .activations import Activation, activation_maps_zero, find_activations, graph_index
-from .compare import compare_models, image_input, probe_input, run_model
+from .compare import compare_models, probe_input, run_model
 from .mask import insert_masks, mask_inputs
+from .walk import first_input
 
 PRUNED_KEY = "shapscan.pruned_channels"
 EXPORT_KEY = "shapscan.export"
@@ -320,7 +321,7 @@ def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
     onnx.checker.check_model(model, full_check=True)
     probe = probe_input(proto)
     if verify and probe is not None and edits:
-        reference = run_model(proto, {image_input(proto): probe})
+        reference = run_model(proto, {first_input(proto).name: probe})
         scale = max([1.0] + [float(np.abs(v).max()) for v in reference.values() if v.size])
         verify_sanitized(proto, model, zeroed, probe, atol=VERIFY_ATOL * scale)
     return model
@@ -340,7 +341,7 @@ def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
                      atol: float = 1e-5) -> float:
     """Differential check: `sanitized` equals the masked engine with `zeroed` at 0."""
     layers = [act.layer for act, _ in plan_layers(source, zeroed)]
-    feeds = {image_input(source): images}
+    feeds = {first_input(source).name: images}
     for spec in mask_inputs(source, layers):
         mask = np.ones((len(images), spec.layer.channels), np.float32)
         mask[:, list(zeroed[spec.layer.name])] = 0

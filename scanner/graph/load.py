@@ -25,7 +25,7 @@ from onnx import TensorProto, external_data_helper, version_converter
 from ..errors import ModelRefused
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
 from .precision import low_precision, widen
-from .walk import graphs
+from .walk import first_input, graphs
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,6 @@ def refuse(rule_id: str, message: str, location: str | None = None) -> ModelRefu
 def value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
     dims = value.type.tensor_type.shape.dim
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-
-
-def first_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto | None:
-    inits = {i.name for i in proto.graph.initializer}
-    return next((i for i in proto.graph.input if i.name not in inits), None)
 
 
 def default_opset(proto: onnx.ModelProto) -> int | None:

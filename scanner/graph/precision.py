@@ -17,8 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import Inconclusive, first_line, out_of_memory
-from .compare import image_input, probe_input, run_model
-from .walk import graphs
+from .compare import probe_input, run_model
+from .walk import first_input, graphs
 
 LOW_PRECISION = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
 
@@ -87,7 +87,7 @@ def widen(proto: onnx.ModelProto) -> onnx.ModelProto:
     probe = probe_input(proto)
     if probe is None:  # dynamic height/width: nothing to probe with; the retyping is mechanical
         return wide
-    name = image_input(proto)
+    name = first_input(proto).name
     try:
         reference = run_model(proto, {name: probe})
         widened = run_model(wide, {name: probe.astype(np.float32)})

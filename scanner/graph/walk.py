@@ -1,4 +1,4 @@
-"""Walking a model's graphs: the main graph and every subgraph."""
+"""Walking a model: its graphs (the main graph and every subgraph) and its image input."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from graphs(g)
+
+
+def first_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto | None:
+    """The image input: the first graph input that is not an initializer."""
+    inits = {i.name for i in proto.graph.initializer}
+    return next((i for i in proto.graph.input if i.name not in inits), None)
