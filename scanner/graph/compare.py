@@ -44,6 +44,16 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(outputs, values, strict=True))
 
 
+def max_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute difference of two same-shaped arrays, in float64: NaN in the same
+    place is agreement, NaN against a number is an infinite difference."""
+    if not a.size:
+        return 0.0
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    diff[np.isnan(a) & np.isnan(b)] = 0.0
+    return float(np.nan_to_num(diff, nan=np.inf).max())
+
+
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray],
                    atol: float | None = None) -> float:
     """Max absolute difference over the outputs the two models share (by name).
@@ -59,10 +69,7 @@ def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.n
         vb = out_b[name]
         if va.shape != vb.shape:
             raise ModelMismatch(f"output {name!r} has shape {va.shape} vs {vb.shape}")
-        if va.size:
-            diff = np.abs(va.astype(np.float64) - vb.astype(np.float64))
-            diff[np.isnan(va) & np.isnan(vb)] = 0.0  # NaN in the same place is agreement
-            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+        worst = max(worst, max_difference(va, vb))
     if atol is not None and worst > atol:
         raise ModelMismatch(f"models differ by {worst:.3g} (> {atol:g})")
     return worst

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import Inconclusive, first_line, out_of_memory
-from .compare import probe_input, run_model
+from .compare import max_difference, probe_input, run_model
 from .walk import first_input, graphs
 
 LOW_PRECISION = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -98,11 +98,8 @@ def widen(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise Inconclusive(f"inconclusive: cannot run this {low_precision(proto)} model "
                            f"and its float32 copy side by side: {first_line(exc)}") from None
     for out, ref in reference.items():
-        ref64 = ref.astype(np.float64)
-        scale = max(1.0, float(np.abs(ref64[np.isfinite(ref64)]).max(initial=0.0)))
-        diff = np.abs(ref64 - widened[out].astype(np.float64))
-        diff[np.isnan(ref64) & np.isnan(widened[out])] = 0.0  # NaN in the same place agrees
-        worst = float(diff.max(initial=0.0))
+        scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
+        worst = max_difference(ref, widened[out])
         if not worst <= WIDEN_ATOL * scale:
             raise Inconclusive(f"inconclusive: the float32 copy of this "
                                f"{low_precision(proto)} model differs from it by {worst:.3g} "
