@@ -15,10 +15,12 @@ import onnx
 from onnx import helper, version_converter
 
 from ..errors import DataError, Inconclusive
+from ..graph.load import default_opset
 from ..graph.walk import first_input
 from ..runtime import Device, make_session
 from .backward import attach, backprop, dependents, float_type
 from .context import VJPContext
+from .rules_nn import windows_overlap
 
 TARGET_INPUT = "shapscan/target_weights"
 BN_WEIGHT_INPUT = "shapscan/bn_weight"
@@ -112,22 +114,13 @@ def _with_scatter_add(model: onnx.ModelProto) -> onnx.ModelProto:
     with ScatterElements(reduction="add"), opset 16. An older model gets its program built
     on a copy converted to opset 17; the model itself (masks, export) is left as it is. If
     the conversion fails the MaxPool rule says why the op cannot be differentiated."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= 16 or not any(_overlapping(n) for n in model.graph.node
-                              if n.op_type == "MaxPool"):
+    if (default_opset(model) or 0) >= 16 or not any(
+            windows_overlap(n) for n in model.graph.node if n.op_type == "MaxPool"):
         return model
     try:
         return version_converter.convert_version(model, 17)
     except Exception:  # noqa: BLE001  the converter raises many types; the rule will refuse
         return model
-
-
-def _overlapping(node: onnx.NodeProto) -> bool:
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    kernel = list(a.get("kernel_shape", []))
-    strides = list(a.get("strides", [1] * len(kernel)))
-    dilations = list(a.get("dilations", [1] * len(kernel)))
-    return any(k * d > s for k, d, s in zip(kernel, dilations, strides, strict=False))
 
 
 def _logits_of(model: onnx.ModelProto) -> str:

@@ -212,9 +212,7 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
     tiled = _maxpool_tiles(ctx, g[0], x, win)
     if tiled is not None:
         return [tiled]
-    overlapping = any(k * d > s for k, d, s in
-                      zip(win.kernel, win.dilations, win.strides, strict=True))
-    if overlapping and ctx.opset < 16:
+    if windows_overlap(node) and ctx.opset < 16:
         raise cannot(node, f"overlapping windows need ScatterElements reduction (opset >= 16, "
                            f"model has {ctx.opset})")
     if len(node.output) < 2 or not node.output[1]:
@@ -227,6 +225,16 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
     scattered = ctx.op("ScatterElements", [zeros, ctx.op("Reshape", [node.output[1], flat]),
                                            ctx.op("Reshape", [g[0], flat])], axis=0, **extra)
     return [ctx.op("Reshape", [scattered, ctx.shape_of(x)])]
+
+
+def windows_overlap(node: onnx.NodeProto) -> bool:
+    """A pooling window reaches into the next one (kernel · dilation > stride on an axis):
+    its backward must add up scattered cotangents (ScatterElements reduction, opset 16)."""
+    a = node_attrs(node)
+    kernel = list(a.get("kernel_shape", []))
+    strides = a.get("strides", [1] * len(kernel))
+    dilations = a.get("dilations", [1] * len(kernel))
+    return any(k * d > s for k, d, s in zip(kernel, dilations, strides, strict=False))
 
 
 def _maxpool_tiles(ctx: VJPContext, g: str, x: str, win: Window) -> str | None:
