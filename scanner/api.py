@@ -241,6 +241,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         _check_labels(opts.data, images, n_classes)
         if len(images.classes()) < 2:
             raise DataError(f"{opts.data}: need images of at least 2 classes")
+        _check_class_coverage(images, n_classes, policy.detection)
         _check_clean_accuracy(predict, images, policy.detection)
     progress.stage("reversing triggers")
     det = policy.detection
@@ -551,6 +552,20 @@ def _check_labels(path: str | Path, images: ImageSet, n_classes: int) -> None:
     if images.labels.max() >= n_classes:
         raise DataError(f"{path}: label {int(images.labels.max())} is out of range "
                         f"for a model with {n_classes} classes")
+
+
+def _check_class_coverage(images: ImageSet, n_classes: int, det: DetectionPolicy) -> None:
+    missing = np.setdiff1d(np.arange(n_classes), images.classes())
+    if n_classes - len(missing) >= det.min_class_coverage * n_classes:
+        return
+    shown = ", ".join(str(int(c)) for c in missing[:5])
+    if len(missing) > 5:
+        shown += f" and {len(missing) - 5} more"
+    raise Inconclusive(
+        f"inconclusive: the clean images cover {n_classes - len(missing)} of the model's "
+        f"{n_classes} classes (missing {shown}; the policy asks for "
+        f"{100 * det.min_class_coverage:.0f}%): without images of every class the trigger "
+        "sizes are not comparable; add them or scan --data-free", rule_id="SS207")
 
 
 def _check_clean_accuracy(predict: Predictor, images: ImageSet, det: DetectionPolicy) -> None:

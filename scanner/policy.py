@@ -135,6 +135,10 @@ class DetectionPolicy:
     # a model that misreads its clean inputs (wrong preprocessing, wrong labels, a broken
     # model) makes every reversed trigger look like a backdoor or none
     min_clean_accuracy: float = 0.5
+    # below this share of the model's classes with at least one few-shot image the scan is
+    # inconclusive (SS207): a class without images skews how easily the others are reached
+    # (zoo: one class left out gets a clean model flagged)
+    min_class_coverage: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ _RANGES: dict[str, _Range] = {
     "detection.isolation_threshold": (0.0, None, False, True),
     "detection.warp_ratio": (1.0, None, True, True),
     "detection.min_clean_accuracy": (0.0, 1.0, True, True),
+    "detection.min_class_coverage": (0.0, 1.0, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

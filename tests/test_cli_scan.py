@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from conftest import FEWSHOT, TEST_SET, zoo_model
@@ -148,3 +149,28 @@ def test_a_model_that_misreads_its_clean_images_is_inconclusive_not_a_verdict(ru
     policy = tmp_path / "p.toml"
     policy.write_text("[detection]\nmin_clean_accuracy = 0.0\n")
     assert run_cli("rules", "--policy", policy).code == 0
+
+
+def test_clean_images_that_leave_out_a_class_are_inconclusive_not_a_verdict(run_cli,
+                                                                           tmp_path):
+    # zoo: cnn_clean scanned without the trouser image flags class 8 (README, "Detection")
+    shot = np.load(FEWSHOT)
+    keep = shot["y"] != 1
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, x=shot["x"][keep], y=shot["y"][keep])
+    sarif = tmp_path / "s.sarif"
+    result = run_cli("scan", "samples/models/cnn_clean.onnx", "--data", partial, "-q",
+                     "--sarif", sarif)
+    assert result.code == 3
+    assert result.err.count("\n") == 1 and "SS207" in result.err
+    assert "cover 9 of the model's 10 classes (missing 1;" in result.err
+    assert "--data-free" in result.err
+    rule_ids = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
+    assert rule_ids == ["SS207"]
+    # the policy sets the share: at 0.9 the scan goes on to the next check (here the
+    # clean-accuracy floor, made to fail with a wrong scale so that the test stays fast)
+    policy = tmp_path / "p.toml"
+    policy.write_text("[detection]\nmin_class_coverage = 0.9\n")
+    result = run_cli("scan", "samples/models/cnn_clean.onnx", "--data", partial, "-q",
+                     "--policy", policy, "--scale", "255")
+    assert result.code == 3 and "SS206" in result.err
