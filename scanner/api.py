@@ -29,6 +29,7 @@ from .graph.activations import discover_activations
 from .graph.batch import any_batch
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
+from .graph.precision import QUANTIZED_HINT, quantized
 from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, DetectionPolicy, Policy, RepairPolicy, load_catalog, load_policy
 from .progress import Progress
@@ -208,7 +209,9 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     layers = discover_activations(model.analysed)
     result.model = model.summary(layers)
     if not layers:
-        raise Inconclusive("inconclusive: no activation layers to scan", rule_id="SS204")
+        raise Inconclusive("inconclusive: no activation layers to scan"
+                           + (f" ({QUANTIZED_HINT})" if quantized(model.proto) else ""),
+                           rule_id="SS204")
     scored = _select_layers(layers, opts.layers)
     prep = model_preprocess(model, opts.overrides)
     batchable(model, prep)

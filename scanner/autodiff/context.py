@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import Inconclusive
+from ..graph.precision import QUANTIZED_HINT, QUANTIZED_OPS
 
 Dim = int | str | None  # static size, symbolic name, or unknown
 Shape = tuple[Dim, ...]
@@ -36,6 +37,8 @@ def cannot(node: onnx.NodeProto, why: str = "") -> Inconclusive:
     """The SS205 error every unsupported case raises (an op, or an attribute of one)."""
     name = node.name or (node.output[0] if node.output else "?")
     msg = f"cannot differentiate op {node.op_type} (node {name})"
+    if node.op_type in QUANTIZED_OPS:
+        why = "; ".join(filter(None, [why, QUANTIZED_HINT]))
     return Inconclusive(f"{msg}: {why}" if why else msg, rule_id="SS205", location=name)
 
 

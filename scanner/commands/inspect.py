@@ -10,6 +10,7 @@ from ..cli import cli, echo_json
 from ..errors import Inconclusive
 from ..graph.activations import discover_activations
 from ..graph.load import load_model
+from ..graph.precision import QUANTIZED_HINT, quantized
 
 
 def _shape(shape: list[int | str]) -> str:
@@ -68,6 +69,7 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
         else:
             click.echo("findings: none")
     if not layers:
-        raise Inconclusive("SS204: no activation layers with a known channel count to scan",
+        raise Inconclusive("SS204: no activation layers with a known channel count to scan"
+                           + (f" ({QUANTIZED_HINT})" if quantized(loaded.proto) else ""),
                            rule_id="SS204")
     return 0
