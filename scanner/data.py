@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import DataError, ShapscanError, UsageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CHANNEL_COUNTS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA
 METADATA_KEY = "shapscan.preprocess"
 SHAPE_SOURCE = "the model's input shape"
@@ -222,7 +222,9 @@ def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         pixels, labels = _load_folder(path, prep)
-    elif path.suffix == ".npz":
+    elif not path.is_file():  # a FIFO or device would block the read
+        raise DataError(f"{path}: not a regular file or folder")
+    elif path.suffix.lower() == ".npz":
         pixels, labels = _load_npz(path, prep.channels)
     else:
         raise DataError(f"{path}: expected a .npz file or a folder of images")
@@ -305,15 +307,18 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 
     files: list[tuple[Path, int]] = []
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    # hidden entries (.ipynb_checkpoints, .DS_Store) are tool litter, not classes or images
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    subdirs = sorted(p for p in entries if p.is_dir())
     if subdirs:
         # only ASCII digits are labels, as in file names: int() takes "٩" but not "²"
         numeric = all(d.name.isascii() and d.name.isdigit() for d in subdirs)
         for i, d in enumerate(sorted(subdirs, key=lambda d: int(d.name) if numeric else d.name)):
             label = _label(d.name, d) if numeric else i
-            files += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            files += [(f, label) for f in sorted(d.iterdir())
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
     else:
-        for f in sorted(path.iterdir()):
+        for f in sorted(entries):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             m = _LABEL_PREFIX.match(f.name)
@@ -323,20 +328,37 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
             files.append((f, _label(m.group(1), f)))
     if not files:
         raise DataError(f"{path}: no images found (.png/.jpg in class folders or LABEL_xxx.png)")
-    mode = "L" if prep.channels == 1 else "RGB"
     images = []
     for f, _ in files:
         try:
             with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size != (prep.width, prep.height):
-                    im = im.resize((prep.width, prep.height), Image.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8))
+                images.append(_unit_pixels(im, prep, f))
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise DataError(f"{f}: unreadable image ({exc})") from None
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return x.astype(np.float32) / 255.0, np.array([label for _, label in files], np.int64)
+    return x, np.array([label for _, label in files], np.int64)
+
+
+def _unit_pixels(im, prep: Preprocess, path: Path) -> np.ndarray:
+    """One image as float32 [H, W] or [H, W, 3] in [0, 1], resized to the model's input."""
+    from PIL import Image
+
+    size = (prep.width, prep.height)
+    if im.mode.startswith("I;16"):
+        # 16-bit greyscale: Pillow's convert("L") would saturate every value above 255
+        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0, mode="F")
+        if grey.size != size:
+            grey = grey.resize(size, Image.BILINEAR)
+        x = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
+        return x if prep.channels == 1 else np.repeat(x[..., None], 3, axis=-1)
+    if im.mode in ("I", "F"):
+        raise DataError(f"{path}: {im.mode!r} (32-bit) images have no fixed range; "
+                        "save them as 8- or 16-bit")
+    im = im.convert("L" if prep.channels == 1 else "RGB")
+    if im.size != size:
+        im = im.resize(size, Image.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255.0
 
 
 # one-pixel moves along one axis first, then diagonals, then two-pixel moves

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -265,3 +266,40 @@ def test_nhwc_data_with_the_model_channel_count_is_read_as_nhwc(tmp_path):
     np.savez(tmp_path / "c5.npz", x=x, y=np.arange(4))
     images = load_images(tmp_path / "c5.npz", Preprocess("NCHW", 5, 8, 8))
     np.testing.assert_allclose(images.pixels, x.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
+
+
+def test_16_bit_greyscale_pngs_keep_their_range(tmp_path):
+    # Pillow's convert("L") saturates 16-bit values: every pixel above 1/257 came out white
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    (tmp_path / "0").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "0" / "a.png")
+    data = load_images(tmp_path, GRAY)
+    assert np.allclose(data.pixels[0, 0], ramp / 65535.0, atol=1e-6)
+
+
+def test_32_bit_images_have_no_range_and_are_refused(tmp_path):
+    Image.fromarray(np.ones((8, 8), np.float32), mode="F").save(tmp_path / "0_a.tiff")
+    with pytest.raises(DataError, match="32-bit"):
+        load_images(tmp_path, GRAY)
+
+
+def test_hidden_entries_are_neither_classes_nor_images(tmp_path):
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tmp_path / label / "a.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # sorted first, it used to become label 0
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "1" / ".a-checkpoint.png")
+    assert load_images(tmp_path, GRAY).labels.tolist() == [0, 1]
+
+
+def test_data_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    fifo = tmp_path / "fewshot.npz"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(DataError, match="not a regular file"):
+        load_images(fifo, GRAY)
+
+
+def test_npz_suffix_in_any_case(tmp_path):
+    with open(tmp_path / "few.NPZ", "wb") as f:  # np.savez would append ".npz"
+        np.savez(f, x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 1]))
+    assert len(load_images(tmp_path / "few.NPZ", GRAY)) == 2
