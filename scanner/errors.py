@@ -15,6 +15,12 @@ class DataError(ShapscanError):
     exit_code = 2
 
 
+class OutputError(ShapscanError):
+    """An output (repaired model, report) could not be written: disk full, permissions."""
+
+    exit_code = 2
+
+
 class ModelRefused(ShapscanError):
     """The model failed a load or security check and will not be run."""
 

@@ -6,6 +6,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .errors import OutputError
+
 
 def write_atomic(path: str | Path, payload: bytes) -> Path:
     """Write `payload` to a temp file beside `path`, then rename it into place, so a reader
@@ -15,6 +17,13 @@ def write_atomic(path: str | Path, payload: bytes) -> Path:
     A symlink is followed (its target is replaced, the link stays); a path that is not a
     regular file (/dev/null, /dev/stdout, a FIFO) is written in place, never replaced."""
     path = Path(path)
+    try:
+        return _write(path, payload)
+    except OSError as exc:  # disk full, permissions, a vanished folder: one line, exit 2
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write(path: Path, payload: bytes) -> Path:
     if path.is_symlink():
         path = path.resolve()
     if path.exists() and not path.is_file():

@@ -342,6 +342,8 @@ def _read_toml(path: Path | None, text: str | None, source: str) -> dict[str, An
     try:
         if text is None:
             assert path is not None
+            if path.exists() and not path.is_file():  # a FIFO would block the read
+                raise UsageError(f"policy {source}: not a regular file")
             text = path.read_text(encoding="utf-8")
         return tomllib.loads(text)
     except FileNotFoundError:

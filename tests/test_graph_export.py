@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from scanner import __version__
 from scanner.data import load_images, resolve_preprocess
+from scanner.errors import OutputError
 from scanner.graph.activations import discover_activations
 from scanner.graph.compare import ModelMismatch, compare_models
 from scanner.graph.export import export_edits, sanitize, save_atomic, verify_sanitized
@@ -188,7 +189,7 @@ def test_save_atomic_writes_and_leaves_nothing_on_failure(tmp_path):
     blocked = tmp_path / "dir.onnx"
     blocked.mkdir()
     (blocked / "x").write_text("occupied")  # os.replace cannot replace a non-empty folder
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot write .*dir.onnx: Is a directory"):
         save_atomic(proto, blocked)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "safe.onnx"]
 

@@ -108,7 +108,9 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
     """Parse, vet and shape-infer the model at `path`; raise ModelRefused on any rule."""
     path = Path(path)
     if not path.is_file():
-        raise refuse("SS101", f"{path}: no such file")
+        what = "no such file" if not path.exists() else (
+            "a folder, not a model file" if path.is_dir() else "not a regular file")
+        raise refuse("SS101", f"{path}: {what}")
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise refuse("SS112", f"{path}: {size} bytes exceeds the limit of {max_bytes}")
