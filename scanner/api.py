@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +123,12 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
         raise UsageError(f"attack target {target} is not a class of this model "
                          f"(0..{n_classes - 1})")
     keep = data.labels != target
+    if not keep.any():
+        raise DataError(f"{data_path}: every image is of the target class {target}; the "
+                        "attack success rate needs images of other classes")
     triggered = attack.apply(data.pixels[keep])
     hits = predict(triggered).argmax(1) == target
-    return EvalResult(clean_acc, float(hits.mean()) if len(hits) else 0.0, len(data),
-                      int(keep.sum()))
+    return EvalResult(clean_acc, float(hits.mean()), len(data), int(keep.sum()))
 
 
 # ----------------------------------------------------------------------------- scan
@@ -239,12 +242,8 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         if opts.data is None:
             raise DataError("give --data with clean images (1 per class is enough) "
                             "or --data-free")
-        images = load_images(opts.data, prep)
+        images = _clean_images(opts.data, prep, n_classes, policy.detection)
         bn_layers = 0
-        _check_labels(opts.data, images, n_classes)
-        if len(images.classes()) < 2:
-            raise DataError(f"{opts.data}: need images of at least 2 classes")
-        _check_class_coverage(images, n_classes, policy.detection)
         _check_clean_accuracy(predict, images, policy.detection)
     progress.stage("reversing triggers")
     det = policy.detection
@@ -530,8 +529,7 @@ def _run_baseline(result: ScanResult, model: LoadedModel, layers: list[LayerInfo
     progress.stage(f"baseline {opts.method}")
     images = None
     if opts.data is not None:
-        images = load_images(opts.data, prep)
-        _check_labels(opts.data, images, n_classes)
+        images = _clean_images(opts.data, prep, n_classes, policy.detection)
     repair = run_baseline(opts.method, model, layers, prep, images, policy, device)
     result.timings["baseline"] = time.perf_counter() - t
     result.repair = repair
@@ -557,18 +555,32 @@ def _check_labels(path: str | Path, images: ImageSet, n_classes: int) -> None:
                         f"for a model with {n_classes} classes")
 
 
+def _clean_images(path: Path, prep: Preprocess, n_classes: int, det: DetectionPolicy
+                  ) -> ImageSet:
+    """The --data images, checked for what every method needs: labels of this model and
+    enough of its classes (SS207), and at least two of them."""
+    images = load_images(path, prep)
+    _check_labels(path, images, n_classes)
+    _check_class_coverage(images, n_classes, det)
+    if len(images.classes()) < 2:
+        raise DataError(f"{path}: need images of at least 2 classes")
+    return images
+
+
 def _check_class_coverage(images: ImageSet, n_classes: int, det: DetectionPolicy) -> None:
     missing = np.setdiff1d(np.arange(n_classes), images.classes())
-    if n_classes - len(missing) >= det.min_class_coverage * n_classes:
+    covered = n_classes - len(missing)
+    # the share in integers: 0.55 * 100 is 55.00000000000001 in floats
+    needed = math.ceil(round(det.min_class_coverage * n_classes, 6))
+    if covered >= needed:
         return
     shown = ", ".join(str(int(c)) for c in missing[:5])
     if len(missing) > 5:
         shown += f" and {len(missing) - 5} more"
     raise Inconclusive(
-        f"inconclusive: the clean images cover {n_classes - len(missing)} of the model's "
-        f"{n_classes} classes (missing {shown}; the policy asks for "
-        f"{100 * det.min_class_coverage:.0f}%): without images of every class the trigger "
-        "sizes are not comparable; add them or scan --data-free", rule_id="SS207")
+        f"inconclusive: the clean images cover {covered} of the model's {n_classes} classes "
+        f"(missing {shown}; the policy asks for at least {needed}): without images of every class "
+        "the trigger sizes are not comparable; add them or scan --data-free", rule_id="SS207")
 
 
 def _check_clean_accuracy(predict: Predictor, images: ImageSet, det: DetectionPolicy) -> None:

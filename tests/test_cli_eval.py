@@ -265,3 +265,13 @@ def test_attack_options_without_an_attack_and_a_missing_zoo_file_are_usage_error
 def test_preprocessing_that_would_overflow_float32_is_refused(run_cli, tmp_path, flag, value):
     result = run_cli("eval", tiny_model(tmp_path), "--data", tiny_data(tmp_path), flag, value)
     assert result.code == 4 and "1e6" in result.err and result.err.count("\n") == 1
+
+
+def test_attack_success_needs_images_outside_the_target_class(run_cli, tmp_path):
+    shot = np.load(FEWSHOT)
+    only = tmp_path / "only3.npz"
+    np.savez(only, x=shot["x"][3:4], y=shot["y"][3:4])
+    result = run_cli("eval", zoo_model("cnn_clean"), "--data", only, "--attack", "badnets",
+                     "--target", str(int(shot["y"][3])))
+    assert result.code == 2 and result.err.count("\n") == 1
+    assert "needs images of other classes" in result.err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +12,8 @@ import pytest
 from conftest import FEWSHOT, TEST_SET, zoo_model
 from graph_builders import conv_relu_model, save
 from onnx import TensorProto, helper
+
+from scanner.errors import Inconclusive
 
 
 def test_backdoored_model_is_flagged_repaired_and_reports_written(run_cli, tmp_path):
@@ -205,3 +209,62 @@ def test_quantized_models_are_inconclusive_with_a_way_forward(run_cli, tmp_path)
     assert "SS205: cannot differentiate op" in result.err and hint in result.err
     result = run_cli("inspect", qdq)
     assert result.code == 3 and hint in result.err
+
+
+@pytest.mark.parametrize(("share", "covered", "inconclusive"), [
+    (0.55, 55, False), (0.55, 54, True), (0.07, 7, False), (0.999, 99, True), (1.0, 100, False),
+    (0.0, 2, False)])
+def test_class_coverage_is_counted_in_whole_classes(share, covered, inconclusive):
+    # 0.55 * 100 is 55.00000000000001 in floats: 55 classes must be enough
+    from scanner.api import _check_class_coverage
+    from scanner.data import ImageSet
+    from scanner.policy import DetectionPolicy
+
+    images = ImageSet(np.zeros((covered, 1, 2, 2), np.float32), np.arange(covered))
+    check = lambda: _check_class_coverage(images, 100, DetectionPolicy(min_class_coverage=share))  # noqa: E731
+    if inconclusive:
+        with pytest.raises(Inconclusive, match=f"cover {covered} of the model's 100 classes"):
+            check()
+    else:
+        check()
+
+
+def test_every_method_checks_the_clean_images_the_same_way(run_cli, tmp_path):
+    # fine-pruning on one image of one class zeroed 102 of 416 channels (test accuracy 17%)
+    shot = np.load(FEWSHOT)
+    one = tmp_path / "one.npz"
+    np.savez(one, x=shot["x"][3:4], y=shot["y"][3:4])
+    for method in ("shapley", "fp", "clp"):
+        result = run_cli("scan", zoo_model("cnn_clean"), "--data", one, "--method", method, "-q")
+        assert result.code == 3 and "SS207" in result.err, method
+    result = run_cli("scan", zoo_model("cnn_clean"), "--data-free", "--method", "fp", "-q")
+    assert result.code == 4 and "--method fp ranks channels on clean images" in result.err
+
+
+def test_errors_reach_stderr_with_or_without_quiet(run_cli, tmp_path):
+    shot = np.load(FEWSHOT)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, x=shot["x"][:9], y=shot["y"][:9])
+    result = run_cli("scan", zoo_model("cnn_clean"), "--data", partial)
+    assert result.code == 3
+    assert [line for line in result.err.splitlines() if "SS207" in line] != []
+    assert "SS207" in result.out  # and the summary says it too
+
+
+def test_inputs_that_are_not_regular_files_are_refused_without_reading(run_cli, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading any of these would block forever
+    result = run_cli("scan", fifo, "--data", FEWSHOT, "-q")
+    assert result.code == 2 and "not a regular file" in result.err
+    result = run_cli("scan", zoo_model("cnn_clean"), "--policy", fifo, "--data", FEWSHOT, "-q")
+    assert result.code == 4 and "not a regular file" in result.err
+    result = run_cli("inspect", tmp_path)
+    assert result.code == 2 and "a folder, not a model file" in result.err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_report_that_cannot_be_written_is_one_line_not_a_traceback(run_cli):
+    result = run_cli("scan", zoo_model("cnn_clean"), "--method", "clp", "-q",
+                     "--report", "/dev/full")
+    assert result.code == 2
+    assert result.err.strip() == "shapscan: error: cannot write /dev/full: No space left on device"

@@ -154,6 +154,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
     if data is not None and data_free:
         raise UsageError("--data and --data-free exclude each other")
+    if method == "fp" and data is None:
+        raise UsageError("--method fp ranks channels on clean images: give --data")
     gate_policy = load_policy(policy)
     threshold = Severity.parse(fail_on) if fail_on else gate_policy.fail_on
     paths = model_paths(models)
@@ -197,9 +199,9 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         results.append(result)
         if not quiet and not as_json:
             print_summary(result)
-        else:  # a gate that fails must still say why, on stderr, one line each
-            for problem in result.errors + result.skipped:
-                click.echo(f"shapscan: {path}: {problem}", err=True)
+        # a gate that fails must say why on stderr, one line each, whatever stdout shows
+        for problem in result.errors + result.skipped:
+            click.echo(f"shapscan: {path}: {problem}", err=True)
         if html_file is not None:
             from ..report.html import render_html
             write_report(html_file, render_html(result))
