@@ -87,8 +87,9 @@ def batchable(model: LoadedModel, prep: Preprocess) -> None:
 class Predictor:
     """Logits of the unmodified model for pixel-space images; one session, many calls."""
 
-    def __init__(self, model: LoadedModel, prep: Preprocess, device: str = "cpu") -> None:
-        self.session = make_session(model.runnable, resolve_device(device))
+    def __init__(self, model: LoadedModel, prep: Preprocess, device: str = "cpu",
+                 graph: onnx.ModelProto | None = None) -> None:
+        self.session = make_session(graph or model.runnable, resolve_device(device))
         self.input_name, _ = model.image_input()
         self.prep = prep
 
@@ -108,7 +109,9 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     prep = model_preprocess(model, overrides)
     batchable(model, prep)
     data: ImageSet = load_images(data_path, prep)
-    predict = Predictor(model, prep, device)
+    # a QDQ model's float copy drops the int8 rounding: measure the integer graph that ships
+    shipped = any_batch(model.proto, prep.input_shape) if model.layer_graph is not None else None
+    predict = Predictor(model, prep, device, shipped)
     logits = predict(data.pixels)
     if logits.ndim != 2:
         raise DataError(f"model output has shape {list(logits.shape)}; expected [N, classes]")
@@ -506,7 +509,7 @@ def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts:
             zeroed.setdefault(c.layer, []).append(c.channel)
         sanitized = sanitize(model.proto, zeroed, {
             "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
-            "shapscan.source_sha256": model.sha256})
+            "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
         save_atomic(sanitized, opts.out)
         repair.output_path = str(opts.out)
     result.findings.append(catalog.make(

@@ -294,18 +294,21 @@ def plan_layers(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]]
 
 
 def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
-             metadata: Mapping[str, str] | None = None, verify: bool = True
-             ) -> onnx.ModelProto:
+             metadata: Mapping[str, str] | None = None, verify: bool = True,
+             layer_graph: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A copy of `proto` (shape-inferred) with `zeroed` channels (layer -> channels) at 0.
 
+    `layer_graph` is where the layers are found when `proto` has none of its own (a QDQ
+    model's float copy, whose activation tensors are named as `proto`'s): each is then
+    gated with a constant Mul in `proto`, never folded into weights.
     With `verify`, the result is checked against the masked engine on seeded random inputs
     (ModelMismatch if they differ by more than 1e-5, relative to the output scale).
     """
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     edits: list[LayerEdit] = []
-    for act, channels in plan_layers(model, zeroed):
-        edit = _try_fold(_Graph(model), act, channels)
+    for act, channels in plan_layers(layer_graph or model, zeroed):
+        edit = None if layer_graph is not None else _try_fold(_Graph(model), act, channels)
         if edit is None:
             edit = _insert_mask(model, act.layer, channels, _layer_dtype(model, act.layer.name))
         edits.append(edit)
@@ -323,7 +326,8 @@ def sanitize(proto: onnx.ModelProto, zeroed: Mapping[str, Sequence[int]],
     if verify and probe is not None and edits:
         reference = run_model(proto, {first_input(proto).name: probe})
         scale = max([1.0] + [float(np.abs(v).max()) for v in reference.values() if v.size])
-        verify_sanitized(proto, model, zeroed, probe, atol=VERIFY_ATOL * scale)
+        verify_sanitized(proto, model, zeroed, probe, atol=VERIFY_ATOL * scale,
+                         layer_graph=layer_graph)
     return model
 
 
@@ -338,9 +342,9 @@ def export_edits(model: onnx.ModelProto) -> list[dict[str, str]]:
 
 def verify_sanitized(source: onnx.ModelProto, sanitized: onnx.ModelProto,
                      zeroed: Mapping[str, Sequence[int]], images: np.ndarray,
-                     atol: float = 1e-5) -> float:
+                     atol: float = 1e-5, layer_graph: onnx.ModelProto | None = None) -> float:
     """Differential check: `sanitized` equals the masked engine with `zeroed` at 0."""
-    layers = [act.layer for act, _ in plan_layers(source, zeroed)]
+    layers = [act.layer for act, _ in plan_layers(layer_graph or source, zeroed)]
     feeds = {first_input(source).name: images}
     for spec in mask_inputs(source, layers):
         mask = np.ones((len(images), spec.layer.channels), np.float32)

@@ -25,6 +25,7 @@ from onnx import TensorProto, external_data_helper, version_converter
 from ..errors import ModelRefused
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
 from .precision import low_precision, widen
+from .quantized import dequantize, is_qdq
 from .walk import first_input, graphs
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class LoadedModel:
     sha256: str
     size_bytes: int
     findings: list[Finding] = field(default_factory=list)
-    # a float16 / bfloat16 model's float32 copy (graph.precision): what is analysed
+    # the float32 copy of a float16 / bfloat16 model (graph.precision) or of an int8 QDQ
+    # model (graph.quantized): what is analysed
     widened: onnx.ModelProto | None = None
     # what ONNX Runtime runs when set: a copy of `analysed` taking any batch size (graph.batch)
     batch_free: onnx.ModelProto | None = None
@@ -56,6 +58,12 @@ class LoadedModel:
     def analysed(self) -> onnx.ModelProto:
         """The graph every stage reads: `proto`, or its float32 copy."""
         return self.proto if self.widened is None else self.widened
+
+    @property
+    def layer_graph(self) -> onnx.ModelProto | None:
+        """Where export finds the activation layers when `proto` has none of its own (a QDQ
+        model's ReLUs live in its float copy only); None: in `proto`."""
+        return self.widened if self.widened is not None and is_qdq(self.proto) else None
 
     @property
     def runnable(self) -> onnx.ModelProto:
@@ -140,7 +148,13 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
         findings.append(Finding(
             "SS113", Severity.INFO, f"{precision} model analysed as a float32 copy; a repaired "
             f"model keeps {precision}", details={"precision": precision}))
+    elif is_qdq(proto):
+        widened = dequantize(proto)
+        findings.append(Finding(
+            "SS114", Severity.INFO, "integer-quantized (QDQ) model analysed as a float copy; "
+            "a repaired model keeps its quantization"))
     return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings, widened)
+
 
 
 def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
