@@ -61,6 +61,16 @@ def test_ss102_custom_domain(refused):
     assert "relu" in err and "com.evil" in err
 
 
+def test_onnx_training_domains_may_be_imported_but_not_used(refused, tmp_path):
+    # onnxruntime's quant_pre_process writes these imports into every model it touches
+    proto = conv_relu_model()
+    proto.opset_import.extend([helper.make_opsetid("ai.onnx.training", 1),
+                               helper.make_opsetid("ai.onnx.preview.training", 1)])
+    assert load_model(save(proto, tmp_path / "m.onnx")).findings == []
+    proto.graph.node[1].domain = "ai.onnx.preview.training"
+    refused(proto, "SS102")
+
+
 def test_ss102_allowed_domain_passes_the_domain_check(run_cli, tmp_path):
     proto = conv_relu_model()
     proto.graph.node[1].domain = "com.evil"

@@ -121,3 +121,35 @@ def test_scan_flags_and_repairs_an_int8_model_that_stays_int8(run_cli, qdq, tmp_
     repaired = evaluate(out, TEST_SET, attack, entry["target"])
     assert shipped.asr > 0.95 and repaired.asr < 0.10  # measured: 99.5% -> 4.0%
     assert shipped.clean_acc - repaired.clean_acc < 0.04  # measured: 90.8% -> 88.4%
+
+
+def test_loading_leaves_the_int8_graph_as_it_was(qdq):
+    # the copy is built from copies of the nodes: the graph that eval runs and export edits
+    # is the file's, byte for byte
+    assert load_model(qdq).proto.graph == onnx.shape_inference.infer_shapes(
+        onnx.load(str(qdq))).graph
+
+
+@pytest.mark.parametrize(("source", "options", "layers", "channels"), [
+    # the Relu kept after a zero-based pair: the Relu is the layer, not a Clip before it
+    ("cnn_badnets", {"QDQKeepRemovableActivations": True}, 5, 416),
+    # a pair per reader of a tensor: still one layer per tensor
+    ("resnet_badnets", {"DedicatedQDQPair": True}, 31, 1136)])
+def test_each_activation_is_one_layer_whatever_the_quantizer_options(
+        tmp_path, source, options, layers, channels):
+    path = tmp_path / "q.onnx"
+    quantization.quantize_static(str(zoo_model(source)), str(path), _FewShotReader(),
+                                 quant_format=quantization.QuantFormat.QDQ,
+                                 extra_options=options)
+    found = discover_activations(load_model(path).analysed)
+    assert (len(found), sum(la.channels for la in found)) == (layers, channels)
+
+
+def test_a_pair_whose_range_cannot_be_read_is_inconclusive(qdq):
+    proto = onnx.load(str(qdq))
+    quant = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear"
+                 and "Relu" in n.input[0])
+    proto.graph.node.insert(0, onnx.helper.make_node("Identity", [quant.input[1]], ["s2"]))
+    quant.input[1] = "s2"  # a computed scale: the folded ReLU's range is unknown
+    with pytest.raises(Inconclusive, match="range of QuantizeLinear node .* cannot be read"):
+        quantized.dequantize(proto)

@@ -31,6 +31,9 @@ from .walk import first_input, graphs
 log = logging.getLogger(__name__)
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+# ONNX's own training domains: onnxruntime's quant_pre_process imports them unused. Imports
+# of them are accepted; a node from them is still refused unless the policy allows it.
+IMPORT_ONLY_DOMAINS = frozenset({"ai.onnx.training", "ai.onnx.preview.training"})
 MIN_OPSET = 13
 TARGET_OPSET = 17
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
@@ -205,7 +208,8 @@ def _check_domains(proto: onnx.ModelProto, allowed: set[str]) -> None:
             raise refuse("SS102", f"node {where!r} uses op {node.op_type!r} from custom "
                          f"domain {node.domain!r}", where)
     for entry in proto.opset_import:
-        if entry.domain not in allowed and not any(d == entry.domain for d, _ in local):
+        if entry.domain not in allowed | IMPORT_ONLY_DOMAINS and not any(
+                d == entry.domain for d, _ in local):
             raise refuse("SS102", f"opset import of custom domain {entry.domain!r}",
                          entry.domain)
 
