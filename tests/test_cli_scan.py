@@ -200,12 +200,12 @@ def test_class_coverage_is_counted_in_whole_classes(share, covered, inconclusive
     from scanner.policy import DetectionPolicy
 
     images = ImageSet(np.zeros((covered, 1, 2, 2), np.float32), np.arange(covered))
-    check = lambda: _check_class_coverage(images, 100, DetectionPolicy(min_class_coverage=share))  # noqa: E731
+    policy = DetectionPolicy(min_class_coverage=share)
     if inconclusive:
         with pytest.raises(Inconclusive, match=f"cover {covered} of the model's 100 classes"):
-            check()
+            _check_class_coverage(images, 100, policy)
     else:
-        check()
+        _check_class_coverage(images, 100, policy)
 
 
 def test_every_method_checks_the_clean_images_the_same_way(run_cli, tmp_path):
