@@ -117,13 +117,13 @@ def test_nan_where_the_original_has_nan_is_agreement(tmp_path):
 
 
 def test_running_out_of_memory_while_comparing_says_so(tmp_path, monkeypatch):
-    import scanner.graph.precision as precision
+    import scanner.graph.compare as compare  # the side-by-side run of model and copy
 
     def too_big(model, feeds):
         raise RuntimeError("Non-zero status code returned while running Conv node. Status "
                            "Message: bfc_arena.cc:360 Failed to allocate memory for buffer")
 
-    monkeypatch.setattr(precision, "run_model", too_big)
+    monkeypatch.setattr(compare, "run_model", too_big)
     with pytest.raises(Inconclusive, match="ran out of memory"):
         load_model(save(half(onnx.load(zoo_model("cnn_badnets"))), tmp_path / "h.onnx"))
 

@@ -1,14 +1,17 @@
 """Differential check: run two models in onnxruntime on the same feeds and compare outputs.
 
-Used by the tests and by export (onnxsim's model_checking.compare, in our terms).
+Used by the tests, by export (onnxsim's model_checking.compare, in our terms), and to check the
+float copies that stand in for float16 and int8 models in analysis.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
-from ..errors import ShapscanError
+from ..errors import Inconclusive, ShapscanError, first_line, out_of_memory
 from ..runtime import make_session
 from .walk import first_input
 
@@ -52,6 +55,44 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> float:
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     diff[np.isnan(a) & np.isnan(b)] = 0.0
     return float(np.nan_to_num(diff, nan=np.inf).max())
+
+
+@dataclass(frozen=True)
+class CopyDifference:
+    """The output where an analysis copy differs most from its model, relative to scale."""
+
+    output: str
+    difference: float
+    scale: float  # the output's largest finite magnitude, at least 1
+
+    @property
+    def relative(self) -> float:
+        return self.difference / self.scale
+
+
+def copy_difference(original: onnx.ModelProto, copy: onnx.ModelProto, probe: np.ndarray,
+                    what: str, copy_probe: np.ndarray | None = None) -> CopyDifference:
+    """Run `original` on `probe` and the copy that stands in for it in analysis (the
+    float32 copy of a float16 model, the float copy of an int8 one) on `copy_probe` (default
+    `probe`). Inconclusive when onnxruntime cannot run both (`what` names them)."""
+    name = first_input(original).name
+    try:
+        reference = run_model(original, {name: probe})
+        copied = run_model(copy, {name: probe if copy_probe is None else copy_probe})
+    except Exception as exc:  # noqa: BLE001  onnxruntime raises many types
+        oom = out_of_memory(exc)
+        if oom is not None:
+            raise oom from None
+        raise Inconclusive(f"inconclusive: cannot run {what} side by side: "
+                           f"{first_line(exc)}") from None
+    worst: CopyDifference | None = None
+    for out, ref in reference.items():
+        scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
+        seen = CopyDifference(out, max_difference(ref, copied[out]), scale)
+        if worst is None or seen.relative > worst.relative:
+            worst = seen
+    assert worst is not None  # a model has at least one output
+    return worst
 
 
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray],

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import Inconclusive, first_line, out_of_memory
-from .compare import max_difference, probe_input, run_model
-from .walk import first_input, graphs
+from ..errors import Inconclusive
+from .compare import copy_difference, probe_input
+from .walk import graphs
 
 LOW_PRECISION = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
 
@@ -100,21 +100,11 @@ def widen(proto: onnx.ModelProto) -> onnx.ModelProto:
     probe = probe_input(proto)
     if probe is None:  # dynamic height/width: nothing to probe with; the retyping is mechanical
         return wide
-    name = first_input(proto).name
-    try:
-        reference = run_model(proto, {name: probe})
-        widened = run_model(wide, {name: probe.astype(np.float32)})
-    except Exception as exc:  # noqa: BLE001  onnxruntime raises many types
-        oom = out_of_memory(exc)
-        if oom is not None:
-            raise oom from None
-        raise Inconclusive(f"inconclusive: cannot run this {low_precision(proto)} model "
-                           f"and its float32 copy side by side: {first_line(exc)}") from None
-    for out, ref in reference.items():
-        scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
-        worst = max_difference(ref, widened[out])
-        if not worst <= WIDEN_ATOL * scale:
-            raise Inconclusive(f"inconclusive: the float32 copy of this "
-                               f"{low_precision(proto)} model differs from it by {worst:.3g} "
-                               f"on output {out!r} (more than rounding; scale {scale:.3g})")
+    precision = low_precision(proto)
+    d = copy_difference(proto, wide, probe, f"this {precision} model and its float32 copy",
+                        probe.astype(np.float32))
+    if not d.relative <= WIDEN_ATOL:
+        raise Inconclusive(f"inconclusive: the float32 copy of this {precision} model differs "
+                           f"from it by {d.difference:.3g} on output {d.output!r} (more than "
+                           f"rounding; scale {d.scale:.3g})")
     return wide

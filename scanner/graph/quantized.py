@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import Inconclusive, first_line, out_of_memory
+from ..errors import Inconclusive
 from .activations import ACTIVATION_OPS
-from .compare import max_difference, probe_input, run_model
+from .compare import copy_difference, probe_input
 from .walk import first_input
 
 # The producers whose output a folded ReLU follows: a layer's pre-activation.
@@ -52,32 +52,16 @@ def is_qdq(proto: onnx.ModelProto) -> bool:
 def dequantize(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The float copy of a QDQ model (see the module docstring), checked on probe inputs."""
     model = _float_copy(proto)
-    name = first_input(proto).name
-    closest: tuple[float, str, float, float] | None = None
+    closest = None
     for probe in _probes(proto):
-        try:
-            reference = run_model(proto, {name: probe})
-            copy = run_model(model, {name: probe})
-        except Exception as exc:  # noqa: BLE001  onnxruntime raises many types
-            oom = out_of_memory(exc)
-            if oom is not None:
-                raise oom from None
-            raise Inconclusive("inconclusive: cannot run this quantized model and its float "
-                               f"copy side by side: {first_line(exc)}") from None
-        for out, ref in reference.items():
-            scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
-            worst = max_difference(ref, copy[out])
-            seen = (worst / scale, out, worst, scale)
-            if not worst <= QDQ_ATOL * scale:
-                break
-        else:
+        d = copy_difference(proto, model, probe, "this quantized model and its float copy")
+        if d.relative <= QDQ_ATOL:
             return model
-        closest = seen if closest is None or seen[0] < closest[0] else closest
+        closest = d if closest is None or d.relative < closest.relative else closest
     if closest is not None:
-        _, out, worst, scale = closest
         raise Inconclusive(f"inconclusive: the float copy of this quantized model differs from "
-                           f"it by {worst:.3g} on output {out!r} (more than int8 rounding; "
-                           f"scale {scale:.3g})")
+                           f"it by {closest.difference:.3g} on output {closest.output!r} (more "
+                           f"than int8 rounding; scale {closest.scale:.3g})")
     return model  # a dynamic image size: nothing to probe with
 
 
