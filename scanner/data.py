@@ -344,21 +344,20 @@ def _unit_pixels(im, prep: Preprocess, path: Path) -> np.ndarray:
     """One image as float32 [H, W] or [H, W, 3] in [0, 1], resized to the model's input."""
     from PIL import Image
 
-    size = (prep.width, prep.height)
-    if im.mode.startswith("I;16"):
-        # 16-bit greyscale: Pillow's convert("L") would saturate every value above 255
-        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0, mode="F")
-        if grey.size != size:
-            grey = grey.resize(size, Image.BILINEAR)
-        x = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
-        return x if prep.channels == 1 else np.repeat(x[..., None], 3, axis=-1)
-    if im.mode in ("I", "F"):
+    wide = im.mode.startswith("I;16")
+    if wide:  # 16-bit greyscale: Pillow's convert("L") would saturate every value above 255
+        im = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0, mode="F")
+    elif im.mode in ("I", "F"):
         raise DataError(f"{path}: {im.mode!r} (32-bit) images have no fixed range; "
                         "save them as 8- or 16-bit")
-    im = im.convert("L" if prep.channels == 1 else "RGB")
-    if im.size != size:
-        im = im.resize(size, Image.BILINEAR)
-    return np.asarray(im, dtype=np.float32) / 255.0
+    else:
+        im = im.convert("L" if prep.channels == 1 else "RGB")
+    if im.size != (prep.width, prep.height):
+        im = im.resize((prep.width, prep.height), Image.BILINEAR)
+    if not wide:
+        return np.asarray(im, dtype=np.float32) / 255.0
+    x = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+    return x if prep.channels == 1 else np.repeat(x[..., None], 3, axis=-1)
 
 
 # one-pixel moves along one axis first, then diagonals, then two-pixel moves
