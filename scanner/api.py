@@ -30,8 +30,8 @@ from .graph.activations import discover_activations
 from .graph.batch import any_batch
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
-from .graph.precision import QUANTIZED_HINT, quantized
 from .graph.prefix import CoalitionEvaluator
+from .graph.quantized import QUANTIZED_HINT, quantized
 from .policy import Catalog, DetectionPolicy, Policy, RepairPolicy, load_catalog, load_policy
 from .progress import Progress
 from .prune import PruneConfig, PrunePlan, plan

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import Inconclusive
-from ..graph.precision import QUANTIZED_HINT, QUANTIZED_OPS
+from ..graph.quantized import QUANTIZED_HINT, QUANTIZED_OPS
 
 Dim = int | str | None  # static size, symbolic name, or unknown
 Shape = tuple[Dim, ...]

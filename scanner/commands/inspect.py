@@ -10,7 +10,7 @@ from ..cli import cli, echo_json
 from ..errors import Inconclusive
 from ..graph.activations import discover_activations
 from ..graph.load import load_model
-from ..graph.precision import QUANTIZED_HINT, quantized
+from ..graph.quantized import QUANTIZED_HINT, quantized
 
 
 def _shape(shape: list[int | str]) -> str:

@@ -22,19 +22,6 @@ from .walk import graphs
 
 LOW_PRECISION = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
 
-# Integer-quantized graphs (QDQ, QOperator, dynamic): no gradient rules, and a QDQ quantizer
-# folds each ReLU into the QuantizeLinear after it, so no activation is left to mask.
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-    "QLinearMatMul", "ConvInteger", "MatMulInteger"})
-QUANTIZED_HINT = ("a quantized model: scan the float model it was quantized from, then "
-                  "quantize the repaired one")
-
-
-def quantized(proto: onnx.ModelProto) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for g in graphs(proto.graph) for n in g.node)
-
-
 # The float32 copy may differ from a half-precision original by rounding alone: float16 has
 # 11 significant bits, and a deep net's logits move by up to a few percent of their scale.
 WIDEN_ATOL = 0.05

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from ..errors import Inconclusive
 from .activations import ACTIVATION_OPS
 from .compare import copy_difference, probe_input
-from .walk import first_input
+from .walk import first_input, graphs
 
 # The producers whose output a folded ReLU follows: a layer's pre-activation.
 _LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add"})
@@ -42,11 +42,24 @@ _RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
 QDQ_ATOL = 0.1
 
 
+# The ops of integer-quantized graphs (QDQ, QOperator, dynamic). None has a gradient rule: a
+# QDQ model is analysed through its float copy (below), the others stop with the hint.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+    "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+QUANTIZED_HINT = ("a quantized model: scan the float model it was quantized from, then "
+                  "quantize the repaired one")
+
+
+def quantized(proto: onnx.ModelProto) -> bool:
+    return any(n.op_type in QUANTIZED_OPS for g in graphs(proto.graph) for n in g.node)
+
+
 def is_qdq(proto: onnx.ModelProto) -> bool:
     """Activations pass through QuantizeLinear -> DequantizeLinear pairs (the QDQ format)."""
     ops = {n.op_type for n in proto.graph.node}
-    return "QuantizeLinear" in ops and "DequantizeLinear" in ops and not ops & {
-        "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+    return "QuantizeLinear" in ops and "DequantizeLinear" in ops and not ops & (
+        QUANTIZED_OPS - {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
 def dequantize(proto: onnx.ModelProto) -> onnx.ModelProto:
