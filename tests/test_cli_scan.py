@@ -230,6 +230,20 @@ def test_errors_reach_stderr_with_or_without_quiet(run_cli, tmp_path):
     assert "SS207" in result.out  # and the summary says it too
 
 
+def test_a_terminal_showing_both_streams_gets_each_error_once(run_cli, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    result = run_cli("scan", bad, "--data", FEWSHOT)
+    assert result.code == 2  # captured streams: the summary and a stderr line
+    assert result.err.splitlines()[-1] == (f"shapscan: SS101: {bad}: not an ONNX model "
+                                           "(protobuf parse failed)")
+    monkeypatch.setattr("scanner.commands.scan.both_on_terminal", lambda: True)
+    result = run_cli("scan", bad, "--data", FEWSHOT)
+    assert result.code == 2 and "SS101" not in result.err and "SS101" in result.out
+    result = run_cli("scan", bad, "--data", FEWSHOT, "-q")  # no summary: stderr says it
+    assert result.code == 2 and "SS101" in result.err
+
+
 def test_inputs_that_are_not_regular_files_are_refused_without_reading(run_cli, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # reading any of these would block forever

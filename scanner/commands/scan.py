@@ -197,11 +197,14 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
                                 tool_version=__version__)
         result.timings["total"] = time.perf_counter() - start
         results.append(result)
-        if not quiet and not as_json:
+        summarised = not quiet and not as_json
+        if summarised:
             print_summary(result)
-        # a gate that fails must say why on stderr, one line each, whatever stdout shows
-        for problem in result.errors + result.skipped:
-            click.echo(f"shapscan: {path}: {problem}", err=True)
+        # a gate that fails must say why on stderr, one line each, whatever stdout shows;
+        # on a terminal showing both streams the summary has just said it
+        if not (summarised and both_on_terminal()):
+            for problem in result.errors + result.skipped:
+                click.echo(problem_line(path, problem), err=True)
         if html_file is not None:
             from ..report.html import render_html
             write_report(html_file, render_html(result))
@@ -217,6 +220,16 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     elif several and not quiet:
         print_table(results)
     return exit_code(results, threshold)
+
+
+def both_on_terminal() -> bool:
+    return all(stream.isatty() for stream in (click.get_text_stream("stdout"),
+                                              click.get_text_stream("stderr")))
+
+
+def problem_line(path: Path, problem: str) -> str:
+    """`shapscan: PATH: problem`, without naming the path twice when the problem does."""
+    return f"shapscan: {problem}" if str(path) in problem else f"shapscan: {path}: {problem}"
 
 
 VERDICT_STYLE = {Verdict.CLEAN: "green", Verdict.BACKDOOR: "red", Verdict.ERROR: "red",
