@@ -25,11 +25,21 @@ SEVERITIES = [s.name.lower() for s in Severity]
 SEPARATORS = tuple(s for s in (os.sep, os.altsep) if s)
 
 
+REPAIRED_SUFFIX = ".sanitized.onnx"
+
+
 def model_paths(targets: tuple[Path, ...]) -> list[Path]:
+    """The models to scan: files as given; in a folder, its *.onnx files but the repaired
+    models (*.sanitized.onnx) that an earlier `scan DIR --out DIR` wrote beside them."""
     paths: list[Path] = []
     for target in targets:
         if target.is_dir():
             found = sorted(target.glob("*.onnx"))
+            repaired = [p for p in found if p.name.endswith(REPAIRED_SUFFIX)]
+            if repaired and len(repaired) < len(found):
+                found = [p for p in found if p not in repaired]
+                click.echo(f"shapscan: {target}: leaving out {len(repaired)} repaired "
+                           f"model(s) (*{REPAIRED_SUFFIX}); name them to scan them", err=True)
             if not found:
                 raise UsageError(f"{target}: folder holds no .onnx models")
             paths += found
@@ -148,7 +158,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     writes STEM.sanitized.onnx or STEM.html in it (STEM-1, STEM-2, ... when models share a
     file name), and a missing folder is created inside an existing one. An output that
     cannot be written, or that names an input model or another output, is a usage error
-    before anything is scanned.
+    before anything is scanned. A folder's *.sanitized.onnx files (an earlier run's repairs)
+    are left out unless they are all it holds.
     """
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
@@ -163,7 +174,7 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     per_model = several or any(m.is_dir() for m in models)
     folders: dict[str, Path | None] = {}
     files: dict[str, list[Path | None]] = {}
-    for flag, option, suffix in (("out", out, ".sanitized.onnx"), ("html", html, ".html")):
+    for flag, option, suffix in (("out", out, REPAIRED_SUFFIX), ("html", html, ".html")):
         folders[flag], files[flag] = output_files(option, paths, per_model, suffix)
     for flag, option in (("report", report), ("sarif", sarif)):
         if option is not None and names_folder(option):
