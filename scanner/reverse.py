@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -87,6 +87,8 @@ class ReverseResult:
     seconds: float
     classes: int = 0
     log: list[str] = field(default_factory=list)
+    # the triggers as they stood after each step named in reverse_triggers(snapshots=...)
+    snapshots: dict[int, dict[tuple[str, int], ReversedTrigger]] = field(default_factory=dict)
 
 
 class _Family:
@@ -294,8 +296,12 @@ _FAMILY_TYPES: dict[str, type[_Family]] = {f.name: f for f in (_Patch, _Universa
 
 def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSet,
                      n_classes: int, cfg: ReverseConfig = ReverseConfig(), seed: int = 0,
-                     progress: Progress | None = None) -> ReverseResult:
-    """Reverse one trigger per (family, candidate target) from the given clean images."""
+                     progress: Progress | None = None,
+                     snapshots: Collection[int] = ()) -> ReverseResult:
+    """Reverse one trigger per (family, candidate target) from the given clean images.
+
+    `snapshots`: steps after which to keep the triggers as they stand (what a run of that
+    many steps would return), for measuring how the verdict depends on the step budget."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     targets = np.arange(n_classes)
@@ -325,6 +331,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     passes = 0
     asr = np.zeros((len(families), n_classes))
     step = 0
+    kept: dict[int, dict[tuple[str, int], ReversedTrigger]] = {}
     for step in range(1, cfg.steps + 1):
         stamped = np.empty((len(row_target_a), *images.pixels.shape[1:]), np.float32)
         for f, fam in enumerate(families):
@@ -342,6 +349,8 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
             grads = fam.backward(images.pixels[row_image_a[sel]], row_target_a[sel], g_pixels[sel])
             fam.adam.step(grads)
             fam.update(step, asr[f])
+        if step in snapshots:
+            kept[step] = _triggers(families, asr)
         if progress:
             progress(step, cfg.steps)
         stalled = all((step - fam.last_improved >= cfg.early_stop).all() and
@@ -350,11 +359,14 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
             log.debug("trigger reverse converged after %d steps", step)
             break
 
-    triggers = {}
-    for f, fam in enumerate(families):
-        for trig in fam.results(asr[f]):
-            triggers[(fam.name, trig.target)] = trig
-    return ReverseResult(triggers, step, passes, time.perf_counter() - start, n_classes)
+    return ReverseResult(_triggers(families, asr), step, passes, time.perf_counter() - start,
+                         n_classes, snapshots=kept)
+
+
+def _triggers(families: list[_Family], asr: np.ndarray
+              ) -> dict[tuple[str, int], ReversedTrigger]:
+    return {(fam.name, trig.target): trig
+            for f, fam in enumerate(families) for trig in fam.results(asr[f])}
 
 
 def _rows_for(labels: np.ndarray, target: int, limit: int,

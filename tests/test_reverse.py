@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FEWSHOT, zoo_model
 
 from scanner.data import ImageSet
 from scanner.reverse import (
@@ -106,3 +107,24 @@ def test_a_step_costs_rows_linear_in_the_class_count():
     # 3 families x 40 targets x max(5, 300 // 120) images; all 39 others would be 4,680
     assert program.rows == [600, 600] and result.forward_passes == 1200
     assert len(result.triggers) == 3 * classes
+
+
+def test_a_snapshot_is_what_a_run_of_that_many_steps_returns():
+    from scanner.api import model_preprocess
+    from scanner.autodiff import GradientProgram
+    from scanner.data import load_images
+    from scanner.graph.load import load_model
+
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    program = GradientProgram(model.runnable)
+    long = reverse_triggers(program, prep, images, 10, ReverseConfig(steps=4), seed=3,
+                            snapshots={2, 4, 9})
+    short = reverse_triggers(program, prep, images, 10, ReverseConfig(steps=2), seed=3)
+    assert sorted(long.snapshots) == [2, 4]  # step 9 never came
+    for kept, run in ((long.snapshots[2], short.triggers), (long.snapshots[4], long.triggers)):
+        assert kept.keys() == run.keys()
+        for key, trig in run.items():
+            assert kept[key].norm == trig.norm and np.array_equal(kept[key].pattern, trig.pattern)
+    assert short.snapshots == {}
