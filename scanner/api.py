@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +148,7 @@ class ScanOptions:
     seed: int = 0
     layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score
     overrides: dict | None = None  # preprocessing overrides
-    reverse: ReverseConfig = ReverseConfig()
+    reverse: ReverseConfig = ReverseConfig()  # its steps: the policy's detection.*_steps
     synthesis: SynthesisConfig = SynthesisConfig()
     prune_order: str = "greedy"
     permutations: int | None = None  # override the policy's Shapley sample budget
@@ -251,7 +251,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     progress.stage("reversing triggers")
     det = policy.detection
     verdict = _reverse_and_detect(program, prep, images, n_classes, opts, det,
-                                  opts.data_free, bn_layers, progress)
+                                  opts.data_free, bn_layers, progress, det.reverse_steps)
     verdict.detection.views = {"synthesised" if opts.data_free else "few-shot":
                                _decision_score(verdict, det)}
     result.timings["reverse"] = time.perf_counter() - t
@@ -288,9 +288,10 @@ def _synthesise(result: ScanResult, model: LoadedModel, prep: Preprocess,
 
 def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: ImageSet,
                         n_classes: int, opts: ScanOptions, det: DetectionPolicy,
-                        synthetic: bool, bn_layers: int, progress: Progress) -> DetectVerdict:
-    reversed_ = reverse_triggers(program, prep, images, n_classes, opts.reverse, opts.seed,
-                                 progress)
+                        synthetic: bool, bn_layers: int, progress: Progress,
+                        steps: int) -> DetectVerdict:
+    cfg = replace(opts.reverse, steps=steps)
+    reversed_ = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress)
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
                   det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
 
@@ -317,7 +318,7 @@ def _second_view(result: ScanResult, model: LoadedModel, program: GradientProgra
         "second view: the few-shot images flagged nothing, synthesising inputs")
     progress.stage("reversing triggers on synthesised inputs")
     second = _reverse_and_detect(program, prep, synthetic, n_classes, opts, det, True,
-                                 bn_layers, progress)
+                                 bn_layers, progress, det.second_view_steps)
     result.timings["second_view"] = time.perf_counter() - t
     top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
                           det.warp_ratio)

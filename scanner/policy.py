@@ -131,6 +131,10 @@ class DetectionPolicy:
     # when the few-shot images flag no class, look again on inputs synthesised from the
     # model's BatchNormalization statistics (models with BN only; about doubles a clean scan)
     synthesised_view: bool = True
+    # Adam steps of every trigger reverse (few-shot and data-free), and of the second view's:
+    # fewer make a scan faster and its verdicts less reliable (benchmarks/reverse_steps.py)
+    reverse_steps: int = 150
+    second_view_steps: int = 150
     # below this clean accuracy on the few-shot images the scan is inconclusive (SS206):
     # a model that misreads its clean inputs (wrong preprocessing, wrong labels, a broken
     # model) makes every reversed trigger look like a backdoor or none
@@ -222,6 +226,8 @@ _RANGES: dict[str, _Range] = {
     "detection.warp_ratio": (1.0, None, True, True),
     "detection.min_clean_accuracy": (0.0, 1.0, True, True),
     "detection.min_class_coverage": (0.0, 1.0, True, True),
+    "detection.reverse_steps": (1, 100_000, True, True),
+    "detection.second_view_steps": (1, 100_000, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

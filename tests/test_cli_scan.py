@@ -261,3 +261,15 @@ def test_a_report_that_cannot_be_written_is_one_line_not_a_traceback(run_cli):
                      "--report", "/dev/full")
     assert result.code == 2
     assert result.err.strip() == "shapscan: error: cannot write /dev/full: No space left on device"
+
+
+def test_the_policy_sets_each_views_step_budget(tmp_path):
+    from scanner.api import ScanOptions, scan
+
+    policy = tmp_path / "short.toml"
+    policy.write_text("[detection]\nreverse_steps = 3\nsecond_view_steps = 2\n"
+                      "[repair]\nenabled = false\n")
+    result = scan(zoo_model("cnn_clean"), ScanOptions(data=FEWSHOT, policy=policy, quiet=True))
+    assert list(result.detection.views) == ["few-shot", "synthesised"]
+    rows = 3 * 10 * 9  # families x targets x images of the other classes
+    assert result.detection.forward_passes == 3 * rows + 2 * rows
