@@ -5,11 +5,12 @@
 
 A few-shot scan reverses triggers on the clean images (the first view) and, when those flag
 no class, again on inputs synthesised from the model (the second view), 150 steps each
-(`ReverseConfig.steps`). This script runs both views once per model and seed, always
-including the second view, keeping the triggers as they stood after each step in
-`--steps` (`reverse_triggers(snapshots=...)`: exactly what a run of that many steps
-returns). It then draws the scan's verdict for every pair (first-view steps, second-view
-steps) with the policy's rules, as `scanner.api.scan` does, and prints:
+(policy keys `detection.reverse_steps` and `detection.second_view_steps`). This script runs
+both views once per model and seed, always including the second view, keeping the
+triggers as they stood after each step in `--steps` (`reverse_triggers(snapshots=...)`:
+exactly what a run of that many steps returns). It then draws the scan's verdict for every
+pair (first-view steps, second-view steps) with the policy's rules, as `scanner.api.scan`
+does, and prints:
 
 * how many (model, seed) verdicts are right for each pair;
 * the seconds that pair would cost a model that both views find clean (the cost the
@@ -54,10 +55,10 @@ def views(path: Path, seed: int, steps: tuple[int, ...]) -> dict:
         t = time.perf_counter()
         result = reverse_triggers(program, prep, pixels, 10, cfg, seed, snapshots=set(steps))
         seconds = (time.perf_counter() - t) / result.steps
-        out = {}
+        final, out = result.triggers, {}
         for k in steps:
-            # a run that stopped early (converged) returns its last triggers for longer budgets
-            result.triggers = result.snapshots.get(k, result.triggers)
+            # a run that stopped early (converged) returns its final triggers for longer budgets
+            result.triggers = result.snapshots.get(k, final)
             v = detect(result, det.anomaly_threshold, det.warn_threshold,
                        det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
             out[k] = (v.detection.flagged_targets,

@@ -148,7 +148,9 @@ class ScanOptions:
     seed: int = 0
     layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score
     overrides: dict | None = None  # preprocessing overrides
-    reverse: ReverseConfig = ReverseConfig()  # its steps: the policy's detection.*_steps
+    # the step budget is the policy's (detection.reverse_steps, .second_view_steps): a
+    # ScanOptions that changes `steps` here is refused rather than silently overridden
+    reverse: ReverseConfig = ReverseConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     prune_order: str = "greedy"
     permutations: int | None = None  # override the policy's Shapley sample budget
@@ -290,6 +292,10 @@ def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: Imag
                         n_classes: int, opts: ScanOptions, det: DetectionPolicy,
                         synthetic: bool, bn_layers: int, progress: Progress,
                         steps: int) -> DetectVerdict:
+    if opts.reverse.steps != ReverseConfig.steps:
+        raise UsageError("the trigger-reverse step budget is set by the policy "
+                         "(detection.reverse_steps, detection.second_view_steps), "
+                         "not by ScanOptions.reverse.steps")
     cfg = replace(opts.reverse, steps=steps)
     reversed_ = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress)
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,

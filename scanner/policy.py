@@ -132,7 +132,8 @@ class DetectionPolicy:
     # model's BatchNormalization statistics (models with BN only; about doubles a clean scan)
     synthesised_view: bool = True
     # Adam steps of every trigger reverse (few-shot and data-free), and of the second view's:
-    # fewer make a scan faster and its verdicts less reliable (benchmarks/reverse_steps.py)
+    # fewer make a scan faster and its verdicts less reliable (benchmarks/reverse_steps.py);
+    # they also change the reversed trigger a repair is planned with (not measured)
     reverse_steps: int = 150
     second_view_steps: int = 150
     # below this clean accuracy on the few-shot images the scan is inconclusive (SS206):

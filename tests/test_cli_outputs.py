@@ -96,26 +96,22 @@ def test_the_readme_ci_step_with_one_model_in_the_folder(run_cli, tmp_path, monk
     assert json.loads((tmp_path / "shapscan.sarif").read_text())["version"] == "2.1.0"
 
 
-def test_a_second_scan_into_the_models_folder_leaves_its_repairs_out(run_cli, tmp_path):
+def test_a_second_scan_into_the_models_folder_is_refused_and_says_why(run_cli, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     planted(models / "a.onnx")
     planted(models / "b.onnx")
     assert clp(run_cli, models, "--out", models).code == 0
-    assert sorted(p.name for p in models.iterdir()) == [
-        "a.onnx", "a.sanitized.onnx", "b.onnx", "b.sanitized.onnx"]
-    report = tmp_path / "again.json"
-    result = clp(run_cli, models, "--out", models, "--report", report)
-    assert result.code == 0, result.err
-    assert result.err == f"shapscan: {models}: leaving out 2 repaired model(s) " \
-                         "(*.sanitized.onnx); name them to scan them\n"
+    before = sorted(p.name for p in models.iterdir())
+    assert before == ["a.onnx", "a.sanitized.onnx", "b.onnx", "b.sanitized.onnx"]
+    # the repairs are models of the folder too: scanned, never skipped by their name, so
+    # a.onnx's repair would overwrite an input
+    assert_refused(clp(run_cli, models, "--out", models), "write repairs to another folder")
+    assert sorted(p.name for p in models.iterdir()) == before
+    report = tmp_path / "all.json"
+    assert clp(run_cli, models, "--out", tmp_path / "second", "--report", report).code == 0
     scanned = [Path(r["model_path"]).name for r in json.loads(report.read_text())["results"]]
-    assert scanned == ["a.onnx", "b.onnx"]
-    assert len(list(models.iterdir())) == 4  # no a.sanitized.sanitized.onnx
-    only_repairs = tmp_path / "repaired"
-    only_repairs.mkdir()
-    (models / "a.sanitized.onnx").rename(only_repairs / "a.sanitized.onnx")
-    assert clp(run_cli, only_repairs).code == 0  # all it holds: scanned
+    assert scanned == before
 
 
 def test_a_folder_output_is_created_only_inside_an_existing_folder(run_cli, tmp_path):

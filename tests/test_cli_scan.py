@@ -244,6 +244,22 @@ def test_a_terminal_showing_both_streams_gets_each_error_once(run_cli, tmp_path,
     assert result.code == 2 and "SS101" in result.err
 
 
+@pytest.mark.parametrize(("path", "problem", "line"), [
+    ("/t/bad.onnx", "SS101: /t/bad.onnx: not an ONNX model",
+     "shapscan: SS101: /t/bad.onnx: not an ONNX model"),
+    ("/t/bad.onnx", "/t/bad.onnx: no such file", "shapscan: /t/bad.onnx: no such file"),
+    # the path only inside other words or names: still said which model it is
+    ("model", "/d/few.npz: images are 28x28, the model expects 8x8",
+     "shapscan: model: /d/few.npz: images are 28x28, the model expects 8x8"),
+    ("m.onnx", "SS105: tensor 'w' external data file 'm.onnx.data' is missing",
+     "shapscan: m.onnx: SS105: tensor 'w' external data file 'm.onnx.data' is missing"),
+])
+def test_the_stderr_line_names_its_model_once(path, problem, line):
+    from scanner.commands.scan import problem_line
+
+    assert problem_line(Path(path), problem) == line
+
+
 def test_inputs_that_are_not_regular_files_are_refused_without_reading(run_cli, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # reading any of these would block forever
@@ -273,3 +289,13 @@ def test_the_policy_sets_each_views_step_budget(tmp_path):
     assert list(result.detection.views) == ["few-shot", "synthesised"]
     rows = 3 * 10 * 9  # families x targets x images of the other classes
     assert result.detection.forward_passes == 3 * rows + 2 * rows
+
+
+def test_a_step_budget_in_scan_options_is_refused_not_ignored():
+    from scanner.api import ScanOptions, scan
+    from scanner.errors import UsageError
+    from scanner.reverse import ReverseConfig
+
+    with pytest.raises(UsageError, match="detection.reverse_steps"):
+        scan(zoo_model("cnn_clean"), ScanOptions(data=FEWSHOT, quiet=True,
+                                                 reverse=ReverseConfig(steps=10)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -29,17 +30,10 @@ REPAIRED_SUFFIX = ".sanitized.onnx"
 
 
 def model_paths(targets: tuple[Path, ...]) -> list[Path]:
-    """The models to scan: files as given; in a folder, its *.onnx files but the repaired
-    models (*.sanitized.onnx) that an earlier `scan DIR --out DIR` wrote beside them."""
     paths: list[Path] = []
     for target in targets:
         if target.is_dir():
             found = sorted(target.glob("*.onnx"))
-            repaired = [p for p in found if p.name.endswith(REPAIRED_SUFFIX)]
-            if repaired and len(repaired) < len(found):
-                found = [p for p in found if p not in repaired]
-                click.echo(f"shapscan: {target}: leaving out {len(repaired)} repaired "
-                           f"model(s) (*{REPAIRED_SUFFIX}); name them to scan them", err=True)
             if not found:
                 raise UsageError(f"{target}: folder holds no .onnx models")
             paths += found
@@ -97,7 +91,11 @@ def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
         for path in filter(None, paths):
             key = path.resolve()
             if key in inputs:
-                raise UsageError(f"--{flag}: {path} is {inputs[key]}; refusing to overwrite it")
+                hint = ("; a folder's models are all scanned, an earlier run's repairs too: "
+                        "write repairs to another folder" if path.name.endswith(REPAIRED_SUFFIX)
+                        and inputs[key].startswith("the input model") else "")
+                raise UsageError(f"--{flag}: {path} is {inputs[key]}; refusing to overwrite "
+                                 f"it{hint}")
             if key in taken:
                 raise UsageError(f"--{taken[key]} and --{flag} name the same file {path}")
             if path.is_dir():
@@ -158,8 +156,7 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     writes STEM.sanitized.onnx or STEM.html in it (STEM-1, STEM-2, ... when models share a
     file name), and a missing folder is created inside an existing one. An output that
     cannot be written, or that names an input model or another output, is a usage error
-    before anything is scanned. A folder's *.sanitized.onnx files (an earlier run's repairs)
-    are left out unless they are all it holds.
+    before anything is scanned.
     """
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
@@ -239,8 +236,10 @@ def both_on_terminal() -> bool:
 
 
 def problem_line(path: Path, problem: str) -> str:
-    """`shapscan: PATH: problem`, without naming the path twice when the problem does."""
-    return f"shapscan: {problem}" if str(path) in problem else f"shapscan: {path}: {problem}"
+    """`shapscan: PATH: problem`, without naming the path twice when the problem already
+    names it as its subject (`PATH: ...`, also after a rule id)."""
+    named = re.search(rf"(^|\s){re.escape(str(path))}:\s", problem) is not None
+    return f"shapscan: {problem}" if named else f"shapscan: {path}: {problem}"
 
 
 VERDICT_STYLE = {Verdict.CLEAN: "green", Verdict.BACKDOOR: "red", Verdict.ERROR: "red",
