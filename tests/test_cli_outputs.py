@@ -221,3 +221,15 @@ def test_an_output_naming_the_data_or_the_policy_file_is_refused(run_cli, tmp_pa
         result = run_cli("scan", model, "--data", data, "--policy", policy, "-q", flag, victim)
         assert result.code == 4 and f"is {what} {victim}; refusing" in result.err
         assert victim.read_bytes() == before
+
+
+def test_a_folder_scan_finds_every_case_of_onnx_and_each_model_once(run_cli, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    planted(models / "a.onnx")
+    planted(models / "VENDOR.ONNX")  # a case-sensitive glob would pass over it
+    report = tmp_path / "r.json"
+    result = clp(run_cli, models, models / "a.onnx", models, "--report", report)
+    assert result.code == 0, result.err
+    scanned = [Path(r["model_path"]).name for r in json.loads(report.read_text())["results"]]
+    assert scanned == ["VENDOR.ONNX", "a.onnx"]

@@ -30,16 +30,21 @@ REPAIRED_SUFFIX = ".sanitized.onnx"
 
 
 def model_paths(targets: tuple[Path, ...]) -> list[Path]:
+    """Files as given and each folder's .onnx files (any case: a gate must not pass over
+    VENDOR.ONNX), each model once even when named twice."""
     paths: list[Path] = []
     for target in targets:
         if target.is_dir():
-            found = sorted(target.glob("*.onnx"))
+            found = sorted(p for p in target.iterdir() if p.suffix.lower() == ".onnx")
             if not found:
                 raise UsageError(f"{target}: folder holds no .onnx models")
             paths += found
         else:
             paths.append(target)  # a missing file is reported per model (exit 2)
-    return paths
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def names_folder(option: str) -> bool:
@@ -146,7 +151,7 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
              device: str, **prep: object) -> int:
-    """Scan MODELS (files or folders of .onnx) for backdoors and repair them.
+    """Scan MODELS (files or folders of .onnx, any case) for backdoors and repair them.
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
     3 inconclusive, 4 usage error.
