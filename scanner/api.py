@@ -107,10 +107,14 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     """
     model = load_model(model_path)
     prep = model_preprocess(model, overrides)
-    batchable(model, prep)
+    shipped = None
+    if model.layer_graph is not None:
+        # a QDQ model's float copy drops the int8 rounding: measure the integer graph that
+        # ships (its float copy, which batchable would relax, is never run here)
+        shipped = any_batch(model.proto, prep.input_shape)
+    else:
+        batchable(model, prep)
     data: ImageSet = load_images(data_path, prep)
-    # a QDQ model's float copy drops the int8 rounding: measure the integer graph that ships
-    shipped = any_batch(model.proto, prep.input_shape) if model.layer_graph is not None else None
     predict = Predictor(model, prep, device, shipped)
     logits = predict(data.pixels)
     if logits.ndim != 2:
@@ -173,6 +177,10 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
     A UsageError (bad policy, bad option) is raised: nothing can be scanned with it.
     """
     policy = load_policy(options.policy)
+    if options.reverse.steps != ReverseConfig.steps:  # refused before any work is done
+        raise UsageError("the trigger-reverse step budget is set by the policy "
+                         "(detection.reverse_steps, detection.second_view_steps), "
+                         "not by ScanOptions.reverse.steps")
     progress = progress or Progress(enabled=not options.quiet)
     result = ScanResult(model_path=str(model_path), method=options.method, seed=options.seed,
                         tool_version=__version__)
@@ -292,10 +300,6 @@ def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: Imag
                         n_classes: int, opts: ScanOptions, det: DetectionPolicy,
                         synthetic: bool, bn_layers: int, progress: Progress,
                         steps: int) -> DetectVerdict:
-    if opts.reverse.steps != ReverseConfig.steps:
-        raise UsageError("the trigger-reverse step budget is set by the policy "
-                         "(detection.reverse_steps, detection.second_view_steps), "
-                         "not by ScanOptions.reverse.steps")
     cfg = replace(opts.reverse, steps=steps)
     reversed_ = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress)
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,

@@ -159,7 +159,6 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
     return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings, widened)
 
 
-
 def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.ModelProto.FromString(raw)

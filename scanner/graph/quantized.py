@@ -91,26 +91,34 @@ def _probes(proto: onnx.ModelProto) -> list[np.ndarray]:
     name = first_input(proto).name
     quant = next((n for n in proto.graph.node
                   if n.op_type == "QuantizeLinear" and n.input[0] == name), None)
-    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    span = None if quant is None else _range(quant, consts.get)
+    span = None if quant is None else _range(quant, _constants(proto.graph))
     spans = [span] if span is not None else [(0.0, 1.0), (0.0, 255.0)]
     uniform = [(lo + (hi - lo) * rng.random(probe.shape)).astype(probe.dtype)
                for lo, hi in spans]
     return uniform if span is not None else [probe, *uniform]
 
 
+def _constants(graph: onnx.GraphProto):
+    """name -> the initializer's value as an array (None: not a constant), converted only
+    when asked for: most initializers are weights no range lookup needs."""
+    tensors = {t.name: t for t in graph.initializer}
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(tensors[name]) if name in tensors else None
+
+    return const
+
+
 def _float_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
-    consts = {t.name: t for t in graph.initializer}
+    consts = {t.name for t in graph.initializer}
+    const = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    inputs = {i.name for i in graph.input} - set(consts)
-
-    def const(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(consts[name]) if name in consts else None
+    inputs = {i.name for i in graph.input} - consts
 
     nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
