@@ -151,6 +151,12 @@ CASES: dict[str, Case] = {
     "conv_dynamic_hw_s2": conv((2, 3, 9, 8), (4, 3, 3, 3), dynamic=True, strides=[2, 2],
                                pads=[1, 1, 1, 1]),
     "conv_1x1_pad_exceeds_kernel": conv((2, 3, 5, 5), (4, 3, 1, 1), pads=[1, 0, 2, 1]),
+    # from 8 input channels the stride-1 adjoint is a flipped Conv, below a ConvTranspose
+    "conv_pad1_8ch": conv((2, 8, 6, 6), (3, 8, 3, 3), pads=[1, 1, 1, 1]),
+    "conv_dilation2_bias_8ch": conv((2, 8, 9, 9), (5, 8, 3, 3), bias=True, dilations=[2, 2],
+                                    pads=[2, 1, 2, 1]),
+    "conv_depthwise_8ch": conv((2, 8, 7, 7), (8, 1, 3, 3), group=8, pads=[1, 1, 1, 1]),
+    "conv_groups2_8ch": conv((2, 8, 6, 6), (4, 4, 3, 3), group=2, pads=[0, 1, 1, 0]),
     "conv_weight_computed": graph_case([node("Tanh", ["w0"], "w"),
                                         node("Conv", ["x", "w"], group=2, pads=[0, 1, 1, 0])],
                                        (2, 4, 6, 6), {"w0": rand(6, 2, 2, 3)}),
@@ -359,6 +365,29 @@ def test_rule_matches_finite_differences(case: str) -> None:
     err = check_vjp(model, feeds, "x")
     assert err <= FD_TOL, f"{case}: relative error {err:.2e}"
     assert _ort_vs_reference(model, feeds) <= F32_TOL
+
+
+@pytest.mark.parametrize(("in_channels", "adjoint"), [(1, "ConvTranspose"),
+                                                     (3, "ConvTranspose"), (8, "Conv")])
+def test_stride1_conv_adjoint_op_follows_input_channels(in_channels: int, adjoint: str) -> None:
+    """The faster of onnxruntime's two adjoints (rules_nn.FLIPPED_CONV_MIN_CHANNELS)."""
+    model, _ = conv((1, in_channels, 6, 6), (16, in_channels, 3, 3), pads=[1, 1, 1, 1])()
+    vjp = build_vjp(model, "x", ["y"])
+    added = [n.op_type for n in vjp.graph.node[1:]]  # node 0 is the forward Conv
+    assert added.count(adjoint) == 1
+    assert {"Conv", "ConvTranspose"} & set(added) == {adjoint}
+
+
+def test_maxpool_tie_splits_the_cotangent_evenly() -> None:
+    """Where a tile's maximum is taken twice, each copy gets half: a subgradient of max
+    (the shares sum to the output's cotangent), not the full cotangent twice."""
+    model = make([node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2])], [1, 1, 2, 4])
+    vjp = build_vjp(model, "x", ["y"])
+    x = np.array([[[[1, 3, 0, 0], [3, 2, 0, 0]]]], np.float32)
+    g = np.array([[[[4, 8]]]], np.float32)
+    session = ort.InferenceSession(vjp.SerializeToString(), providers=["CPUExecutionProvider"])
+    grad = session.run([f"x{GRAD_SUFFIX}"], {"x": x, f"y{COTANGENT_SUFFIX}": g})[0]
+    np.testing.assert_array_equal(grad, [[[[0, 2, 2, 2], [2, 0, 2, 2]]]])
 
 
 # ---------------------------------------------------------------- refusals (SS205)

@@ -33,8 +33,9 @@ def _masked(ctx: VJPContext, cond: str, g: str) -> str:
 
 @rule("Relu")
 def _relu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
-    x = node.input[0]
-    return [_masked(ctx, ctx.op("Greater", [x, ctx.const(0.0)]), g[0])]
+    # Relu(x) > 0 exactly where x > 0. Reading the output leaves the input unread, so
+    # onnxruntime can fuse the Relu into the Conv before it.
+    return [_masked(ctx, ctx.op("Greater", [node.output[0], ctx.const(0.0)]), g[0])]
 
 
 @rule("LeakyRelu")
