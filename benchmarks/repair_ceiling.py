@@ -1,6 +1,7 @@
 """How far can channel zeroing go? The repair planner with the answers given to it.
 
     python benchmarks/repair_ceiling.py [--models a,b] [--held-out 1000] [--max-drop 1]
+                                        [--all-channels] [--fill zero|mean]
 
 The scan repairs with a *reversed* trigger and *one image per class*. This benchmark runs
 the same Shapley estimate and the same greedy planner (`scanner.prune.plan`, the default
@@ -15,7 +16,8 @@ policy's channel budget) on the true trigger from zoo.json, with two kinds of da
 Both are measured on the other test images (samples/data/test.npz from index 1000 on), so
 the held-out rows are never scored on the images they were fitted to. A model where even
 the held-out row misses "ASR ≤ 2 %, drop ≤ 1 point" is out of reach of this planner at
-this channel budget, whatever the trigger reverse does.
+this channel budget, whatever the trigger reverse does. `--fill mean` asks the same of mean
+ablation: a pruned channel becomes its clean mean activation instead of 0.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ FIT = 1000  # test images [0, FIT) may be used to fit; [FIT, end) score
 SHIFTED_COPIES = 4, 8  # stamped, clean: as scanner.api._repair
 
 
-def ceiling(zm: ZooModel, held_out: int, max_drop: float, all_channels: bool) -> None:
+def ceiling(zm: ZooModel, held_out: int, max_drop: float, all_channels: bool,
+            fill: str = "zero") -> None:
     from scanner.api import model_preprocess
     from scanner.attacks import Attack
     from scanner.data import load_images, shifted
@@ -72,7 +75,9 @@ def ceiling(zm: ZooModel, held_out: int, max_drop: float, all_channels: bool) ->
         inputs["held-out, all channels"] = inputs["held-out"]
     for name, (stamped, clean, clean_budget) in inputs.items():
         t0 = time.perf_counter()
-        backdoor = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
+        proto = model.proto if fill == "zero" else _centered(
+            model.proto, layers, prep.to_model(clean.pixels), device)
+        backdoor = CoalitionEvaluator(proto, layers, prep.to_model(stamped), device)
         clean_eval = backdoor.with_images(prep.to_model(clean.pixels))
         utility = Utility(target)
         if name.endswith("all channels"):
@@ -91,10 +96,47 @@ def ceiling(zm: ZooModel, held_out: int, max_drop: float, all_channels: bool) ->
         acc_after, asr_after = _score(backdoor, score, attack, target, prep, channels)
         met = asr_after <= 2.0 and acc - acc_after <= 1.0
         share = 100 * len(channels) / backdoor.n_channels
-        row = (f"| {zm.name} | {name} | {acc:.1f} / {asr:.1f} | {acc_after:.1f} / "
+        label = name if fill == "zero" else f"{name}, {fill} fill"
+        row = (f"| {zm.name} | {label} | {acc:.1f} / {asr:.1f} | {acc_after:.1f} / "
                f"{asr_after:.1f} | {acc - acc_after:.1f} | {len(channels)} "
                f"({share:.2f}%) | {'yes' if met else 'no'} | {seconds:.0f} |")
         print(row, flush=True)
+
+
+def _centered(proto, layers, images, device):
+    """`proto` with each layer's output t replaced by (t - mu) + mu, mu its per-channel
+    clean mean: a mask inserted at t then switches a channel to mu instead of 0."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from scanner.baselines.fine_pruning import mean_activation
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    if {o.name for o in out.graph.output} & {layer.name for layer in layers}:
+        raise SystemExit("--fill mean: a layer is a graph output")
+    after: dict[int, list] = {}
+    for layer in layers:
+        mu = mean_activation(proto, layer, images, device).astype(np.float32)
+        mu = mu.reshape((1, -1, 1, 1) if layer.rank == 4 else (1, -1))
+        raw, mu_name, plus = (f"{layer.name}__raw", f"{layer.name}__mu",
+                              f"{layer.name}__plus")
+        out.graph.initializer.append(numpy_helper.from_array(mu, mu_name))
+        for k, node in enumerate(out.graph.node):
+            node.input[:] = [plus if t == layer.name else t for t in node.input]
+            if layer.name in node.output:
+                node.output[list(node.output).index(layer.name)] = raw
+                after[k] = [
+                    helper.make_node("Sub", [raw, mu_name], [layer.name]),
+                    helper.make_node("Add", [layer.name, mu_name], [plus])]
+    nodes = []
+    for k, node in enumerate(out.graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(k, []))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    onnx.checker.check_model(out)
+    return out
 
 
 def _greedy_all(backdoor, clean, labels, utility, budget: int, clean_budget: float,
@@ -129,7 +171,7 @@ def _greedy_all(backdoor, clean, labels, utility, budget: int, clean_budget: flo
 
 
 def _score(evaluator, images, attack, target, prep, channels) -> tuple[float, float]:
-    """Clean accuracy and true-trigger ASR (%) of the model with `channels` zeroed."""
+    """Clean accuracy and true-trigger ASR (%) of the model with `channels` switched off."""
     mask = np.ones((1, evaluator.n_channels), np.float32)
     mask[0, channels] = 0.0
     clean = evaluator.with_images(prep.to_model(images.pixels))
@@ -156,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a held-out row whose greedy planner tries every channel "
                         "each round instead of the Shapley candidates (slow: ~16 min on a "
                         "416-channel CNN)")
+    parser.add_argument("--fill", choices=("zero", "mean"), default="zero",
+                        help="what a pruned channel becomes: 0, or its clean mean")
     args = parser.parse_args(argv)
     if not 0 < args.held_out <= FIT:
         parser.error(f"--held-out must be in 1..{FIT}")
@@ -168,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for m in models if m.name in wanted]
     print(HEADER, flush=True)
     for zm in models:
-        ceiling(zm, args.held_out, args.max_drop, args.all_channels)
+        ceiling(zm, args.held_out, args.max_drop, args.all_channels, args.fill)
     return 0
 
 
