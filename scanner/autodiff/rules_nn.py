@@ -40,9 +40,12 @@ class Window:
         return (-(-room // self.strides[i]) if ceil else room // self.strides[i]) + 1
 
     def output_padding(self, spatial: tuple[int, ...] | None) -> list[int]:
-        """What a ConvTranspose needs on top of its natural size to give back `spatial`."""
+        """What a ConvTranspose needs on top of its natural size to give back `spatial`.
+
+        That is (size + pads - span) mod stride; with the size unknown, stride - 1 covers
+        every case (the caller crops the surplus), and onnxruntime refuses more."""
         if spatial is None:
-            return [max(s, d) - 1 for s, d in zip(self.strides, self.dilations, strict=True)]
+            return [s - 1 for s in self.strides]
         extra = []
         for i, size in enumerate(spatial):
             natural = (self.strides[i] * (self.out_size(i, size) - 1) + self.span(i)
@@ -216,7 +219,7 @@ def _maxpool(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool])
         raise cannot(node, "storage_order=1")
     x = node.input[0]
     win = _window(ctx, node, x, tuple(a["kernel_shape"]))
-    tiled = _maxpool_tiles(ctx, g[0], x, node.output[0], win)
+    tiled = _maxpool_tiles(ctx, g[0], x, node.output[0], win, bool(a.get("ceil_mode", 0)))
     if tiled is not None:
         return [tiled]
     if windows_overlap(node) and ctx.opset < 16:
@@ -244,16 +247,19 @@ def windows_overlap(node: onnx.NodeProto) -> bool:
     return any(k * d > s for k, d, s in zip(kernel, dilations, strides, strict=False))
 
 
-def _maxpool_tiles(ctx: VJPContext, g: str, x: str, y: str, win: Window) -> str | None:
-    """Disjoint 2-D windows (kernel == stride, no pads/dilation, static H, W): each output's
-    cotangent is split evenly among the maxima of its tile, found by comparing the tile with
-    its pooled value upsampled (a valid subgradient; one share each where a tile ties).
+def _maxpool_tiles(ctx: VJPContext, g: str, x: str, y: str, win: Window,
+                   ceil_mode: bool) -> str | None:
+    """Disjoint 2-D windows (kernel == stride, no pads/dilation/ceil_mode, static H, W, not
+    float64): each output's cotangent is split evenly among the maxima of its tile, found
+    by comparing the tile with its pooled value upsampled (a valid subgradient; one share
+    each where a tile ties).
     Asking MaxPool for Indices makes onnxruntime leave its fast kernel (~15x slower) and the
     scatter costs as much again; this uses only Resize, pooling and elementwise ops, about
     half the time of an ArgMax over SpaceToDepth tiles."""
     spatial = _spatial(ctx, x)
     if (spatial is None or win.rank != 2 or any(win.pads) or any(d != 1 for d in win.dilations)
-            or tuple(win.strides) != tuple(win.kernel)):
+            or tuple(win.strides) != tuple(win.kernel) or ceil_mode
+            or ctx.dtype == np.float64):  # onnxruntime's CPU Resize has no double kernel
         return None
     (kh, kw), (h, w) = win.kernel, spatial
     ho, wo = h // kh, w // kw
