@@ -297,56 +297,62 @@ _FAMILY_TYPES: dict[str, type[_Family]] = {f.name: f for f in (_Patch, _Universa
 def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSet,
                      n_classes: int, cfg: ReverseConfig = ReverseConfig(), seed: int = 0,
                      progress: Progress | None = None,
-                     snapshots: Collection[int] = ()) -> ReverseResult:
+                     snapshots: Collection[int] = (),
+                     targets: Collection[int] | None = None) -> ReverseResult:
     """Reverse one trigger per (family, candidate target) from the given clean images.
 
     `snapshots`: steps after which to keep the triggers as they stand (what a run of that
-    many steps would return), for measuring how the verdict depends on the step budget."""
+    many steps would return), for measuring how the verdict depends on the step budget.
+    `targets`: the candidate classes (default: all); a step costs rows for these only."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    targets = np.arange(n_classes)
+    targets = np.arange(n_classes) if targets is None else np.array(sorted(set(targets)))
+    if len(targets) == 0 or targets.min() < 0 or targets.max() >= n_classes:
+        raise ValueError(f"targets must be classes in [0, {n_classes}), got {targets}")
     unknown = set(cfg.families) - set(_FAMILY_TYPES)
     if unknown:
         raise ValueError(f"unknown trigger families {sorted(unknown)} (known: {FAMILIES})")
     shape = images.pixels.shape[1:]
     families = [_FAMILY_TYPES[name](targets, shape, cfg, rng) for name in cfg.families]
-    # rows: (family, target, image) for the images each target is reversed on (_rows_for)
-    row_family, row_target, row_image = [], [], []
+    # rows: (family, target, image) for the images each target is reversed on (_rows_for);
+    # a row's target is a class (the CE label) and an index into the families' parameters
+    row_family, row_tix, row_image = [], [], []
     limit = max(cfg.min_images, cfg.max_rows // max(1, len(families) * n_classes))
     chosen = {int(t): _rows_for(images.labels, int(t), limit, rng) for t in targets}
     for f in range(len(families)):
-        for t in targets:
+        for i, t in enumerate(targets):
             idx = chosen[int(t)]
             row_family += [f] * len(idx)
-            row_target += [t] * len(idx)
+            row_tix += [i] * len(idx)
             row_image += idx.tolist()
     row_family_a = np.array(row_family)
-    row_target_a = np.array(row_target)
+    row_tix_a = np.array(row_tix)
+    row_target_a = targets[row_tix_a]
     row_image_a = np.array(row_image)
-    counts = np.zeros((len(families), n_classes))
-    np.add.at(counts, (row_family_a, row_target_a), 1)
+    counts = np.zeros((len(families), len(targets)))
+    np.add.at(counts, (row_family_a, row_tix_a), 1)
     weights = np.zeros((len(row_target_a), n_classes), np.float32)
-    weights[np.arange(len(row_target_a)), row_target_a] = 1.0 / counts[row_family_a, row_target_a]
+    weights[np.arange(len(row_target_a)), row_target_a] = 1.0 / counts[row_family_a, row_tix_a]
 
     passes = 0
-    asr = np.zeros((len(families), n_classes))
+    asr = np.zeros((len(families), len(targets)))
     step = 0
     kept: dict[int, dict[tuple[str, int], ReversedTrigger]] = {}
     for step in range(1, cfg.steps + 1):
         stamped = np.empty((len(row_target_a), *images.pixels.shape[1:]), np.float32)
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            stamped[sel] = fam.stamp(images.pixels[row_image_a[sel]], row_target_a[sel])
+            stamped[sel] = fam.stamp(images.pixels[row_image_a[sel]], row_tix_a[sel])
         res = program.run(prep.to_model(stamped), weights)
         passes += len(stamped)
         g_pixels = prep.grad_to_pixels(res.grad)
         hit = res.logits.argmax(1) == row_target_a
-        asr = np.zeros((len(families), n_classes))
-        np.add.at(asr, (row_family_a, row_target_a), hit)
+        asr = np.zeros((len(families), len(targets)))
+        np.add.at(asr, (row_family_a, row_tix_a), hit)
         asr /= np.maximum(counts, 1)
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            grads = fam.backward(images.pixels[row_image_a[sel]], row_target_a[sel], g_pixels[sel])
+            grads = fam.backward(images.pixels[row_image_a[sel]], row_tix_a[sel], g_pixels[sel])
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if step in snapshots:

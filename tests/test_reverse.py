@@ -128,3 +128,39 @@ def test_a_snapshot_is_what_a_run_of_that_many_steps_returns():
         for key, trig in run.items():
             assert kept[key].norm == trig.norm and np.array_equal(kept[key].pattern, trig.pattern)
     assert short.snapshots == {}
+
+
+def test_a_subset_of_targets_costs_rows_for_those_only():
+    from scanner.data import Preprocess
+
+    classes = 10
+    images = ImageSet(np.random.default_rng(0).uniform(size=(classes, 1, 6, 6)).astype(
+        np.float32), np.arange(classes))
+    program = _Program()
+    cfg = ReverseConfig(steps=3, families=("patch",))
+    result = reverse_triggers(program, Preprocess(height=6, width=6), images, classes, cfg,
+                              targets=[7])
+    assert program.rows == [9, 9, 9]  # the 9 images of other classes, one family
+    assert list(result.triggers) == [("patch", 7)]
+    assert result.triggers[("patch", 7)].asr == 1.0  # the rows' CE label is class 7
+    with pytest.raises(ValueError, match="targets must be classes"):
+        reverse_triggers(program, Preprocess(height=6, width=6), images, classes, cfg,
+                         targets=[10])
+
+
+def test_one_class_reversed_alone_on_a_real_model():
+    """What the scan does to refine a second-view flag: one family, one class."""
+    from scanner.api import model_preprocess
+    from scanner.autodiff import GradientProgram
+    from scanner.data import load_images
+    from scanner.graph.load import load_model
+
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    program = GradientProgram(model.runnable)
+    cfg = ReverseConfig(steps=3, families=("universal",))
+    alone = reverse_triggers(program, prep, images, 10, cfg, seed=1, targets=[0])
+    assert alone.forward_passes == 3 * 9
+    trig = alone.triggers[("universal", 0)]
+    assert trig.target == 0 and trig.pattern.shape == images.pixels.shape[1:]
