@@ -4,8 +4,10 @@
     python benchmarks/reverse_steps.py --seeds 0 --models cnn_clean,resnet_blended
 
 A few-shot scan reverses triggers on the clean images (the first view) and, when those flag
-no class, again on inputs synthesised from the model (the second view), 150 steps each
-(policy keys `detection.reverse_steps` and `detection.second_view_steps`). This script runs
+no class, again on inputs synthesised from the model (the second view), 120 and 50 steps
+by default (policy keys `detection.reverse_steps` and `detection.second_view_steps`); a
+class the second view flags then has its trigger refined alone, which does not change the
+verdict. This script runs
 both views once per model and seed, always including the second view, keeping the
 triggers as they stood after each step in `--steps` (`reverse_triggers(snapshots=...)`:
 exactly what a run of that many steps returns). It then draws the scan's verdict for every

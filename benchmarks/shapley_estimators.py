@@ -87,8 +87,9 @@ def reversed_trigger(model, prep, images, device, seed: int) -> Trigger:
 
     n_classes = int(Predictor(model, prep, device.requested)(images.pixels[:1]).shape[1])
     program = GradientProgram(model.proto, device=device)
-    result = reverse_triggers(program, prep, images, n_classes, ReverseConfig(), seed)
-    policy = Policy()
+    policy = Policy()  # the scan's step budget
+    result = reverse_triggers(program, prep, images, n_classes,
+                              ReverseConfig(steps=policy.detection.reverse_steps), seed)
     verdict = detect(result, policy.detection.anomaly_threshold,
                      policy.detection.warn_threshold)
     if not verdict.detection.flagged_targets:

@@ -15,7 +15,7 @@ classes keep their spread.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +48,8 @@ class Verdict:
     triggers: dict[int, ReversedTrigger]  # flagged target -> the trigger that flagged it
     reasons: dict[int, str]  # flagged target -> the test: "combined", "patch" or "warp"
     suspicious: list[int]  # above the warn level but below the threshold
+    # flagged target -> steps its trigger was reversed again, alone, before the repair
+    refined: dict[int, int] = field(default_factory=dict)
 
     def keep_only(self, target: int) -> Verdict:
         """This verdict with every flag but the one on `target` withdrawn."""

@@ -41,7 +41,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ReverseConfig:
-    steps: int = 150
+    steps: int = 150  # a scan takes its budget from the policy (detection.reverse_steps)
     lr: float = 0.1
     asr_goal: float = 0.95  # a reversed trigger "works" when this share of rows flips
     init_cost: float = 1e-3
@@ -306,7 +306,8 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     `targets`: the candidate classes (default: all); a step costs rows for these only."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    targets = np.arange(n_classes) if targets is None else np.array(sorted(set(targets)))
+    targets = np.arange(n_classes) if targets is None else np.array(
+        sorted({int(t) for t in targets}), int)
     if len(targets) == 0 or targets.min() < 0 or targets.max() >= n_classes:
         raise ValueError(f"targets must be classes in [0, {n_classes}), got {targets}")
     unknown = set(cfg.families) - set(_FAMILY_TYPES)

@@ -164,3 +164,35 @@ def test_one_class_reversed_alone_on_a_real_model():
     assert alone.forward_passes == 3 * 9
     trig = alone.triggers[("universal", 0)]
     assert trig.target == 0 and trig.pattern.shape == images.pixels.shape[1:]
+
+
+@pytest.mark.parametrize(("second_view_steps", "refined"), [(2, True), (3, False)])
+def test_a_second_view_flag_gets_its_trigger_refined_alone(second_view_steps, refined):
+    """scanner.api._refine_trigger: the flagged family, the flagged class, the first view's
+    budget; the trigger is swapped in only if it works (asr_goal 0 here: always)."""
+    from dataclasses import replace
+
+    from scanner.api import ScanOptions, _refine_trigger, model_preprocess
+    from scanner.autodiff import GradientProgram
+    from scanner.data import load_images
+    from scanner.detect import Detection
+    from scanner.detect import Verdict as DetectVerdict
+    from scanner.graph.load import load_model
+    from scanner.policy import DetectionPolicy
+    from scanner.progress import Progress
+
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    flagged = ReversedTrigger("universal", 0, np.zeros(images.pixels.shape[1:], np.float32),
+                              None, 9.0, 1.0)
+    verdict = DetectVerdict(Detection([], [0], 2.5, True), {0: flagged}, {0: "combined"}, [])
+    det = replace(DetectionPolicy(), reverse_steps=3, second_view_steps=second_view_steps)
+    opts = ScanOptions(reverse=ReverseConfig(asr_goal=0.0))
+    passes = _refine_trigger(verdict, 0, GradientProgram(model.runnable), prep, images, 10,
+                             opts, det, Progress(enabled=False))
+    assert passes == (3 * 9 if refined else 0)  # one family x the 9 images of other classes
+    assert (verdict.triggers[0] is not flagged) == refined
+    assert verdict.refined == ({0: 3} if refined else {})
+    if refined:
+        assert verdict.triggers[0].family == "universal" and verdict.triggers[0].target == 0
