@@ -354,9 +354,9 @@ def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgra
     points of accuracy with its 50-step trigger, 5.4 refined; README "Repair, measured").
     Reverse the flagged family for the flagged class alone at the first view's budget, and
     plan with that trigger if it works. Returns the forward passes spent."""
-    flagged = verdict.triggers[target]
     if det.second_view_steps >= det.reverse_steps:
         return 0
+    flagged = verdict.triggers[target]
     progress.stage("refining the flagged class's trigger for the repair")
     cfg = replace(opts.reverse, steps=det.reverse_steps, families=(flagged.family,))
     run = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress,
@@ -403,12 +403,12 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
     for t in det.flagged_targets:
         trig = verdict.triggers[t]
         index = by_class[t].anomaly_index
+        refined = (f"; the trigger shown and repaired with was then reversed for this class "
+                   f"alone, {verdict.refined[t]} steps" if t in verdict.refined else "")
         result.findings.append(catalog.make(
             "SS201", f"backdoor towards class {t}: {_KIND[trig.family]} reversed trigger "
             f"flips {100 * trig.asr:.0f}% of other classes' images "
-            f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}"
-            + (f"; the trigger shown and repaired with was then reversed for this class "
-               f"alone, {verdict.refined[t]} steps" if t in verdict.refined else ""),
+            f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}{refined}",
             location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
             test=verdict.reasons[t], reversed_asr=trig.asr))
         det.families[t] = trig.family

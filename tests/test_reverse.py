@@ -109,7 +109,8 @@ def test_a_step_costs_rows_linear_in_the_class_count():
     assert len(result.triggers) == 3 * classes
 
 
-def test_a_snapshot_is_what_a_run_of_that_many_steps_returns():
+def _badnets():
+    """cnn_badnets' preprocessing, its few-shot images and its gradient program."""
     from scanner.api import model_preprocess
     from scanner.autodiff import GradientProgram
     from scanner.data import load_images
@@ -117,8 +118,11 @@ def test_a_snapshot_is_what_a_run_of_that_many_steps_returns():
 
     model = load_model(zoo_model("cnn_badnets"))
     prep = model_preprocess(model)
-    images = load_images(FEWSHOT, prep)
-    program = GradientProgram(model.runnable)
+    return prep, load_images(FEWSHOT, prep), GradientProgram(model.runnable)
+
+
+def test_a_snapshot_is_what_a_run_of_that_many_steps_returns():
+    prep, images, program = _badnets()
     long = reverse_triggers(program, prep, images, 10, ReverseConfig(steps=4), seed=3,
                             snapshots={2, 4, 9})
     short = reverse_triggers(program, prep, images, 10, ReverseConfig(steps=2), seed=3)
@@ -150,15 +154,7 @@ def test_a_subset_of_targets_costs_rows_for_those_only():
 
 def test_one_class_reversed_alone_on_a_real_model():
     """What the scan does to refine a second-view flag: one family, one class."""
-    from scanner.api import model_preprocess
-    from scanner.autodiff import GradientProgram
-    from scanner.data import load_images
-    from scanner.graph.load import load_model
-
-    model = load_model(zoo_model("cnn_badnets"))
-    prep = model_preprocess(model)
-    images = load_images(FEWSHOT, prep)
-    program = GradientProgram(model.runnable)
+    prep, images, program = _badnets()
     cfg = ReverseConfig(steps=3, families=("universal",))
     alone = reverse_triggers(program, prep, images, 10, cfg, seed=1, targets=[0])
     assert alone.forward_passes == 3 * 9
@@ -172,25 +168,20 @@ def test_a_second_view_flag_gets_its_trigger_refined_alone(second_view_steps, re
     budget; the trigger is swapped in only if it works (asr_goal 0 here: always)."""
     from dataclasses import replace
 
-    from scanner.api import ScanOptions, _refine_trigger, model_preprocess
-    from scanner.autodiff import GradientProgram
-    from scanner.data import load_images
+    from scanner.api import ScanOptions, _refine_trigger
     from scanner.detect import Detection
     from scanner.detect import Verdict as DetectVerdict
-    from scanner.graph.load import load_model
     from scanner.policy import DetectionPolicy
     from scanner.progress import Progress
 
-    model = load_model(zoo_model("cnn_badnets"))
-    prep = model_preprocess(model)
-    images = load_images(FEWSHOT, prep)
+    prep, images, program = _badnets()
     flagged = ReversedTrigger("universal", 0, np.zeros(images.pixels.shape[1:], np.float32),
                               None, 9.0, 1.0)
     verdict = DetectVerdict(Detection([], [0], 2.5, True), {0: flagged}, {0: "combined"}, [])
     det = replace(DetectionPolicy(), reverse_steps=3, second_view_steps=second_view_steps)
     opts = ScanOptions(reverse=ReverseConfig(asr_goal=0.0))
-    passes = _refine_trigger(verdict, 0, GradientProgram(model.runnable), prep, images, 10,
-                             opts, det, Progress(enabled=False))
+    passes = _refine_trigger(verdict, 0, program, prep, images, 10, opts, det,
+                             Progress(enabled=False))
     assert passes == (3 * 9 if refined else 0)  # one family x the 9 images of other classes
     assert (verdict.triggers[0] is not flagged) == refined
     assert verdict.refined == ({0: 3} if refined else {})
