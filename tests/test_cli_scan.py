@@ -93,8 +93,11 @@ def test_blended_backdoor_hidden_from_the_few_shot_view_is_found_on_synthesised_
     assert "found on inputs synthesised from the model" in flagged[0]["message"]
     after = json.loads(run_cli("eval", out, "--data", TEST_SET, "--zoo-entry",
                                "resnet_blended", "--json").out)
-    assert after["asr"] < 0.05  # 0.999 before; 0.002 measured
-    assert after["clean_acc"] > 0.908 - 0.06  # 0.860 measured
+    assert after["asr"] < 0.05  # 0.999 before; 0.000 measured
+    assert after["clean_acc"] > 0.908 - 0.06  # 0.868 measured
+    # the bar for the ResNet: at most 1 % of the channels (9 of 1136 measured: the
+    # plan gave back 4 of the 13 it zeroed)
+    assert scanned["repair"]["pruned_fraction"] <= 0.01
 
 
 def no_activation_model(tmp_path):

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from scanner.graph.activations import discover_activations
 from scanner.graph.prefix import CoalitionEvaluator
-from scanner.prune import PruneConfig, plan
+from scanner.prune import PruneConfig, _Clean, _give_back, plan
 from scanner.shapley import ShapleyConfig, Utility, estimate
 
 
@@ -106,6 +106,27 @@ def test_plan_goes_on_until_the_trigger_no_longer_lifts_the_target(order):
     assert sorted(result.channels) == [11, 40] and result.target_reached
     assert result.backdoor_after < 0.003
 
+
+def _give_back_from(game: Game, chosen: list[int]) -> list[int]:
+    clean = game.with_images(clean=True)
+    kept, coalitions = _give_back(game, _Clean(clean, clean.labels, 2), Utility(2), chosen,
+                                  PruneConfig())
+    assert coalitions > 0
+    return kept
+
+
+def test_give_back_returns_a_useful_channel_the_target_does_not_need():
+    # 30 only serves clean behaviour: with the three carriers off the trigger is gone
+    # without it, so it comes back; no carrier may come back (the backdoor would return)
+    game = Game(100, carriers=[5, 17, 60], useful=[5, 30, 31, 32], clean=False)
+    assert _give_back_from(game, [30, 5, 17, 60]) == [5, 17, 60]
+
+
+def test_give_back_when_the_target_was_missed_keeps_the_carriers():
+    # budget ran out with carriers 2, 3, 4 still on: channel 50 (clean only) lowers nothing
+    # and comes back; carrier 1 stays zeroed (back on, it changes no cost either way)
+    game = Game(100, carriers=[1, 2, 3, 4], useful=[50], clean=False)
+    assert _give_back_from(game, [1, 50]) == [1]
 
 
 @pytest.mark.parametrize("order", ["greedy", "ranked"])
