@@ -122,11 +122,12 @@ def test_give_back_returns_a_useful_channel_the_target_does_not_need():
     assert _give_back_from(game, [30, 5, 17, 60]) == [5, 17, 60]
 
 
-def test_give_back_when_the_target_was_missed_keeps_the_carriers():
-    # budget ran out with carriers 2, 3, 4 still on: channel 50 (clean only) lowers nothing
-    # and comes back; carrier 1 stays zeroed (back on, it changes no cost either way)
+def test_give_back_gives_nothing_back_when_the_target_was_missed():
+    # budget ran out with carriers 2, 3, 4 still on: even channel 50, which only serves clean
+    # behaviour, stays zeroed (on few-shot data "lowers nothing" is too weak a test: on
+    # data-free cnn_trojan such a channel carried the real trigger)
     game = Game(100, carriers=[1, 2, 3, 4], useful=[50], clean=False)
-    assert _give_back_from(game, [1, 50]) == [1]
+    assert _give_back_from(game, [1, 50]) == [1, 50]
 
 
 @pytest.mark.parametrize("order", ["greedy", "ranked"])
