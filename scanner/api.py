@@ -456,7 +456,8 @@ def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], pre
     rp = policy.repair
     pcfg = PruneConfig(target_asr=rp.target_asr, target_probability=rp.target_probability,
                        max_channel_fraction=rp.max_channel_fraction,
-                       max_clean_drop=rp.max_clean_drop, order=opts.prune_order)
+                       max_clean_drop=rp.max_clean_drop, order=opts.prune_order,
+                       give_back=not opts.data_free)
     chosen = plan(backdoor_eval, clean_eval, clean_labels, utility, values, pcfg)
     _record_repair(result, model, layers, backdoor_eval, values, chosen, target,
                    backdoor_eval.forward_passes + clean_eval.forward_passes, cfg, opts,
