@@ -351,7 +351,8 @@ def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgra
                     det: DetectionPolicy, progress: Progress) -> int:
     """The second view decides on a short budget (its target stands out early), but a
     repair planned with a trigger that few steps made is costly (resnet_blended: 10.9
-    points of accuracy with its 50-step trigger, 5.4 refined; README "Repair, measured").
+    points of accuracy with its 50-step trigger, 5.4 refined, both before the plan gave
+    back channels it did not need; README "Repair, measured").
     Reverse the flagged family for the flagged class alone at the first view's budget, and
     plan with that trigger if it works. Returns the forward passes spent."""
     if det.second_view_steps >= det.reverse_steps:
