@@ -519,7 +519,8 @@ def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInf
         fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
         permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
         target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
-        target_probability_after=chosen.backdoor_after)
+        target_probability_after=chosen.backdoor_after,
+        given_back=[channel_value(c, False) for c in chosen.given_back])
     result.repair = repair
     _finish_repair(result, model, repair, opts, catalog, rp)
 

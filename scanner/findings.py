@@ -128,6 +128,8 @@ class Repair:
     # mean target-class probability of the stamped few-shot images (Shapley pruning only)
     target_probability_before: float | None = None
     target_probability_after: float | None = None
+    # zeroed while planning, then switched back on as not needed (prune.py's give-back pass)
+    given_back: list[ChannelValue] = field(default_factory=list)
 
     @property
     def pruned_fraction(self) -> float:

@@ -35,7 +35,7 @@ target probability; two more channels (0.002) left 1.3%, for 0.1 point of accura
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -69,6 +69,8 @@ class PrunePlan:
     clean_acc_after: float
     target_reached: bool
     coalitions: int
+    # zeroed by the search, then switched back on by the give-back pass (in that order)
+    given_back: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,10 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
     scores[pool] -= cfg.clean_penalty * contrib
     search = _ranked if cfg.order == "ranked" else _greedy
     chosen, coalitions = search(backdoor, cost, utility, pool, scores, budget, base, cfg)
+    given_back: list[int] = []
     if cfg.give_back:
-        chosen, restored = _give_back(backdoor, cost, utility, chosen, cfg)
-        coalitions += restored
+        chosen, given_back, measured = _give_back(backdoor, cost, utility, chosen, cfg)
+        coalitions += measured
     mask = np.ones((1, n), np.float32)
     mask[0, chosen] = 0.0
     after = _measure(backdoor, cost, utility, mask)
@@ -150,7 +153,7 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
         backdoor_before=float(base.bd_prob[0]), backdoor_after=float(after.bd_prob[0]),
         clean_acc_before=float(base.clean_acc[0]), clean_acc_after=float(after.clean_acc[0]),
         target_reached=bool(_reached(after, cfg)[0]),
-        coalitions=coalitions + len(pool) + 2)
+        coalitions=coalitions + len(pool) + 2, given_back=[int(c) for c in given_back])
 
 
 def _without(current: np.ndarray, channels: np.ndarray | list[int]) -> np.ndarray:
@@ -217,22 +220,22 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
 
 
 def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list[int],
-               cfg: PruneConfig) -> tuple[list[int], int]:
+               cfg: PruneConfig) -> tuple[list[int], list[int], int]:
     """Switch back on, one at a time, the zeroed channels a plan that reached its target
     does not need.
 
     Each round tries every zeroed channel back on. A channel qualifies if, without it, the
     target stays reached and the clean cost falls; of those the one with the lowest clean
-    cost comes back. Returns the channels still zeroed, in their order, and the coalitions
-    measured."""
-    chosen = list(chosen)
+    cost comes back. Returns the channels still zeroed (in their order), those given back
+    (in the order they came back) and the coalitions measured."""
+    chosen, restored = list(chosen), []
     if not chosen:
-        return chosen, 0
+        return chosen, restored, 0
     current = np.ones(backdoor.n_channels, np.float32)
     current[chosen] = 0.0
     now = _measure(backdoor, cost, utility, current[None])
     if not _reached(now, cfg)[0]:
-        return chosen, 1
+        return chosen, restored, 1
     coalitions = 1
     while chosen:
         rows = np.repeat(current[None], len(chosen), axis=0)
@@ -243,7 +246,8 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
         if not len(ok):
             break
         best = int(ok[np.argmin(m.clean_cost[ok])])
-        current[chosen.pop(best)] = 1.0
+        restored.append(chosen.pop(best))
+        current[restored[-1]] = 1.0
         now = _Measure(m.bd_prob[[best]], m.bd_asr[[best]], m.clean_cost[[best]],
                        m.clean_acc[[best]], m.clean_target_prob[[best]])
-    return chosen, coalitions
+    return chosen, restored, coalitions

@@ -80,7 +80,8 @@ def repair(target: int = 3) -> Repair:
                   fewshot_acc_before=1.0, fewshot_acc_after=1.0, permutations=40,
                   forward_passes=2_960, estimator="eps-greedy",
                   output_path="out/cnn_badnets.safe.onnx", target_probability_before=0.97,
-                  target_probability_after=0.002)
+                  target_probability_after=0.002,
+                  given_back=[ChannelValue(LAYERS[1].name, 17, 0.031, 0.044, False)])
 
 
 def backdoor_result() -> ScanResult:

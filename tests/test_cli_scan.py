@@ -98,6 +98,9 @@ def test_blended_backdoor_hidden_from_the_few_shot_view_is_found_on_synthesised_
     # the bar for the ResNet: at most 1 % of the channels (9 of 1136 measured: the
     # plan gave back 4 of the 13 it zeroed)
     assert scanned["repair"]["pruned_fraction"] <= 0.01
+    # the report names the channels it gave back, none of them among the zeroed ones
+    back = {(c["layer"], c["channel"]) for c in scanned["repair"]["given_back"]}
+    assert back and not back & {(c["layer"], c["channel"]) for c in scanned["repair"]["pruned"]}
 
 
 def no_activation_model(tmp_path):

@@ -61,6 +61,9 @@ def test_backdoor_report_has_every_section() -> None:
         assert heading in text, heading
     assert "target class 3" in text and "4 of 416 channels zeroed" in text
     assert "out/cnn_badnets.safe.onnx" in text
+    # the given-back note comes after the zeroed-channel table and names channel 17
+    back = " ".join(text[text.index("switched back on"):].split())
+    assert "/features/relu2/Relu_output_0 17" in back
     assert "SS201" in text and "9f2c4e7a" in text
     # one anomaly bar per class and the dashed threshold line in the SVG chart
     assert sum(1 for tag, _ in doc.tags if tag == "rect") >= 10 + 8
@@ -91,6 +94,7 @@ def test_model_controlled_strings_are_escaped() -> None:
     result.model_path = result.model.path
     result.repair.top_channels.append(ChannelValue(EVIL, 0, 0.01, 0.0, False))
     result.repair.pruned.append(ChannelValue(EVIL, 1, 0.01, 0.0, True))
+    result.repair.given_back.append(ChannelValue(EVIL, 2, 0.01, 0.0, False))
     result.findings.append(Finding("SS107", Severity.HIGH, f"dangling input {EVIL}", EVIL))
     result.errors.append(f"export failed at {EVIL}")
     result.skipped.append(EVIL)

@@ -65,6 +65,8 @@ def test_backdoor_result_content() -> None:
                             "fewshot_acc": 1.0}
     assert [c["channel"] for c in rep["pruned"]] == [77, 5, 41, 150]
     assert len(rep["top_channels"]) == 8
+    assert rep["given_back"] == [{"layer": "/features/relu2/Relu_output_0", "channel": 17,
+                                  "shapley": 0.031, "clean": 0.044, "pruned": False}]
     assert d["timings"]["shapley"] == pytest.approx(7.35)
     assert (d["device"], d["seed"], d["tool_version"]) == ("cpu", 0, "0.1.0")
 

@@ -182,6 +182,10 @@ def _repair(r: Repair) -> str:
         parts.append("<h3>Zeroed channels</h3><table><tr><th>Layer</th><th class=num>Channel"
                      "</th><th class=num>Backdoor Shapley</th><th class=num>Clean contribution"
                      f"</th></tr>{body}</table>")
+    if r.given_back:
+        names = ", ".join(f"<code>{esc(c.layer)}</code> {c.channel}" for c in r.given_back)
+        parts.append(f'<p class="note">Zeroed while planning, then switched back on because '
+                     f"the target held without them and clean behaviour improved: {names}.</p>")
     return "".join(parts)
 
 

@@ -124,6 +124,7 @@ def _repair(r: Repair) -> dict[str, Any]:
                   "fewshot_acc": _num(r.fewshot_acc_after)},
         "pruned": [_channel(c) for c in r.pruned],
         "top_channels": [_channel(c) for c in r.top_channels],
+        "given_back": [_channel(c) for c in r.given_back],
     }
 
 
