@@ -2,7 +2,9 @@
 
     python benchmarks/shapley_estimators.py [--model cnn_badnets] [--true-trigger]
         [--permutations 20] [--noise-floor] [--reference-permutations 80]
-        [--budget-ratio 3]
+        [--budget-ratio 3] [--rows plain,threshold,eps-greedy] [--seed-offset K]
+        [--save VALUES.npz]
+    python benchmarks/shapley_estimators.py --compare A.npz B.npz
 
 The utility is the scan pipeline's: mean target probability of the trigger-stamped few-shot
 images (non-target classes, plus shifted copies, the trigger at the scan's gain) with only
@@ -23,11 +25,19 @@ Overlaps are |top-k(row) ∩ top-k(reference)| / k, the reference being plain un
 By default every row runs --permutations permutations. With --budget-ratio R the two
 speed-up rows instead run as many permutations as fit in 1/R of plain's forward passes
 (the question the speed-ups answer: the same ranking for a fraction of the cost).
+
+Long runs are costly (600 permutations of plain: 35–50 min at one thread), so they can
+run as separate processes: --save writes every row's values, --seed-offset K draws every
+row's permutations with seed + K (the trigger is still reversed with --seed), and
+--compare A.npz B.npz prints the overlap of every row saved in A and B with B's plain row,
+running nothing (both files must be for the same model, trigger and stamped images: the
+script checks).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -102,6 +112,35 @@ def reversed_trigger(model, prep, images, device, seed: int) -> Trigger:
                    lambda pixels: trig.apply(pixels, gain=gain))
 
 
+def compare(paths: list[Path]) -> int:
+    """Overlap of every row saved in the files with the last file's plain row."""
+    from scanner.shapley import topk_overlap
+
+    rows, setups = {}, []
+    for path in paths:
+        with np.load(path) as saved:
+            setups.append(json.loads(str(saved["setup"])))
+            rows.update({(path.name, *k.split(";")): saved[k]
+                         for k in saved.files if k != "setup"})
+    if any(s != setups[0] for s in setups):
+        sys.exit(f"not the same model, trigger and images: {setups}")
+    ref_key = next((k for k in rows if k[:2] == (paths[-1].name, "plain")), None)
+    if ref_key is None:
+        sys.exit(f"{paths[-1]}: no plain row saved")
+    ref_top = np.argsort(-rows[ref_key], kind="stable")
+    print(f"Model {setups[0]['model']}, trigger {setups[0]['trigger']} towards class "
+          f"{setups[0]['target']}; reference: {ref_key[0]}'s plain row.")
+    print()
+    print("| file | estimator | permutations | seed | top-5 overlap | top-10 overlap | "
+          "top-20 overlap |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for key, values in rows.items():
+        top = np.argsort(-values, kind="stable")
+        print(f"| {' | '.join(key)} | " + " | ".join(f"{topk_overlap(top, ref_top, k):.2f}"
+                                                   for k in (5, 10, 20)) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cnn_badnets", help="a backdoored zoo model")
@@ -116,7 +155,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="give threshold and eps-greedy 1/R of plain's forward passes")
     parser.add_argument("--reference-permutations", type=int, default=0,
                         help="compare every row with plain run this long (another seed)")
+    parser.add_argument("--rows", default=",".join(v.name for v in VARIANTS),
+                        help="which of plain, threshold, eps-greedy to run")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="draw every row's permutations with seed + K")
+    parser.add_argument("--save", type=Path, help="write every row's values to this .npz")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
+                        help="overlap of the rows saved in A and B with B's plain; runs nothing")
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args.compare)
+    rows = [v for v in VARIANTS if v.name in args.rows.split(",")]
+    unknown = set(args.rows.split(",")) - {v.name for v in VARIANTS}
+    if unknown or not rows:
+        parser.error(f"--rows: choose from {', '.join(v.name for v in VARIANTS)}")
+    if args.budget_ratio and rows[0].name != "plain":
+        parser.error("--budget-ratio needs the plain row (its passes set the budget)")
 
     from scanner.api import model_preprocess
     from scanner.data import load_images, shifted
@@ -141,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = CoalitionEvaluator(model.proto, layers, prep.to_model(stamped), device)
     utility = Utility(trigger.target)
 
-    variants = [*VARIANTS, NOISE_FLOOR] if args.noise_floor else list(VARIANTS)
+    variants = [*rows, NOISE_FLOOR] if args.noise_floor else rows
     reference = Variant(f"reference: plain, {args.reference_permutations} permutations, "
                         "seed+2", 1.0, 0.0, seed_offset=2)
     if args.reference_permutations:
         variants.append(reference)
     results = {}
+    seeds = {v.name: args.seed + args.seed_offset + v.seed_offset for v in variants}
     budgeted = {"threshold", "eps-greedy"} if args.budget_ratio else set()
     for v in variants:
         permutations = (args.reference_permutations if v is reference
@@ -157,19 +212,24 @@ def main(argv: list[str] | None = None) -> int:
             permutations = 100 * args.permutations  # the budget ends the run
         cfg = ShapleyConfig(permutations=permutations, epsilon=v.epsilon,
                             top_k=args.top_k, truncation=v.truncation, max_passes=max_passes)
-        results[v.name] = estimate(evaluator, utility, cfg, seed=args.seed + v.seed_offset)
+        results[v.name] = estimate(evaluator, utility, cfg, seed=seeds[v.name])
         r = results[v.name]
         print(f"{v.name}: {r.forward_passes} passes, {r.seconds:.1f} s", flush=True)
 
-    plain = results["plain"]
-    ref = results[reference.name if args.reference_permutations else "plain"]
-    ref_top = ref.top(max(20, args.top_k))
+    if args.save:
+        setup = {"model": args.model, "trigger": trigger.source, "target": trigger.target,
+                 "seed": args.seed, "stamped": hashlib.sha256(stamped.tobytes()).hexdigest()}
+        np.savez(args.save, setup=json.dumps(setup), **{
+            f"{name};{r.permutations};{seeds[name]}": r.values for name, r in results.items()})
+    plain = results[variants[0].name]  # plain unless --rows leaves it out
+    ref_name = "the reference" if args.reference_permutations else variants[0].name
+    ref_top = results[reference.name if args.reference_permutations
+                      else variants[0].name].top(max(20, args.top_k))
     print()
     print(f"Model {args.model} ({evaluator.n_channels} channels), trigger {trigger.source} "
           f"towards class {trigger.target} (zoo target {entry['target']}; found in "
           f"{reverse_seconds:.1f} s), {len(stamped)} stamped rows, v(all) = "
-          f"{plain.v_all:.3f}, seed {args.seed}; overlaps against "
-          f"{'the reference' if args.reference_permutations else 'plain'}.")
+          f"{plain.v_all:.3f}, seed {args.seed}; overlaps against {ref_name}.")
     print()
     print("| estimator | ε | truncation | permutations | forward passes | seconds | "
           "mean depth | top-5 overlap | top-10 overlap | top-20 overlap | passes ratio | "
