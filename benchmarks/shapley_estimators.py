@@ -118,6 +118,8 @@ def compare(paths: list[Path]) -> int:
 
     rows, setups = {}, []
     for path in paths:
+        if not path.is_file():
+            sys.exit(f"{path}: no such file")
         with np.load(path) as saved:
             setups.append(json.loads(str(saved["setup"])))
             rows.update({(path.name, *k.split(";")): saved[k]
