@@ -305,3 +305,16 @@ def test_a_step_budget_in_scan_options_is_refused_not_ignored():
     with pytest.raises(UsageError, match="detection.reverse_steps"):
         scan(zoo_model("cnn_clean"), ScanOptions(data=FEWSHOT, quiet=True,
                                                  reverse=ReverseConfig(steps=10)))
+
+
+def test_the_summary_says_which_inputs_clean_accuracy_was_measured_on(capsys):
+    from report_fixtures import backdoor_result
+
+    from scanner.commands.scan import print_summary
+
+    result = backdoor_result()
+    print_summary(result)
+    assert "clean accuracy on the few-shot inputs 100% -> 100%" in capsys.readouterr().out
+    result.detection.data_free = True  # the repair was judged on synthesised inputs
+    print_summary(result)
+    assert "clean accuracy on the synthesised inputs 100% -> 100%" in capsys.readouterr().out

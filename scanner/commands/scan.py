@@ -268,9 +268,12 @@ def print_summary(result: ScanResult) -> None:
         probability = ("" if rep.target_probability_after is None else
                        f" (mean target probability {rep.target_probability_before:.3f} -> "
                        f"{rep.target_probability_after:.3f})")
+        # a data-free scan judges clean behaviour on the inputs it synthesised
+        inputs = "synthesised" if det is not None and det.data_free else "few-shot"
         lines.append(f"  reversed trigger success: {100 * rep.reversed_asr_before:.0f}% -> "
-                     f"{100 * rep.reversed_asr_after:.0f}%{probability}; few-shot clean accuracy "
-                     f"{100 * rep.fewshot_acc_before:.0f}% -> {100 * rep.fewshot_acc_after:.0f}%")
+                     f"{100 * rep.reversed_asr_after:.0f}%{probability}; clean accuracy on the "
+                     f"{inputs} inputs {100 * rep.fewshot_acc_before:.0f}% -> "
+                     f"{100 * rep.fewshot_acc_after:.0f}%")
         if rep.output_path:
             lines.append(f"  repaired model: {rep.output_path}")
     said = set()
