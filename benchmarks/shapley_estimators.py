@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compare:
         return compare(args.compare)
-    rows = [v for v in VARIANTS if v.name in args.rows.split(",")]
-    unknown = set(args.rows.split(",")) - {v.name for v in VARIANTS}
+    asked = set(args.rows.split(","))
+    rows = [v for v in VARIANTS if v.name in asked]
+    unknown = asked - {v.name for v in VARIANTS}
     if unknown or not rows:
         parser.error(f"--rows: choose from {', '.join(v.name for v in VARIANTS)}")
     if args.budget_ratio and rows[0].name != "plain":
@@ -224,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(args.save, setup=json.dumps(setup), **{
             f"{name};{r.permutations};{seeds[name]}": r.values for name, r in results.items()})
     plain = results[variants[0].name]  # plain unless --rows leaves it out
-    ref_name = "the reference" if args.reference_permutations else variants[0].name
-    ref_top = results[reference.name if args.reference_permutations
-                      else variants[0].name].top(max(20, args.top_k))
+    ref = reference if args.reference_permutations else variants[0]
+    ref_name = "the reference" if ref is reference else ref.name
+    ref_top = results[ref.name].top(max(20, args.top_k))
     print()
     print(f"Model {args.model} ({evaluator.n_channels} channels), trigger {trigger.source} "
           f"towards class {trigger.target} (zoo target {entry['target']}; found in "

@@ -236,18 +236,17 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
     now = _measure(backdoor, cost, utility, current[None])
     if not _reached(now, cfg)[0]:
         return chosen, restored, 1
-    coalitions = 1
+    coalitions, cost_now = 1, float(now.clean_cost[0])
     while chosen:
         rows = np.repeat(current[None], len(chosen), axis=0)
         rows[np.arange(len(chosen)), chosen] = 1.0  # row j: chosen[j] back on
         m = _measure(backdoor, cost, utility, rows)
         coalitions += len(chosen)
-        ok = np.flatnonzero(_reached(m, cfg) & (m.clean_cost < now.clean_cost[0]))
+        ok = np.flatnonzero(_reached(m, cfg) & (m.clean_cost < cost_now))
         if not len(ok):
             break
         best = int(ok[np.argmin(m.clean_cost[ok])])
         restored.append(chosen.pop(best))
         current[restored[-1]] = 1.0
-        now = _Measure(m.bd_prob[[best]], m.bd_asr[[best]], m.clean_cost[[best]],
-                       m.clean_acc[[best]], m.clean_target_prob[[best]])
+        cost_now = float(m.clean_cost[best])
     return chosen, restored, coalitions
