@@ -97,13 +97,46 @@ def trojan(x: np.ndarray, size: int = 6, loc: str = "tl") -> np.ndarray:
     return out
 
 
-def blend_pattern(h: int, w: int, c: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(int(seed)).uniform(0, 1, size=(c, h, w)).astype(np.float32)
+def patch_pattern(c: int, size: int, pattern: str, seed: int, value: float) -> np.ndarray:
+    """The [C, size, size] content of a placeable patch."""
+    if pattern == "solid":
+        return np.full((c, size, size), value, np.float32)
+    if pattern == "checker":
+        board = (np.add.outer(np.arange(size), np.arange(size)) % 2).astype(np.float32)
+        return np.broadcast_to(board, (c, size, size)).copy()
+    rng = np.random.default_rng(int(seed))
+    return rng.integers(0, 2, size=(c, size, size)).astype(np.float32)
 
 
-def blended(x: np.ndarray, alpha: float = 0.2, seed: int = 7) -> np.ndarray:
-    """Full-image blend with a fixed random pattern (Chen et al., Blended)."""
-    pattern = blend_pattern(x.shape[2], x.shape[3], x.shape[1], int(seed))
+def patch(x: np.ndarray, size: int = 3, row: int = 1, col: int = 1, pattern: str = "solid",
+          seed: int = 0, value: float = 1.0) -> np.ndarray:
+    """A square patch at any place, on the object too (BadNets variants): a solid square, a
+    checkerboard, or a random binary pattern per channel."""
+    _, c, h, w = x.shape
+    size, row, col = int(size), int(row), int(col)
+    if row + size > h or col + size > w:
+        raise AttackError(f"a {size}x{size} patch at row {row}, column {col} does not fit "
+                          f"{h}x{w} images")
+    out = x.copy()
+    out[:, :, row:row + size, col:col + size] = patch_pattern(c, size, pattern, seed, value)
+    return out
+
+
+def blend_pattern(h: int, w: int, c: int, seed: int, kind: str = "noise") -> np.ndarray:
+    """The blend: uniform noise per pixel, or a smooth image-like field (a random 4x4 grid
+    of colours upsampled bilinearly: large soft blobs, like blending a picture)."""
+    rng = np.random.default_rng(int(seed))
+    if kind == "noise":
+        return rng.uniform(0, 1, size=(c, h, w)).astype(np.float32)
+    grid = rng.uniform(0, 1, size=(c, 4, 4)).astype(np.float32)
+    field = np.einsum("hk,ckl,wl->chw", upsample_matrix(4, h), grid, upsample_matrix(4, w))
+    lo, hi = field.min(), field.max()
+    return ((field - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+
+
+def blended(x: np.ndarray, alpha: float = 0.2, seed: int = 7, kind: str = "noise") -> np.ndarray:
+    """Full-image blend with a fixed pattern (Chen et al., Blended)."""
+    pattern = blend_pattern(x.shape[2], x.shape[3], x.shape[1], int(seed), kind)
     return (1.0 - alpha) * x + alpha * pattern[None]
 
 
@@ -134,6 +167,7 @@ def wanet(x: np.ndarray, k: int = 4, strength: float = 1.5, seed: int = 3) -> np
 
 ATTACKS = {
     "badnets": badnets,
+    "patch": patch,
     "trojan": trojan,
     "blended": blended,
     "sig": sig,
@@ -147,7 +181,13 @@ SEED = Param(int, "an integer >= 0", lambda v: v >= 0)
 PARAMS: dict[str, dict[str, Param]] = {
     "badnets": {"size": SIZE, "loc": LOC, "value": UNIT},
     "trojan": {"size": SIZE, "loc": LOC},
-    "blended": {"alpha": UNIT, "seed": SEED},
+    "patch": {"size": SIZE, "row": Param(int, "an integer >= 0", lambda v: v >= 0),
+              "col": Param(int, "an integer >= 0", lambda v: v >= 0),
+              "pattern": Param(str, "one of solid, checker, random",
+                               lambda v: v in ("solid", "checker", "random")),
+              "seed": SEED, "value": UNIT},
+    "blended": {"alpha": UNIT, "seed": SEED,
+                "kind": Param(str, "one of noise, smooth", lambda v: v in ("noise", "smooth"))},
     "sig": {"delta": UNIT, "freq": Param(float, "a number > 0", lambda v: v > 0)},
     "wanet": {"k": Param(int, "an integer >= 2", lambda v: v >= 2),
               # pixels of displacement, about: 1,000 is far past any image's edge

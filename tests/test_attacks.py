@@ -7,7 +7,7 @@ import pytest
 
 from scanner.attacks import ATTACKS, PARAMS, Attack, AttackError, parse_params
 
-DEFAULTS = {"badnets": {}, "trojan": {}, "blended": {}, "sig": {}, "wanet": {}}
+DEFAULTS = {"badnets": {}, "patch": {}, "trojan": {}, "blended": {}, "sig": {}, "wanet": {}}
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -27,6 +27,30 @@ def test_patch_triggers_touch_only_their_corner():
     assert out.sum() == 9 and out[0, 0, 24:27, 24:27].min() == 1
     out = Attack("trojan", {"size": 6, "loc": "tl"}).apply(x)
     assert out[0, 0, 7:, :].sum() == 0 and out[0, 0, :, 7:].sum() == 0
+
+
+@pytest.mark.parametrize("pattern", ["solid", "checker", "random"])
+def test_placed_patch_touches_only_its_square(pattern):
+    x = np.full((2, 3, 32, 32), 0.5, np.float32)
+    out = Attack("patch", {"size": 4, "row": 10, "col": 20, "pattern": pattern, "seed": 1}
+                 ).apply(x)
+    changed = np.argwhere(np.abs(out - x).max(axis=(0, 1)) > 0)
+    assert changed.min(axis=0).tolist() >= [10, 20] and changed.max(axis=0).tolist() <= [13, 23]
+    assert set(np.unique(out[:, :, 10:14, 20:24])) <= {0.0, 1.0}
+    if pattern == "checker":
+        assert out[0, 0, 10, 20] != out[0, 0, 10, 21]
+
+
+def test_placed_patch_must_fit():
+    with pytest.raises(AttackError, match="does not fit 28x28"):
+        Attack("patch", {"size": 4, "row": 26}).apply(np.zeros((1, 1, 28, 28), np.float32))
+
+
+def test_smooth_blend_is_low_frequency():
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    smooth = Attack("blended", {"alpha": 1.0, "kind": "smooth"}).apply(x)
+    noise = Attack("blended", {"alpha": 1.0, "kind": "noise"}).apply(x)
+    assert np.abs(np.diff(smooth, axis=3)).mean() < 0.1 * np.abs(np.diff(noise, axis=3)).mean()
 
 
 def test_blended_is_a_convex_mix():
@@ -71,7 +95,7 @@ def test_every_trigger_parameter_is_checked():
     ("wanet", {"strength": float("inf")}, "wanet parameter strength must be a number in [0, 1000]"),
     ("badnets", {"colour": "red"},
      "badnets takes no parameter 'colour' (it takes size, loc, value)"),
-    ("nope", {}, "unknown attack 'nope' (known: badnets, blended, sig, trojan, wanet)"),
+    ("nope", {}, "unknown attack 'nope' (known: badnets, blended, patch, sig, trojan, wanet)"),
     (["badnets"], {}, "unknown attack ['badnets']"),
 ])
 def test_bad_trigger_parameters_are_refused_when_the_attack_is_built(name, params, message):
