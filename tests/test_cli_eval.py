@@ -219,7 +219,7 @@ def test_negative_target_exits_4(run_cli, tmp_path):
     ('{"a": 1}', "expected a JSON list of zoo entries (objects)"),
     ("[1, 2]", "expected a JSON list of zoo entries (objects)"),
     ('[{"name": "x", "attack": "nope", "target": 0}]',
-     "zoo entry 'x': unknown attack 'nope' (known: badnets, blended, sig, trojan, wanet)"),
+     "zoo entry 'x': unknown attack 'nope' (known: badnets, blended, patch, sig, trojan, wanet)"),
     ('[{"name": "x", "attack": "badnets"}]', "zoo entry 'x': target must be a class index, "
                                             "got null"),
     ('[{"name": "x", "attack": "badnets", "target": 0, "params": [3]}]',
