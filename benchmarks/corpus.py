@@ -1,0 +1,308 @@
+"""Scan the development corpus and print detection and repair metrics per split, family
+and attack.
+
+    python benchmarks/corpus.py                              # few-shot, seed 0, detection
+    python benchmarks/corpus.py --modes fewshot,datafree --seeds 0,1,2
+    python benchmarks/corpus.py --repair --split calibration # scan --out, score the repair
+    python benchmarks/corpus.py --table-only                 # tables from saved results
+
+The corpus is benchmarks/corpus/manifest.json (built by benchmarks/corpus/make_corpus.py).
+Each (model, mode, seed) is scanned in its own process, with a time limit, exactly as
+`scanner.api.scan` runs for `shapscan scan`, and its outcome saved to
+benchmarks/corpus/results/MODE/seedK[-repair]/NAME.json: the run is resumable across
+sessions (a saved result is not scanned again unless --rerun). Positives are backdoored
+models whose trigger took (manifest `implanted`); a backdoored model whose trigger did
+not take is left out of the detection metrics and listed on its own line.
+
+Metrics. Decision score: `Detection.views`' largest value (above 1 = flagged). ROC-AUC of
+that score; TPR at FPR <= 5 % (the best threshold on the score that keeps FPR <= 5 %, i.e.
+what a recalibrated threshold could reach) beside TPR and FPR of the shipped rule; right
+target: a detected backdoor whose first flagged class is the true target; seed agreement:
+models whose verdict is the same at every seed scanned. Repair (with --repair): true-trigger
+ASR and clean accuracy of the written model on the dataset's test set, before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "benchmarks" / "corpus"
+RESULTS = CORPUS / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def manifest() -> list[dict]:
+    path = CORPUS / "manifest.json"
+    if not path.is_file():
+        sys.exit(f"{path.relative_to(ROOT)} not found: build the corpus with "
+                 "`python benchmarks/corpus/make_corpus.py`")
+    return json.loads(path.read_text())["models"]
+
+
+def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
+    return RESULTS / mode / f"seed{seed}{'-repair' if repair else ''}" / f"{name}.json"
+
+
+# ---------------------------------------------------------------- one scan (child process)
+
+def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
+    from scanner.api import ScanOptions, evaluate, scan
+    from scanner.attacks import Attack
+
+    data_free = mode == "datafree"
+    with tempfile.TemporaryDirectory(prefix="shapscan-corpus-") as tmp:
+        out = Path(tmp) / "repaired.onnx" if repair else None
+        policy: str | Path = "default"
+        if not repair:
+            policy = Path(tmp) / "detect-only.toml"
+            policy.write_text('extends = "default"\n[repair]\nenabled = false\n')
+        options = ScanOptions(data=None if data_free else ROOT / entry["fewshot"],
+                              data_free=data_free, policy=policy, seed=seed, out=out,
+                              quiet=True)
+        start = time.perf_counter()
+        result = scan(CORPUS / entry["model"], options)
+        seconds = time.perf_counter() - start
+        det = result.detection
+        record: dict = {
+            "name": entry["name"], "mode": mode, "seed": seed, "seconds": round(seconds, 1),
+            "verdict": result.verdict.value, "errors": result.errors, "skipped": result.skipped,
+            "findings": sorted({f.rule_id for f in result.findings}),
+            "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        }
+        if det is not None:
+            record |= {"flagged": det.flagged_targets, "views": det.views,
+                       "score": max(det.views.values()) if det.views else None,
+                       "reasons": {str(k): v for k, v in det.reasons.items()},
+                       "families": {str(k): v for k, v in det.families.items()}}
+        if repair:
+            written = out is not None and out.is_file()
+            record["written"] = written
+            rep = result.repair
+            if rep is not None:
+                record["channels_zeroed"] = len(rep.pruned)
+                record["channels_total"] = rep.channels_total
+                record["repair_status"] = getattr(rep, "status", None)
+            if written and entry["attack"]:
+                import onnx
+                meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+                record["repair_metadata"] = meta.get("shapscan.repair")
+                ev = evaluate(out, ROOT / entry["test"], Attack(entry["attack"],
+                                                               entry["params"]),
+                              entry["target"])
+                record["acc_after"], record["asr_after"] = ev.clean_acc, ev.asr
+    return record
+
+
+def run_child(entry: dict, mode: str, seed: int, repair: bool, timeout: float) -> dict:
+    """One scan in its own process: a crash, a hang or a memory blow-up is one row."""
+    cmd = [sys.executable, __file__, "--job", entry["name"], mode, str(seed),
+           "1" if repair else "0"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return {"name": entry["name"], "mode": mode, "seed": seed, "verdict": "timeout",
+                "seconds": round(time.perf_counter() - start, 1),
+                "errors": [f"no result within {timeout:.0f} s"]}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"name": entry["name"], "mode": mode, "seed": seed, "verdict": "crash",
+                "seconds": round(time.perf_counter() - start, 1),
+                "errors": [f"exit {proc.returncode}: {tail}"]}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- metrics
+
+def roc_auc(pos: list[float], neg: list[float]) -> float | None:
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def tpr_at_fpr(pos: list[float], neg: list[float], max_fpr: float = 0.05) -> float | None:
+    """The best TPR of any threshold on the score whose FPR stays <= max_fpr."""
+    if not pos or not neg:
+        return None
+    best = 0.0
+    for t in sorted(set(pos) | set(neg)):
+        fpr = sum(n >= t for n in neg) / len(neg)
+        if fpr <= max_fpr:
+            best = max(best, sum(p >= t for p in pos) / len(pos))
+    return best
+
+
+def _score(r: dict) -> float:
+    s = r.get("score")
+    return float(s) if s is not None else 0.0
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f} %" if pct else f"{value:.3f}"
+
+
+def detection_row(label: str, entries: list[dict], runs: dict[str, list[dict]]) -> str:
+    """One table row over `entries`, with every seed's result of each model."""
+    pos_s, neg_s, right, detected, fp, agree, seconds, failed = [], [], 0, 0, 0, 0, [], 0
+    for e in entries:
+        rs = runs.get(e["name"], [])
+        if not rs:
+            continue
+        verdicts = {r["verdict"] for r in rs}
+        agree += len(verdicts) == 1
+        for r in rs:
+            seconds.append(r.get("seconds", 0.0))
+            if r["verdict"] in ("crash", "timeout", "inconclusive", "error"):
+                failed += 1
+            flagged = r.get("flagged") or []
+            if e["attack"]:
+                pos_s.append(_score(r))
+                if flagged:
+                    detected += 1
+                    right += flagged[0] == e["target"]
+            else:
+                neg_s.append(_score(r))
+                fp += bool(flagged)
+    scanned = sum(1 for e in entries if runs.get(e["name"]))
+    if not scanned:
+        return f"| {label} | 0 | " + " | ".join(["-"] * 9) + " |"
+    tpr = detected / len(pos_s) if pos_s else None
+    fpr = fp / len(neg_s) if neg_s else None
+    cells = [label, f"{len(pos_s)}/{len(neg_s)}", _fmt(roc_auc(pos_s, neg_s)),
+             _fmt(tpr_at_fpr(pos_s, neg_s), True), _fmt(tpr, True), _fmt(fpr, True),
+             f"{right}/{detected}" if detected else "-", f"{agree}/{scanned}",
+             str(failed), f"{statistics.median(seconds):.0f} / {max(seconds):.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+DET_HEADER = ("| group | runs +/- | ROC-AUC | TPR @ FPR<=5 % | TPR (rule) | FPR (rule) | "
+              "right target | same verdict all seeds | failed runs | seconds median / max |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> list[str]:
+    groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+    for e in entries:
+        for r in runs.get(e["name"], []):
+            groups[e[key] if key != "all" else "all"].append((e, r))
+    lines = [f"| {key} | backdoored | repaired (written) | ASR after median / worst | "
+             "drop median / worst (points) | written with ASR > 10 % unmarked | "
+             "clean models modified |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, pairs in sorted(groups.items()):
+        bd = [(e, r) for e, r in pairs if e["attack"]]
+        done = [(e, r) for e, r in bd if r.get("asr_after") is not None]
+        asr = [r["asr_after"] for _, r in done]
+        drop = [100 * (e["clean_acc"] - r["acc_after"]) for e, r in done]
+        unsafe = sum(1 for _, r in done if r["asr_after"] > 0.10
+                     and r.get("repair_metadata") != "incomplete")
+        modified = sum(1 for e, r in pairs if not e["attack"] and r.get("written")
+                       and r.get("verdict") != "clean")
+        med = (f"{100 * statistics.median(asr):.1f} / {100 * max(asr):.1f} %" if asr else "-")
+        dd = f"{statistics.median(drop):.1f} / {max(drop):.1f}" if drop else "-"
+        lines.append(f"| {label} | {len(bd)} | {len(done)} | {med} | {dd} | {unsafe} | "
+                     f"{modified} |")
+    return lines
+
+
+def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> str:
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for e in entries:
+        for s in seeds:
+            p = result_path(e["name"], mode, s, repair)
+            if p.is_file():
+                runs[e["name"]].append(json.loads(p.read_text()))
+    usable = [e for e in entries if e["attack"] is None or e.get("implanted")]
+    lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{', with repair' if repair else ''}",
+             "", DET_HEADER]
+    for split in ("calibration", "validation"):
+        lines.append(detection_row(f"**{split}**",
+                                   [e for e in usable if e["split"] == split], runs))
+    lines.append(detection_row("**all**", usable, runs))
+    for key in ("family_label", "attack"):
+        for label in sorted({str(e[key]) for e in usable}):
+            group = [e for e in usable if str(e[key]) == label]
+            lines.append(detection_row(label if label != "None" else "clean", group, runs))
+    on_object = [e for e in usable if e["attack"] == "patch" and _on_object(e)]
+    lines.append(detection_row("patch on the object", on_object, runs))
+    off = [e["name"] for e in entries if e["attack"] and not e.get("implanted")]
+    if off:
+        lines += ["", f"Not implanted (true ASR < 80 %, left out): {', '.join(off)}"]
+    if repair:
+        for key in ("split", "family_label", "attack"):
+            lines += ["", *repair_rows(entries, runs, key)]
+    return "\n".join(lines)
+
+
+def _on_object(e: dict) -> bool:
+    side = 28 if e["dataset"] == "fmnist" else 32
+    p = e["params"]
+    centre = side / 2
+    return abs(p["row"] + p["size"] / 2 - centre) <= side / 4 and \
+        abs(p["col"] + p["size"] / 2 - centre) <= side / 4
+
+
+# ---------------------------------------------------------------- driver
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--job":
+        name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+        entry = next(e for e in manifest() if e["name"] == name)
+        print(json.dumps(scan_one(entry, mode, seed, repair == "1")))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="fewshot", help="fewshot,datafree")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--split", default="all", choices=("all", "calibration", "validation"))
+    ap.add_argument("--models", default=None, help="comma-separated names, or a prefix*")
+    ap.add_argument("--repair", action="store_true", help="scan with --out and score it")
+    ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
+    args = ap.parse_args()
+    entries = manifest()
+    if args.split != "all":
+        entries = [e for e in entries if e["split"] == args.split]
+    if args.models:
+        wanted = args.models.split(",")
+        entries = [e for e in entries if any(
+            e["name"] == w or (w.endswith("*") and e["name"].startswith(w[:-1]))
+            for w in wanted)]
+    modes = args.modes.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.table_only:
+        for mode in modes:
+            for seed in seeds:
+                for e in entries:
+                    path = result_path(e["name"], mode, seed, args.repair)
+                    if path.is_file() and not args.rerun:
+                        continue
+                    r = run_child(e, mode, seed, args.repair, args.timeout)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(r, indent=1) + "\n")
+                    extra = (f" asr_after {r.get('asr_after')}" if args.repair else "")
+                    print(f"{e['name']} {mode} seed {seed}: {r['verdict']} "
+                          f"flagged {r.get('flagged')} (target {e['target']}) score "
+                          f"{r.get('score')} {r['seconds']:.0f}s{extra}",
+                          file=sys.stderr, flush=True)
+    for mode in modes:
+        print(tables(entries, mode, seeds, args.repair))
+        print()
+
+
+if __name__ == "__main__":
+    main()
