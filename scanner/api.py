@@ -26,7 +26,7 @@ from .errors import (
     out_of_memory,
 )
 from .findings import ChannelValue, ClassReverse, LayerInfo, Repair, ScanResult, Verdict
-from .graph.activations import discover_activations
+from .graph.activations import discover, discovery_findings
 from .graph.batch import any_batch
 from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
@@ -222,7 +222,9 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     model = load_model(path, allowed_domains=policy.load.allowed_domains,
                        max_bytes=policy.load.max_model_bytes)
     result.findings.extend(model.findings)
-    layers = discover_activations(model.analysed)
+    found = discover(model.analysed)
+    result.findings.extend(discovery_findings(found))
+    layers = found.layers
     result.model = model.summary(layers)
     if not layers:
         raise Inconclusive("inconclusive: no activation layers to scan"

@@ -56,7 +56,8 @@ class LayerInfo:
     op: str  # Relu, SiLU (pattern), HardSwish, ...
     node: str  # name of the node producing the tensor
     channels: int
-    rank: int  # 4 for NCHW feature maps, 2 for [N, C] features
+    rank: int  # 4 for feature maps, 3 for token tensors [N, T, D], 2 for [N, C] features
+    axis: int = 1  # where the channels lie: 1 (NCHW, [N, C]), rank - 1 (channels-last, tokens)
 
 
 @dataclass

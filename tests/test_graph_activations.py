@@ -142,8 +142,8 @@ def test_unknown_channel_count_is_skipped_with_a_debug_log(caplog):
 
 def test_activation_maps_zero_table():
     zero = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Tanh", "Elu", "Selu", "Gelu",
-            "SiLU"}
-    for op in ACTIVATION_OPS | {"SiLU"}:
+            "SiLU", "GELU"}
+    for op in ACTIVATION_OPS | {"SiLU", "GELU"}:
         assert activation_maps_zero(op) is (op in zero), op
     assert not activation_maps_zero("Sigmoid")
     assert not activation_maps_zero("Softplus")

@@ -13,7 +13,7 @@ from scanner.findings import Verdict
 def test_an_internal_error_is_the_model_verdict_and_the_next_model_still_runs(
         run_cli, tmp_path, monkeypatch):
     broken, fine = (save(conv_relu_model(), tmp_path / f"{n}.onnx") for n in ("a", "b"))
-    real = api.discover_activations
+    real = api.discover
 
     def buggy(proto):
         if proto.graph.name == "broken":
@@ -23,7 +23,7 @@ def test_an_internal_error_is_the_model_verdict_and_the_next_model_still_runs(
     proto = conv_relu_model()
     proto.graph.name = "broken"
     save(proto, broken)
-    monkeypatch.setattr(api, "discover_activations", buggy)
+    monkeypatch.setattr(api, "discover", buggy)
     result = api.scan(broken, api.ScanOptions(method="clp", quiet=True))
     assert result.verdict is Verdict.ERROR
     assert result.errors == ["internal error: RuntimeError: boom (rerun with --debug for a "
@@ -45,7 +45,7 @@ def test_running_out_of_memory_is_inconclusive_not_a_bug(run_cli, tmp_path, monk
                            "while running Conv node. Status Message: bfc_arena.cc:360 Failed "
                            "to allocate memory for requested buffer of size 3892838400\nmore")
 
-    monkeypatch.setattr(api, "discover_activations", too_big)
+    monkeypatch.setattr(api, "discover", too_big)
     result = api.scan(path, api.ScanOptions(method="clp", quiet=True))
     assert result.verdict is Verdict.INCONCLUSIVE and not result.errors
     assert result.skipped == ["inconclusive: ran out of memory; the model, its input size or "

@@ -59,7 +59,7 @@ def mean_activation(proto: onnx.ModelProto, layer: LayerInfo, model_input: np.nd
     inits = {i.name for i in proto.graph.initializer}
     name = next(i.name for i in proto.graph.input if i.name not in inits)
     acts = run_batched(session, {name: model_input}, output=layer.name)
-    axes = (0, 2, 3) if acts.ndim == 4 else (0,)
+    axes = tuple(a for a in range(acts.ndim) if a != layer.axis)
     return acts.mean(axis=axes).astype(np.float64)
 
 

@@ -8,9 +8,21 @@ import click
 
 from ..cli import cli, echo_json
 from ..errors import Inconclusive
-from ..graph.activations import discover_activations
+from ..graph.activations import discover, discovery_findings
 from ..graph.load import load_model
 from ..graph.quantized import QUANTIZED_HINT, quantized
+
+
+def _axis(rank: int, axis: int) -> str:
+    """Where the channels sit, e.g. `3 of [N,H,W,C]`."""
+    dims = {2: ["N", "C"], 3: ["N", "T", "C"], 4: ["N", "H", "W", "C"]}.get(rank)
+    if dims is None or axis not in (1, rank - 1):
+        return f"{axis} of rank {rank}"
+    if axis == 1 and rank == 4:
+        dims = ["N", "C", "H", "W"]
+    if axis == 1 and rank == 3:
+        dims = ["N", "C", "L"]
+    return f"{axis} of [{','.join(dims)}]"
 
 
 def _shape(shape: list[int | str]) -> str:
@@ -31,7 +43,9 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
     Exit 2 when the model is refused, 3 when it has no activation layers to scan.
     """
     loaded = load_model(model, allowed_domains=allowed, max_bytes=max_bytes)
-    layers = discover_activations(loaded.analysed)
+    found = discover(loaded.analysed)
+    layers = found.layers
+    findings = [*loaded.findings, *discovery_findings(found)]
     summary = loaded.summary(layers)
     if as_json:
         echo_json({
@@ -40,11 +54,13 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
             "inputs": [{"name": n, "shape": s} for n, s in summary.inputs],
             "outputs": [{"name": n, "shape": s} for n, s in summary.outputs],
             "layers": [{"name": la.name, "op": la.op, "node": la.node, "channels": la.channels,
-                        "rank": la.rank} for la in layers],
+                        "rank": la.rank, "axis": la.axis} for la in layers],
+            "gates": [{"name": g.name, "op": g.op, "gates": g.reason.removeprefix("gate of ")}
+                      for g in found.gates],
             "channels_total": summary.channels_total,
             "findings": [{"rule_id": f.rule_id, "severity": f.severity.name.lower(),
                           "message": f.message, "location": f.location}
-                         for f in loaded.findings],
+                         for f in findings],
         })
     else:
         rows = [("model", summary.path), ("size", f"{summary.size_bytes:,} bytes"),
@@ -58,13 +74,18 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
         if layers:
             name_w = max(len("layer"), *(len(la.name) for la in layers))
             op_w = max(len("op"), *(len(la.op) for la in layers))
-            click.echo(f"{'#':>3}  {'layer':<{name_w}}  {'op':<{op_w}}  {'channels':>8}")
+            click.echo(f"{'#':>3}  {'layer':<{name_w}}  {'op':<{op_w}}  {'channels':>8}  "
+                       "axis")
             for i, la in enumerate(layers):
-                click.echo(f"{i:>3}  {la.name:<{name_w}}  {la.op:<{op_w}}  {la.channels:>8}")
+                click.echo(f"{i:>3}  {la.name:<{name_w}}  {la.op:<{op_w}}  {la.channels:>8}  "
+                           f"{_axis(la.rank, la.axis)}")
         click.echo(f"\n{len(layers)} activation layers, {summary.channels_total:,} channels")
-        if loaded.findings:
+        for g in found.gates:
+            click.echo(f"gate {g.name} ({g.op}): squeeze-excitation gate of a layer above, "
+                       "not scored (zeroing the layer's channel zeroes the gated channel)")
+        if findings:
             click.echo("findings:")
-            for f in loaded.findings:
+            for f in findings:
                 click.echo(f"  {f.rule_id} {f.severity.name.lower()}: {f.message}")
         else:
             click.echo("findings: none")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..findings import LayerInfo
+from ..findings import Finding, LayerInfo, Severity
 from ..runtime import make_session
+from .axis import AxisVotes
 from .walk import first_input
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ _GELU_ARITHMETIC = frozenset({"Mul", "Add", "Div", "Pow", "Sub"})
 # f(0) = 0: zeroing the pre-activation zeroes the output (what export's folding relies on).
 # Clip only when its range contains 0: the node-level check is `clip_keeps_zero`.
 _ZERO_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Tanh", "Elu",
-                              "Selu", "Gelu", SILU})
+                              "Selu", "Gelu", SILU, GELU})
 
 
 def activation_maps_zero(op: str) -> bool:
@@ -111,10 +112,49 @@ def _reaches(tensor: str, source: str, producer: dict[str, onnx.NodeProto], hops
     return False
 
 
+@dataclass(frozen=True)
+class SkippedLayer:
+    """An activation that is not scored, and why."""
+
+    name: str
+    op: str
+    node: str
+    reason: str  # AXIS_UNDECIDED, or "gate of LAYER" (a squeeze-excitation gate)
+
+
+AXIS_UNDECIDED = "feature axis undecided"
+GATE_OPS = frozenset({"Sigmoid", "HardSigmoid"})
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What activation discovery found: the scored layers and the ones it left out."""
+
+    activations: tuple[Activation, ...]
+    skipped: tuple[SkippedLayer, ...]  # axis undecided: reported as a finding (SS209)
+    gates: tuple[SkippedLayer, ...]  # squeeze-excitation gates of a scored layer
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return [a.layer for a in self.activations]
+
+
 def find_activations(proto: onnx.ModelProto) -> list[Activation]:
-    """Activations with a known channel count, in topological (graph node) order."""
+    """Activations with a known channel count and feature axis, in topological order."""
+    return list(discover(proto).activations)
+
+
+def discover(proto: onnx.ModelProto) -> Discovery:
+    """Activation layers, each with its channel axis read from the graph (graph.axis).
+
+    A layer whose axis the graph does not decide is skipped (Discovery.skipped), never
+    guessed. A Sigmoid / HardSigmoid that gates the channels of a scored layer (a
+    squeeze-excitation block: Mul(layer, gate) with the gate [N, C, 1, 1]) is not a layer
+    of its own: zeroing the layer's channel already zeroes the gated product's channel, and
+    scoring the gate would count that channel twice (Discovery.gates).
+    """
     graph = proto.graph
-    producer, _ = graph_index(graph)
+    producer, consumers = graph_index(graph)
     shapes = tensor_shapes(proto)
     inner: set[str] = set()  # the Sigmoid of a SiLU, the Tanh of a Gelu: not layers
     candidates: list[tuple[onnx.NodeProto, str, str, tuple[str, ...]]] = []
@@ -131,23 +171,67 @@ def find_activations(proto: onnx.ModelProto) -> list[Activation]:
         elif node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
             candidates.append((node, node.op_type, node.input[0], (node.name,)))
     lost = [n.output[0] for n, _, _, _ in candidates if n.output[0] not in inner
-            and (shapes.get(n.output[0]) is None or None in shapes[n.output[0]][1:2])]
+            and (shapes.get(n.output[0]) is None or None in shapes[n.output[0]][1:])]
     if lost:  # e.g. after a channel shuffle whose Reshape target is computed at run time
         shapes.update(probe_shapes(proto, lost))
+    constants = {t.name for t in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    ranks = {t.name: len(t.dims) for t in graph.initializer}  # weights: not in value_info
+    ranks.update((name, len(shape)) for name, shape in shapes.items())
+    votes = AxisVotes(producer, consumers, ranks.get, constants)
+    outputs = {n.output[0] for n, _, _, _ in candidates} - inner
     found: list[Activation] = []
+    skipped: list[SkippedLayer] = []
+    gates: list[SkippedLayer] = []
     for node, op, pre, nodes in candidates:
         out = node.output[0]
         if out in inner:
             continue  # part of a SiLU or a Gelu, not a layer of its own
         shape = shapes.get(out)
-        if shape is None or len(shape) not in (2, 4) or shape[1] is None:
+        if shape is None or len(shape) < 2:
             log.debug("skipping activation %s (%s): channel count unknown (shape %s)",
                       out, op, shape)
             continue
-        layer = LayerInfo(name=out, op=op, node=node.name, channels=int(shape[1]),
-                          rank=len(shape))
+        gated = _gated_layer(node, shape, consumers, shapes, outputs)
+        if gated is not None:
+            gates.append(SkippedLayer(out, op, node.name, f"gate of {gated}"))
+            continue
+        axis = votes.feature_axis(out, pre)
+        if axis is None:
+            log.debug("skipping activation %s (%s): %s", out, op, AXIS_UNDECIDED)
+            skipped.append(SkippedLayer(out, op, node.name, AXIS_UNDECIDED))
+            continue
+        if shape[axis] is None:
+            log.debug("skipping activation %s (%s): channel count unknown (shape %s)",
+                      out, op, shape)
+            continue
+        layer = LayerInfo(name=out, op=op, node=node.name, channels=int(shape[axis]),
+                          rank=len(shape), axis=axis)
         found.append(Activation(layer, pre, nodes))
-    return found
+    return Discovery(tuple(found), tuple(skipped), tuple(gates))
+
+
+def _gated_layer(node: onnx.NodeProto, shape: list[int | None],
+                 consumers: dict[str, list[onnx.NodeProto]],
+                 shapes: dict[str, list[int | None]], layers: set[str]) -> str | None:
+    """The layer a squeeze-excitation gate multiplies, when `node` is one: a Sigmoid or
+    HardSigmoid whose [N, C, 1, ...] output only multiplies scored layers' outputs of the
+    same rank (broadcast over their other axes)."""
+    if node.op_type not in GATE_OPS or len(shape) < 3:
+        return None
+    out = node.output[0]
+    if sum(1 for d in shape[1:] if d != 1) > 1:
+        return None  # the gate varies over more than one axis: a map, not a channel gate
+    readers = consumers.get(out, [])
+    gated = []
+    for reader in readers:
+        if reader.op_type != "Mul" or len(reader.input) != 2 or out not in reader.input:
+            return None
+        other = reader.input[1] if reader.input[0] == out else reader.input[0]
+        if other not in layers or len(shapes.get(other) or []) != len(shape):
+            return None
+        gated.append(other)
+    return gated[0] if gated else None
 
 
 def probe_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int | None]]:
@@ -179,9 +263,15 @@ def probe_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int
     return {n: [None, *a.shape[1:]] for n, a in zip(names, arrays, strict=True)}
 
 
-def discover_activations(proto: onnx.ModelProto) -> list[LayerInfo]:
-    """The activation layers of `proto` (shape-inferred), in topological order.
+def discovery_findings(found: Discovery) -> list[Finding]:
+    """One SS209 finding per layer left out because its feature axis is undecided."""
+    return [Finding("SS209", Severity.LOW, f"activation {s.name!r} ({s.op}) not scanned: no "
+                    "Conv, MatMul, Gemm, LayerNormalization or pooling around it decides which "
+                    "axis holds its channels", s.node or s.name, {"layer": s.name, "op": s.op})
+            for s in found.skipped]
 
-    Channel axis is 1: NCHW feature maps (rank 4) and [N, C] features (rank 2).
-    """
-    return [a.layer for a in find_activations(proto)]
+
+def discover_activations(proto: onnx.ModelProto) -> list[LayerInfo]:
+    """The activation layers of `proto` (shape-inferred), in topological order; each
+    layer's channels lie on its `axis` (see `discover` for the layers left out)."""
+    return discover(proto).layers

@@ -23,7 +23,7 @@ from ..files import write_atomic
 from ..findings import LayerInfo
 from .activations import Activation, activation_maps_zero, find_activations, graph_index
 from .compare import compare_models, probe_input, run_model
-from .mask import insert_masks, mask_inputs
+from .mask import insert_masks, mask_inputs, mask_shape
 from .walk import first_input
 
 PRUNED_KEY = "shapscan.pruned_channels"
@@ -175,12 +175,22 @@ def _try_fold(g: _Graph, act: Activation, channels: Sequence[int]) -> LayerEdit 
                 or not g.only_consumers(sigmoid.output[0], [top]):
             return None  # Sigmoid(x) read elsewhere: zeroing x would change it to 0.5
         act_nodes.append(sigmoid)
+    if layer.op == "GELU":
+        inner = _gelu_inner(g, top, act.pre)
+        if inner is None:
+            return None
+        act_nodes.extend(inner)
     if not g.only_consumers(act.pre, act_nodes):
         return None
     node = g.producer.get(act.pre)
     if node is None:
         return None
     ch = tuple(channels)
+    if node.op_type in ("Gemm", "MatMul", "Add"):
+        return (_fold_gemm(g, node, layer, ch) if node.op_type == "Gemm"
+                else _fold_matmul(g, node, layer, ch))
+    if layer.axis != 1:
+        return None  # Conv and BatchNormalization write their channels on axis 1
     if node.op_type == "BatchNormalization" and len([o for o in node.output if o]) == 1:
         scale, bias = (g.param(node, i) for i in (1, 2))
         if scale is None or bias is None:
@@ -197,15 +207,32 @@ def _try_fold(g: _Graph, act: Activation, channels: Sequence[int]) -> LayerEdit 
         if bias is not None:
             _zero_axis(bias, 0, ch)
         return LayerEdit(layer.name, ch, "folded-conv", node.name)
-    if node.op_type == "Gemm":
-        return _fold_gemm(g, node, layer, ch)
-    if node.op_type in ("MatMul", "Add"):
-        return _fold_matmul(g, node, layer, ch)
     return None
+
+
+def _gelu_inner(g: _Graph, top: onnx.NodeProto, pre: str) -> list[onnx.NodeProto] | None:
+    """The nodes of a decomposed GELU between its input `pre` and its last Mul `top`, when
+    none of their outputs is read outside it: GELU(0) = 0, so zeroing `pre` zeroes it."""
+    inner: list[onnx.NodeProto] = []
+    frontier = [t for t in top.input if t != pre]
+    while frontier:
+        tensor = frontier.pop()
+        node = g.producer.get(tensor)
+        if node is None or tensor in g.inits:
+            continue
+        if node.op_type == "Constant" or any(node is n for n in inner):
+            continue
+        if len(inner) > 8 or not g.only_consumers(tensor, [top, *inner]):
+            return None
+        inner.append(node)
+        frontier.extend(t for t in node.input if t and t != pre)
+    return inner
 
 
 def _fold_gemm(g: _Graph, node: onnx.NodeProto, layer: LayerInfo, ch: tuple[int, ...]
                ) -> LayerEdit | None:
+    if layer.axis != 1 or layer.rank != 2:
+        return None
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     weight = g.param(node, 1)
     has_c = len(node.input) > 2 and bool(node.input[2])
@@ -220,16 +247,19 @@ def _fold_gemm(g: _Graph, node: onnx.NodeProto, layer: LayerInfo, ch: tuple[int,
 
 def _fold_matmul(g: _Graph, node: onnx.NodeProto, layer: LayerInfo, ch: tuple[int, ...]
                  ) -> LayerEdit | None:
-    """MatMul(x, W) with constant 2-D W, optionally followed by Add(., constant bias)."""
-    if layer.rank != 2:
+    """MatMul(x, W) with constant 2-D W, optionally followed by Add(., constant bias): the
+    output's last axis is W's columns ([N, C], channels-last maps, token tensors)."""
+    if layer.axis != layer.rank - 1:
         return None
     bias = None
     if node.op_type == "Add":
-        consts = [i for i in node.input if i in g.inits]
-        others = [i for i in node.input if i not in g.inits]
+        # the bias may sit behind an Identity (torch deduplicates equal initializers)
+        params = [g.param(node, i) for i in range(len(node.input))]
+        others = [name for name, param in zip(node.input, params, strict=True) if param is None]
+        consts = [param for param in params if param is not None]
         if len(consts) != 1 or len(others) != 1:
             return None
-        bias = g.param(node, list(node.input).index(consts[0]))
+        bias = consts[0]
         matmul = g.producer.get(others[0])
         if bias is None or matmul is None or matmul.op_type != "MatMul" \
                 or not g.only_consumers(others[0], [node]):
@@ -252,9 +282,10 @@ def _insert_mask(model: onnx.ModelProto, layer: LayerInfo, channels: Sequence[in
     ungated, mask_name = f"{layer.name}__unpruned", f"{layer.name}__prune_mask"
     while ungated in taken or mask_name in taken:
         ungated, mask_name = ungated + "_", mask_name + "_"
-    shape = (1, layer.channels, 1, 1) if layer.rank == 4 else (1, layer.channels)
-    mask = np.ones(shape, dtype)
-    mask[:, list(channels)] = 0
+    mask = np.ones(mask_shape(layer, 1), dtype)
+    index: list[object] = [slice(None)] * layer.rank
+    index[layer.axis] = list(channels)
+    mask[tuple(index)] = 0
     graph.initializer.append(numpy_helper.from_array(mask, mask_name))
     index = next(i for i, n in enumerate(graph.node) if layer.name in n.output)
     producer = graph.node[index]

@@ -41,13 +41,20 @@ class MaskSpec:
     dtype: np.dtype = np.dtype(np.float32)  # the activation's element type
 
     def shape(self, rows: int) -> tuple[int, ...]:
-        c = self.layer.channels
-        return (rows, c, 1, 1) if self.layer.rank == 4 else (rows, c)
+        return tuple(mask_shape(self.layer, rows))
 
     def feed(self, channel_mask: np.ndarray) -> np.ndarray:
         """[rows, C] in {0, 1} -> the float32 array this input takes."""
         rows = channel_mask.shape[0]
         return np.ascontiguousarray(channel_mask, dtype=self.dtype).reshape(self.shape(rows))
+
+
+def mask_shape(layer: LayerInfo, rows: int | str) -> list[int | str]:
+    """[rows, 1, ..., C, ..., 1]: the layer's channels on its axis, 1 on the others, so the
+    mask broadcasts over spatial positions or tokens ([N, C, 1, 1], [N, 1, 1, C], [N, 1, D])."""
+    shape: list[int | str] = [rows] + [1] * (layer.rank - 1)
+    shape[layer.axis] = layer.channels
+    return shape
 
 
 def batch_dim(proto: onnx.ModelProto) -> int | str:
@@ -93,8 +100,9 @@ def mask_inputs(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> list[Mas
     _, consumers = graph_index(proto.graph)
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]}
-    return [MaskSpec(name, layer, gate_point(proto.graph, layer.name, consumers),
-                     _np_dtype(types.get(layer.name)))
+    # pooling commutes with a mask on its channel axis (1) only
+    return [MaskSpec(name, layer, gate_point(proto.graph, layer.name, consumers)
+                     if layer.axis == 1 else layer.name, _np_dtype(types.get(layer.name)))
             for name, layer in zip(names, layers, strict=True)]
 
 
@@ -118,8 +126,7 @@ def insert_masks(proto: onnx.ModelProto, layers: Sequence[LayerInfo]) -> onnx.Mo
             raise KeyError(f"layer tensor {layer.name!r} not in the graph")
         act = tensors[spec.gated]
         dtype = act.dtype if act.dtype is not None else spec.dtype
-        shape = [n, layer.channels, 1, 1] if layer.rank == 4 else [n, layer.channels]
-        mask = gs.Variable(spec.input_name, dtype=dtype, shape=shape)
+        mask = gs.Variable(spec.input_name, dtype=dtype, shape=mask_shape(layer, n))
         gate_tensor(graph, act, mask, f"{spec.gated}_masked")
         graph.inputs.append(mask)
     graph.cleanup().toposort()

@@ -72,7 +72,7 @@ def _finding(f: Finding) -> dict[str, Any]:
 
 def _layer(layer: LayerInfo) -> dict[str, Any]:
     return {"name": layer.name, "op": layer.op, "node": layer.node,
-            "channels": layer.channels, "rank": layer.rank}
+            "channels": layer.channels, "rank": layer.rank, "axis": layer.axis}
 
 
 def _io(items: list[tuple[str, list[int | str]]]) -> list[dict[str, Any]]:
