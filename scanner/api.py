@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,14 @@ import onnx
 from . import __version__
 from .attacks import Attack
 from .autodiff import GradientProgram
-from .data import ImageSet, Preprocess, load_images, resolve_preprocess, shifted
-from .detect import Verdict as DetectVerdict
-from .detect import detect, most_suspicious, score
+from .context import ScanContext, ScanOptions
+from .data import ImageSet, Preprocess, load_images, resolve_preprocess
+from .detection import (  # noqa: F401  (_refine_trigger, _why_flagged: tests import them here)
+    _refine_trigger,
+    _why_flagged,
+    find_backdoor,
+    synthesise_inputs,
+)
 from .errors import (
     DataError,
     Inconclusive,
@@ -25,19 +30,20 @@ from .errors import (
     internal_error,
     out_of_memory,
 )
-from .findings import ChannelValue, ClassReverse, LayerInfo, Repair, ScanResult, Verdict
+from .findings import LayerInfo, ScanResult, Verdict
 from .graph.activations import discover, discovery_findings
 from .graph.batch import any_batch
-from .graph.export import sanitize, save_atomic
 from .graph.load import LoadedModel, load_model
-from .graph.prefix import CoalitionEvaluator
 from .graph.quantized import QUANTIZED_HINT, quantized
-from .policy import Catalog, DetectionPolicy, Policy, RepairPolicy, load_catalog, load_policy
+from .policy import Catalog, DetectionPolicy, Policy, load_catalog, load_policy
 from .progress import Progress
-from .prune import PruneConfig, PrunePlan, plan
-from .reverse import ReverseConfig, ReversedTrigger, SynthesisConfig, reverse_triggers, synthesize
-from .runtime import Device, make_session, resolve_device, run_batched
-from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
+from .repair import (  # noqa: F401  (_check_other_targets: tests import it here)
+    _check_other_targets,
+    finish_repair,
+    repair,
+)
+from .reverse import ReverseConfig
+from .runtime import make_session, resolve_device, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -141,34 +147,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
 # ----------------------------------------------------------------------------- scan
 
 
-@dataclass(frozen=True)
-class ScanOptions:
-    data: Path | None = None  # few-shot images; None with data_free=True
-    data_free: bool = False
-    out: Path | None = None  # write the sanitized model here when a backdoor is repaired
-    policy: str | Path = "default"
-    method: str = "shapley"  # shapley | clp | fp
-    device: str = "auto"
-    seed: int = 0
-    layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score
-    overrides: dict | None = None  # preprocessing overrides
-    # the step budget is the policy's (detection.reverse_steps, .second_view_steps): a
-    # ScanOptions that changes `steps` here is refused rather than silently overridden
-    reverse: ReverseConfig = ReverseConfig()
-    synthesis: SynthesisConfig = SynthesisConfig()
-    prune_order: str = "greedy"
-    permutations: int | None = None  # override the policy's Shapley sample budget
-    epsilon: float | None = None
-    stable_rounds: int = 0  # > 0: stop sampling once the top-k set is stable this many rounds
-    # The reversed trigger is the *smallest* that works; a real one is stronger, and pruning
-    # until the minimal one fails can leave the real one working (cnn_trojan: true ASR 52%
-    # after such a repair, 21% with gain 2). Shapley values and the stop rule use a copy
-    # this much stronger.
-    trigger_gain: float = 2.0
-    quiet: bool = False
-
-
-def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
+def scan(model_path: str | Path, options: ScanOptions | None = None,
          progress: Progress | None = None) -> ScanResult:
     """Scan one model: load and vet it, reverse triggers, detect, and repair if asked.
 
@@ -176,6 +155,7 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
     result (verdict ERROR / INCONCLUSIVE) so a multi-model gate still reports every model.
     A UsageError (bad policy, bad option) is raised: nothing can be scanned with it.
     """
+    options = options or ScanOptions()
     policy = load_policy(options.policy)
     if options.reverse.steps != ReverseConfig.steps:  # refused before any work is done
         raise UsageError("the trigger-reverse step budget is set by the policy "
@@ -217,6 +197,24 @@ def scan(model_path: str | Path, options: ScanOptions = ScanOptions(),
 
 def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,
                catalog: Catalog, progress: Progress) -> None:
+    """The pipeline, top to bottom; each stage reads and fills the one ScanContext."""
+    ctx = _load(result, path, opts, policy, catalog, progress)
+    if opts.method != "shapley":
+        _run_baseline(ctx)
+        return
+    _gather_images(ctx)
+    ctx.verdict = find_backdoor(ctx)
+    if not ctx.verdict.detection.flagged_targets:
+        result.verdict = Verdict.CLEAN
+        return
+    result.verdict = Verdict.BACKDOOR
+    if policy.repair.enabled:
+        repair(ctx)
+
+
+def _load(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,
+          catalog: Catalog, progress: Progress) -> ScanContext:
+    """Load and vet the model, find its activation layers, its preprocessing and classes."""
     t0 = time.perf_counter()
     progress.stage(f"loading {path.name}")
     model = load_model(path, allowed_domains=policy.load.allowed_domains,
@@ -238,352 +236,43 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     predict = Predictor(model, prep, device.requested)  # one session for the checks below
     n_classes = _n_classes(predict, prep)
     result.timings["load"] = time.perf_counter() - t0
+    return ScanContext(opts=opts, policy=policy, catalog=catalog, progress=progress,
+                       result=result, model=model, layers=scored, prep=prep, device=device,
+                       n_classes=n_classes, predict=predict)
 
-    if opts.method != "shapley":
-        _run_baseline(result, model, scored, prep, opts, policy, catalog, progress, device,
-                      n_classes)
-        return
 
-    t = time.perf_counter()
+def _gather_images(ctx: ScanContext) -> None:
+    """The images to reverse triggers on: the checked few-shot images, or inputs
+    synthesised from the model (data-free)."""
     # every reverse runs on a program without the BN-statistics head: with bn_weight 0 the
     # head changes nothing but costs 40 % of each step; synthesis builds its own
-    program = GradientProgram(model.runnable, device=device)
-    if opts.data_free:
-        images, bn_layers = _synthesise(result, model, prep, n_classes, opts, catalog,
-                                        progress, device)
-        result.timings["synthesis"] = time.perf_counter() - t
-        t = time.perf_counter()
-    else:
-        if opts.data is None:
-            raise DataError("give --data with clean images (1 per class is enough) "
-                            "or --data-free")
-        images = _clean_images(opts.data, prep, n_classes, policy.detection)
-        bn_layers = 0
-        _check_clean_accuracy(predict, images, policy.detection)
-    progress.stage("reversing triggers")
-    det = policy.detection
-    verdict = _reverse_and_detect(program, prep, images, n_classes, opts, det,
-                                  opts.data_free, bn_layers, progress, det.reverse_steps)
-    verdict.detection.views = {"synthesised" if opts.data_free else "few-shot":
-                               _decision_score(verdict, det)}
-    result.timings["reverse"] = time.perf_counter() - t
-    if not verdict.detection.flagged_targets and not opts.data_free and det.synthesised_view:
-        verdict = _second_view(result, model, program, prep, n_classes, opts, det,
-                               verdict, catalog, device, progress)
-    result.detection = verdict.detection
-    _detection_findings(result, verdict, catalog, images, det)
-    if not verdict.detection.flagged_targets:
-        result.verdict = Verdict.CLEAN
+    ctx.program = GradientProgram(ctx.model.runnable, device=ctx.device)
+    if ctx.opts.data_free:
+        with ctx.timed("synthesis"):
+            ctx.images, ctx.bn_layers = synthesise_inputs(ctx)
         return
-    result.verdict = Verdict.BACKDOOR
-    if not policy.repair.enabled:
-        return
-    target, *others = verdict.detection.flagged_targets
-    _repair(result, model, scored, prep, images, target, verdict.triggers, others, opts,
-            policy, catalog, progress, device)
+    if ctx.opts.data is None:
+        raise DataError("give --data with clean images (1 per class is enough) "
+                        "or --data-free")
+    ctx.images = _clean_images(ctx.opts.data, ctx.prep, ctx.n_classes, ctx.policy.detection)
+    _check_clean_accuracy(ctx.predict, ctx.images, ctx.policy.detection)
 
 
-def _synthesise(result: ScanResult, model: LoadedModel, prep: Preprocess,
-                n_classes: int, opts: ScanOptions, catalog: Catalog, progress: Progress,
-                device: Device, stage: str = "synthesising data (data-free)"
-                ) -> tuple[ImageSet, int]:
-    progress.stage(stage)
-    program = GradientProgram(model.runnable, bn_stats=True, device=device)
-    images, bn_layers = synthesize(program, prep, n_classes, opts.synthesis, opts.seed,
-                                   progress)
-    if not bn_layers:
-        result.findings.append(catalog.make(
-            "SS203", "data-free synthesis used the class logit and smoothness prior only: "
-            "the model has no BatchNormalization statistics to match"))
-    return images, bn_layers
-
-
-def _reverse_and_detect(program: GradientProgram, prep: Preprocess, images: ImageSet,
-                        n_classes: int, opts: ScanOptions, det: DetectionPolicy,
-                        synthetic: bool, bn_layers: int, progress: Progress,
-                        steps: int) -> DetectVerdict:
-    cfg = replace(opts.reverse, steps=steps)
-    reversed_ = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress)
-    return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
-                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
-
-
-def _second_view(result: ScanResult, model: LoadedModel, program: GradientProgram,
-                 prep: Preprocess, n_classes: int, opts: ScanOptions, det: DetectionPolicy,
-                 first: DetectVerdict, catalog: Catalog, device: Device,
-                 progress: Progress) -> DetectVerdict:
-    """The few-shot images flagged nothing: look again on inputs synthesised from the model.
-
-    One real image per class can hide a full-image backdoor: from them honest classes are
-    nearly as easy to reach as the target (resnet_blended, README "Detection"), while on
-    inputs synthesised from the model's BatchNormalization statistics the target stands
-    out. Only models with BN statistics get this view (without them synthesis has no real
-    prior). Two views are two chances for an honest class to look anomalous, so a flag from
-    this one counts only on the class the few-shot view came closest to flagging (its
-    largest per-class decision score): both views must point at the same target.
-    """
-    if not program.bn_layers:  # counted with or without the BN-statistics head
-        return first
-    t = time.perf_counter()
-    synthetic, bn_layers = _synthesise(
-        result, model, prep, n_classes, opts, catalog, progress, device,
-        "second view: the few-shot images flagged nothing, synthesising inputs")
-    progress.stage("reversing triggers on synthesised inputs")
-    second = _reverse_and_detect(program, prep, synthetic, n_classes, opts, det, True,
-                                 bn_layers, progress, det.second_view_steps)
-    top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
-                          det.warp_ratio)
-    views = {**first.detection.views,
-             "synthesised": _decision_score(second, det, [] if top is None else [top])}
-    passes = first.detection.forward_passes + second.detection.forward_passes
-    if top in second.detection.flagged_targets:
-        chosen = second.keep_only(top)
-        passes += _refine_trigger(chosen, top, program, prep, synthetic, n_classes, opts,
-                                  det, progress)
-    else:
-        chosen = first
-    chosen.detection.views = views
-    chosen.detection.forward_passes = passes
-    result.timings["second_view"] = time.perf_counter() - t
-    return chosen
-
-
-def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgram,
-                    prep: Preprocess, images: ImageSet, n_classes: int, opts: ScanOptions,
-                    det: DetectionPolicy, progress: Progress) -> int:
-    """The second view decides on a short budget (its target stands out early), but a
-    repair planned with a trigger that few steps made is costly (resnet_blended: 10.9
-    points of accuracy with its 50-step trigger, 5.4 refined, both before the plan gave
-    back channels it did not need; README "Repair, measured").
-    Reverse the flagged family for the flagged class alone at the first view's budget, and
-    plan with that trigger if it works. Returns the forward passes spent."""
-    if det.second_view_steps >= det.reverse_steps:
-        return 0
-    flagged = verdict.triggers[target]
-    progress.stage("refining the flagged class's trigger for the repair")
-    cfg = replace(opts.reverse, steps=det.reverse_steps, families=(flagged.family,))
-    run = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress,
-                           targets=[target])
-    refined = run.triggers[(flagged.family, target)]
-    if refined.asr >= cfg.asr_goal:
-        verdict.triggers[target] = refined
-        verdict.refined[target] = cfg.steps
-    return run.forward_passes
-
-
-def _decision_score(verdict: DetectVerdict, det: DetectionPolicy,
-                    classes: list[int] | None = None) -> float:
-    return score(verdict.detection, det.warn_threshold, det.isolation_threshold, classes,
-                 det.warp_ratio)
-
-
-_KIND = {"patch": "a patch-like", "universal": "a full-image", "warp": "an image-warping"}
-
-
-def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
-    """The test that flagged the class, with the numbers it compared."""
-    if reason == "combined":
-        return f"anomaly index {c.anomaly_index:.2f} > {policy.anomaly_threshold:g}"
-    fam, cut = (("patch", policy.warn_threshold) if reason == "patch"
-                else ("warp", policy.anomaly_threshold))
-    index = c.patch_anomaly_index if reason == "patch" else c.warp_anomaly_index
-    alone = c.patch_isolation if reason == "patch" else c.warp_isolation
-    text = (f"{fam} anomaly index {index:.2f} > {cut:g}, {alone:.2f} robust σ from the next "
-            f"class ≥ {policy.isolation_threshold:g}")
-    if reason == "warp":
-        text += (f", {c.warp_ratio:.1f} times below the median class's ≥ "
-                 f"{policy.warp_ratio:g}")
-    return text
-
-
-def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Catalog,
-                        images: ImageSet, policy: DetectionPolicy) -> None:
-    det = verdict.detection
-    by_class = {c.target: c for c in det.classes}
-    second = ("; found on inputs synthesised from the model, on the class the few-shot "
-              "images came closest to flagging"
-              if list(det.views) == ["few-shot", "synthesised"] and det.data_free else "")
-    for t in det.flagged_targets:
-        trig = verdict.triggers[t]
-        index = by_class[t].anomaly_index
-        refined = (f"; the trigger shown and repaired with was then reversed for this class "
-                   f"alone, {verdict.refined[t]} steps" if t in verdict.refined else "")
-        result.findings.append(catalog.make(
-            "SS201", f"backdoor towards class {t}: {_KIND[trig.family]} reversed trigger "
-            f"flips {100 * trig.asr:.0f}% of other classes' images "
-            f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}{refined}",
-            location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
-            test=verdict.reasons[t], reversed_asr=trig.asr))
-        det.families[t] = trig.family
-        if trig.family == "warp":
-            magnitude = np.hypot(trig.pattern[0], trig.pattern[1])
-            det.masks[t] = magnitude / max(float(magnitude.max()), 1e-12)
-        elif trig.mask is not None:
-            det.masks[t], det.patterns[t] = trig.mask, trig.pattern
-        else:
-            det.masks[t] = np.abs(trig.pattern).mean(0)
-            det.patterns[t] = np.clip(0.5 + trig.pattern, 0, 1)
-        example = images.pixels[np.flatnonzero(images.labels != t)[:1]]
-        det.examples[t] = trig.apply(example)[0]
-    for t in verdict.suspicious:
-        index = by_class[t].anomaly_index
-        result.findings.append(catalog.make(
-            "SS202", f"class {t} is unusually easy to reach (anomaly index {index:.2f}, "
-            f"flag threshold {det.threshold:g})", location=f"class {t}", target=t,
-            anomaly_index=index))
-
-
-def _repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo], prep: Preprocess,
-            images: ImageSet, target: int, triggers: dict[int, ReversedTrigger],
-            other_targets: list[int], opts: ScanOptions, policy: Policy, catalog: Catalog,
-            progress: Progress, device: Device) -> None:
-    t = time.perf_counter()
-    # shifted copies: the utilities average over more rows, so they are less noisy
-    # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-    stamped = _stamped(images, target, triggers[target], opts.trigger_gain)
-    clean = shifted(images, 8)
-    clean_pixels, clean_labels = clean.pixels, clean.labels
-    backdoor_eval = CoalitionEvaluator(model.runnable, layers, prep.to_model(stamped), device)
-    clean_eval = backdoor_eval.with_images(prep.to_model(clean_pixels))
-    sp = policy.shapley
-    cfg = ShapleyConfig(permutations=opts.permutations or sp.permutations,
-                        epsilon=sp.epsilon if opts.epsilon is None else opts.epsilon,
-                        top_k=sp.top_k, truncation=sp.truncation,
-                        stable_rounds=opts.stable_rounds)
-    progress.stage(f"Shapley values towards class {target}")
-    utility = Utility(target)
-    values = estimate(backdoor_eval, utility, cfg, opts.seed, progress=progress)
-    result.timings["shapley"] = time.perf_counter() - t
-    t = time.perf_counter()
-    progress.stage("choosing channels to zero")
-    rp = policy.repair
-    pcfg = PruneConfig(target_asr=rp.target_asr, target_probability=rp.target_probability,
-                       max_channel_fraction=rp.max_channel_fraction,
-                       max_clean_drop=rp.max_clean_drop, order=opts.prune_order,
-                       give_back=not opts.data_free)
-    chosen = plan(backdoor_eval, clean_eval, clean_labels, utility, values, pcfg)
-    _record_repair(result, model, layers, backdoor_eval, values, chosen, target,
-                   backdoor_eval.forward_passes + clean_eval.forward_passes, cfg, opts,
-                   catalog, rp)
-    if other_targets and chosen.channels:
-        _check_other_targets(result, backdoor_eval, prep, images, chosen.channels, target,
-                             {t: triggers[t] for t in other_targets}, opts, catalog, rp)
-    result.timings["prune"] = time.perf_counter() - t
-
-
-def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: float
-             ) -> np.ndarray:
-    """The trigger on the images of the other classes and 4 shifted copies of each."""
-    others = images.subset(np.flatnonzero(images.labels != target))
-    return trigger.apply(shifted(others, 4).pixels, gain=gain)
-
-
-def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
-                         images: ImageSet, channels: list[int], target: int,
-                         triggers: dict[int, ReversedTrigger], opts: ScanOptions,
-                         catalog: Catalog, rp: RepairPolicy) -> None:
-    """The repair is planned for the most anomalous flagged class. Another flagged class's
-    backdoor may live in other channels: its reversed trigger is tested on the repaired
-    model, and SS304 says when it still works."""
-    assert result.repair is not None
-    coalitions = np.ones((2, evaluator.n_channels), np.float32)
-    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
-    kind = "synthesised" if opts.data_free else "few-shot"
-    for t, trigger in triggers.items():
-        stamped = evaluator.with_images(
-            prep.to_model(_stamped(images, t, trigger, opts.trigger_gain)))
-        before, after = (stamped.logits(coalitions).argmax(-1) == t).mean(-1)
-        result.repair.forward_passes += stamped.forward_passes
-        if after > rp.target_asr:
-            result.findings.append(catalog.make(
-                "SS304", f"class {t} was flagged too, and the repair was planned for class "
-                f"{target}: on the repaired model class {t}'s reversed trigger still flips "
-                f"{100 * after:.0f}% of the {kind} images of other classes (before: "
-                f"{100 * before:.0f}%)", location=f"class {t}", target=t,
-                reversed_asr_before=float(before), reversed_asr_after=float(after)))
-
-
-def _record_repair(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],
-                   evaluator: CoalitionEvaluator, values: ShapleyResult, chosen: PrunePlan,
-                   target: int, passes: int, cfg: ShapleyConfig, opts: ScanOptions,
-                   catalog: Catalog, rp: RepairPolicy) -> None:
-    def channel_value(flat: int, pruned: bool) -> ChannelValue:
-        layer, ch = evaluator.channel(flat)
-        return ChannelValue(layer.name, ch, float(values.values[flat]),
-                            float(chosen.clean.get(flat, 0.0)), pruned)
-
-    pruned = [channel_value(c, True) for c in chosen.channels]
-    pruned_set = set(chosen.channels)
-    top = [channel_value(int(c), int(c) in pruned_set) for c in values.top(20)]
-    repair = Repair(
-        target=target, channels_total=evaluator.n_channels, pruned=pruned, top_channels=top,
-        reversed_asr_before=chosen.asr_before, reversed_asr_after=chosen.asr_after,
-        fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
-        permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
-        target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
-        target_probability_after=chosen.backdoor_after,
-        given_back=[channel_value(c, False) for c in chosen.given_back])
-    result.repair = repair
-    _finish_repair(result, model, repair, opts, catalog, rp)
-
-
-def _finish_repair(result: ScanResult, model: LoadedModel, repair: Repair, opts: ScanOptions,
-                   catalog: Catalog, rp: RepairPolicy) -> None:
-    """Findings for the repair and the sanitized export (shared by every method)."""
-    if not repair.pruned:
-        result.findings.append(catalog.make(
-            "SS302", f"no channel set within budget removes the backdoor towards class "
-            f"{repair.target}; model not repaired", location=f"class {repair.target}"))
-        return
-    if not repair.target_reached:
-        result.findings.append(catalog.make(
-            "SS302", f"after zeroing {len(repair.pruned)} channels the reversed trigger still "
-            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images at mean "
-            f"target probability {repair.target_probability_after or 0:.3f} (target: at "
-            f"most {100 * rp.target_asr:.0f}%, and at most {rp.target_probability:g} above "
-            "clean images of other classes)",
-            location=f"class {repair.target}"))
-    drop = repair.fewshot_acc_before - repair.fewshot_acc_after
-    if drop > rp.max_clean_drop + 1e-9:
-        result.findings.append(catalog.make(
-            "SS303", f"repair lowers few-shot clean accuracy by {100 * drop:.1f} points",
-            location=f"class {repair.target}"))
-    if opts.out is not None:
-        zeroed: dict[str, list[int]] = {}
-        for c in repair.pruned:
-            zeroed.setdefault(c.layer, []).append(c.channel)
-        sanitized = sanitize(model.proto, zeroed, {
-            "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
-            "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
-        save_atomic(sanitized, opts.out)
-        repair.output_path = str(opts.out)
-    result.findings.append(catalog.make(
-        "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
-        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success "
-        f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
-        + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
-        + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
-           "repaired model's accuracy on real data before deploying it"
-           if opts.data_free and opts.method == "shapley" else ""),
-        location=f"class {repair.target}"))
-
-
-def _run_baseline(result: ScanResult, model: LoadedModel, layers: list[LayerInfo],
-                  prep: Preprocess, opts: ScanOptions, policy: Policy, catalog: Catalog,
-                  progress: Progress, device: Device, n_classes: int) -> None:
+def _run_baseline(ctx: ScanContext) -> None:
     from .baselines import run_baseline
 
-    t = time.perf_counter()
-    progress.stage(f"baseline {opts.method}")
-    images = None
-    if opts.data is not None:
-        images = _clean_images(opts.data, prep, n_classes, policy.detection)
-    repair = run_baseline(opts.method, model, layers, prep, images, policy, device)
-    result.timings["baseline"] = time.perf_counter() - t
-    result.repair = repair
-    result.verdict = Verdict.REPAIR_ONLY
+    with ctx.timed("baseline"):
+        ctx.progress.stage(f"baseline {ctx.opts.method}")
+        images = None
+        if ctx.opts.data is not None:
+            images = _clean_images(ctx.opts.data, ctx.prep, ctx.n_classes,
+                                   ctx.policy.detection)
+        repair = run_baseline(ctx.opts.method, ctx.model, ctx.layers, ctx.prep, images,
+                              ctx.policy, ctx.device)
+    ctx.result.repair = repair
+    ctx.result.verdict = Verdict.REPAIR_ONLY
     if repair.pruned:
-        _finish_repair(result, model, repair, opts, catalog, policy.repair)
+        finish_repair(ctx, repair)
 
 
 def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> list[LayerInfo]:

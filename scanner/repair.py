@@ -1,0 +1,158 @@
+"""The scan's repair stage: Shapley values towards the flagged class, the plan (prune.py),
+the check of the other flagged classes, the findings, and the sanitized export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .context import ScanContext, ScanOptions
+from .data import ImageSet, Preprocess, shifted
+from .findings import ChannelValue, Repair, ScanResult
+from .graph.export import sanitize, save_atomic
+from .graph.prefix import CoalitionEvaluator
+from .policy import Catalog, RepairPolicy
+from .prune import PruneConfig, PrunePlan, plan
+from .reverse import ReversedTrigger
+from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
+
+
+def repair(ctx: ScanContext) -> None:
+    """Zero the channels that carry the backdoor towards the most anomalous flagged class,
+    test the other flagged classes' triggers on the result, and export it if asked."""
+    assert ctx.verdict is not None and ctx.images is not None
+    target, *others = ctx.verdict.detection.flagged_targets
+    triggers = ctx.verdict.triggers
+    with ctx.timed("shapley"):
+        # shifted copies: the utilities average over more rows, so they are less noisy
+        # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
+        stamped = _stamped(ctx.images, target, triggers[target], ctx.opts.trigger_gain)
+        clean = shifted(ctx.images, 8)
+        backdoor_eval = CoalitionEvaluator(ctx.model.runnable, ctx.layers,
+                                           ctx.prep.to_model(stamped), ctx.device)
+        clean_eval = backdoor_eval.with_images(ctx.prep.to_model(clean.pixels))
+        cfg = _shapley_config(ctx)
+        ctx.progress.stage(f"Shapley values towards class {target}")
+        utility = Utility(target)
+        values = estimate(backdoor_eval, utility, cfg, ctx.opts.seed, progress=ctx.progress)
+    with ctx.timed("prune"):
+        ctx.progress.stage("choosing channels to zero")
+        chosen = plan(backdoor_eval, clean_eval, clean.labels, utility, values,
+                      _prune_config(ctx))
+        _record_repair(ctx, backdoor_eval, values, chosen, target,
+                       backdoor_eval.forward_passes + clean_eval.forward_passes)
+        if others and chosen.channels:
+            _check_other_targets(ctx.result, backdoor_eval, ctx.prep, ctx.images,
+                                 chosen.channels, target, {t: triggers[t] for t in others},
+                                 ctx.opts, ctx.catalog, ctx.policy.repair)
+
+
+def _shapley_config(ctx: ScanContext) -> ShapleyConfig:
+    sp, opts = ctx.policy.shapley, ctx.opts
+    return ShapleyConfig(permutations=opts.permutations or sp.permutations,
+                         epsilon=sp.epsilon if opts.epsilon is None else opts.epsilon,
+                         top_k=sp.top_k, truncation=sp.truncation,
+                         stable_rounds=opts.stable_rounds)
+
+
+def _prune_config(ctx: ScanContext) -> PruneConfig:
+    rp = ctx.policy.repair
+    return PruneConfig(target_asr=rp.target_asr, target_probability=rp.target_probability,
+                       max_channel_fraction=rp.max_channel_fraction,
+                       max_clean_drop=rp.max_clean_drop, order=ctx.opts.prune_order,
+                       give_back=not ctx.opts.data_free)
+
+
+def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: float
+             ) -> np.ndarray:
+    """The trigger on the images of the other classes and 4 shifted copies of each."""
+    others = images.subset(np.flatnonzero(images.labels != target))
+    return trigger.apply(shifted(others, 4).pixels, gain=gain)
+
+
+def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
+                         images: ImageSet, channels: list[int], target: int,
+                         triggers: dict[int, ReversedTrigger], opts: ScanOptions,
+                         catalog: Catalog, rp: RepairPolicy) -> None:
+    """The repair is planned for the most anomalous flagged class. Another flagged class's
+    backdoor may live in other channels: its reversed trigger is tested on the repaired
+    model, and SS304 says when it still works."""
+    assert result.repair is not None
+    coalitions = np.ones((2, evaluator.n_channels), np.float32)
+    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
+    kind = "synthesised" if opts.data_free else "few-shot"
+    for t, trigger in triggers.items():
+        stamped = evaluator.with_images(
+            prep.to_model(_stamped(images, t, trigger, opts.trigger_gain)))
+        before, after = (stamped.logits(coalitions).argmax(-1) == t).mean(-1)
+        result.repair.forward_passes += stamped.forward_passes
+        if after > rp.target_asr:
+            result.findings.append(catalog.make(
+                "SS304", f"class {t} was flagged too, and the repair was planned for class "
+                f"{target}: on the repaired model class {t}'s reversed trigger still flips "
+                f"{100 * after:.0f}% of the {kind} images of other classes (before: "
+                f"{100 * before:.0f}%)", location=f"class {t}", target=t,
+                reversed_asr_before=float(before), reversed_asr_after=float(after)))
+
+
+def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: ShapleyResult,
+                   chosen: PrunePlan, target: int, passes: int) -> None:
+    def channel_value(flat: int, pruned: bool) -> ChannelValue:
+        layer, ch = evaluator.channel(flat)
+        return ChannelValue(layer.name, ch, float(values.values[flat]),
+                            float(chosen.clean.get(flat, 0.0)), pruned)
+
+    pruned = [channel_value(c, True) for c in chosen.channels]
+    pruned_set = set(chosen.channels)
+    top = [channel_value(int(c), int(c) in pruned_set) for c in values.top(20)]
+    ctx.result.repair = Repair(
+        target=target, channels_total=evaluator.n_channels, pruned=pruned, top_channels=top,
+        reversed_asr_before=chosen.asr_before, reversed_asr_after=chosen.asr_after,
+        fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
+        permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
+        target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
+        target_probability_after=chosen.backdoor_after,
+        given_back=[channel_value(c, False) for c in chosen.given_back])
+    finish_repair(ctx, ctx.result.repair)
+
+
+def finish_repair(ctx: ScanContext, repair: Repair) -> None:
+    """Findings for the repair and the sanitized export (shared by every method)."""
+    result, catalog, rp, opts = ctx.result, ctx.catalog, ctx.policy.repair, ctx.opts
+    if not repair.pruned:
+        result.findings.append(catalog.make(
+            "SS302", f"no channel set within budget removes the backdoor towards class "
+            f"{repair.target}; model not repaired", location=f"class {repair.target}"))
+        return
+    if not repair.target_reached:
+        result.findings.append(catalog.make(
+            "SS302", f"after zeroing {len(repair.pruned)} channels the reversed trigger still "
+            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images at mean "
+            f"target probability {repair.target_probability_after or 0:.3f} (target: at "
+            f"most {100 * rp.target_asr:.0f}%, and at most {rp.target_probability:g} above "
+            "clean images of other classes)",
+            location=f"class {repair.target}"))
+    drop = repair.fewshot_acc_before - repair.fewshot_acc_after
+    if drop > rp.max_clean_drop + 1e-9:
+        result.findings.append(catalog.make(
+            "SS303", f"repair lowers few-shot clean accuracy by {100 * drop:.1f} points",
+            location=f"class {repair.target}"))
+    if opts.out is not None:
+        zeroed: dict[str, list[int]] = {}
+        for c in repair.pruned:
+            zeroed.setdefault(c.layer, []).append(c.channel)
+        model = ctx.model
+        sanitized = sanitize(model.proto, zeroed, {
+            "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
+            "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
+        save_atomic(sanitized, opts.out)
+        repair.output_path = str(opts.out)
+    result.findings.append(catalog.make(
+        "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
+        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success "
+        f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
+        + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
+        + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
+           "repaired model's accuracy on real data before deploying it"
+           if opts.data_free and opts.method == "shapley" else ""),
+        location=f"class {repair.target}"))
