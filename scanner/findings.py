@@ -95,6 +95,10 @@ class Detection:
     examples: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     forward_passes: int = 0
     families: dict[int, str] = field(default_factory=dict)  # flagged class -> trigger family
+    # flagged class -> the test that flagged it: "combined" (the index drawn against the
+    # threshold), "patch" or "warp" (that family's index, anomalous and isolated); a class
+    # flagged by a family test can sit below the threshold on the combined index
+    reasons: dict[int, str] = field(default_factory=dict)
     # each set of inputs triggers were reversed on ("few-shot", "synthesised": the second
     # view runs when the few-shot images flag nothing) -> its decision score (how far its
     # most suspicious class goes past the rule, above 1 = flagged; detect.score). The
@@ -131,10 +135,44 @@ class Repair:
     target_probability_after: float | None = None
     # zeroed while planning, then switched back on as not needed (prune.py's give-back pass)
     given_back: list[ChannelValue] = field(default_factory=list)
+    # what the before/after figures were measured on (Shapley pruning; 0: not recorded):
+    # the other classes' images stamped with the reversed trigger at `trigger_gain` times
+    # its strength, and the clean images, each followed by shifted copies of itself
+    inputs: str = "few-shot"  # or "synthesised" (data-free)
+    stamped_images: int = 0
+    stamped_copies: int = 0
+    clean_images: int = 0
+    clean_copies: int = 0
+    trigger_gain: float = 1.0
+    # mean target probability that clean images of other classes get from the repaired
+    # model: the stop rule compares the stamped images' with it
+    clean_target_probability_after: float | None = None
 
     @property
     def pruned_fraction(self) -> float:
         return len(self.pruned) / max(1, self.channels_total)
+
+    @property
+    def images_word(self) -> str:
+        """What the scan's own images are, in the reports' words."""
+        return "synthesised inputs" if self.inputs == "synthesised" else "few-shot images"
+
+    def stamped_rows(self) -> str:
+        """Which rows the reversed trigger's success and target probability are on."""
+        if not self.stamped_images:
+            return f"the stamped {self.images_word}"
+        rows = self.stamped_images * (1 + self.stamped_copies)
+        return (f"{rows} rows: the {self.stamped_images} {self.images_word} of other classes "
+                f"and {self.stamped_copies} shifted copies of each, stamped with the reversed "
+                f"trigger at {self.trigger_gain:g}x its strength")
+
+    def clean_rows(self) -> str:
+        """Which rows the clean accuracy before and after is on."""
+        if not self.clean_images:
+            return f"the {self.images_word}"
+        rows = self.clean_images * (1 + self.clean_copies)
+        return (f"{rows} rows: the {self.clean_images} {self.images_word} and "
+                f"{self.clean_copies} shifted copies of each")
 
 
 @dataclass

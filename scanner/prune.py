@@ -35,6 +35,7 @@ target probability; two more channels (0.002) left 1.3%, for 0.1 point of accura
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +72,9 @@ class PrunePlan:
     coalitions: int
     # zeroed by the search, then switched back on by the give-back pass (in that order)
     given_back: list[int] = field(default_factory=list)
+    # mean target probability clean images of other classes get from the pruned model:
+    # the stamped images' is compared with it (`target_probability`)
+    clean_target_prob_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,34 @@ def _measure(backdoor: Evaluator, clean: _Clean, utility: Utility,
     return _Measure(bd_prob, bd_asr, kl, acc, target_prob)
 
 
+class _Ticker:
+    """Progress of a plan in coalitions measured, against the most it can measure: every
+    greedy round up to the channel budget, and every give-back round (a plan that reaches
+    its target sooner finishes sooner)."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None, pool: int, budget: int,
+                 cfg: PruneConfig) -> None:
+        rounds = min(budget, pool)
+        searched = (rounds if cfg.order == "ranked"
+                    else sum(pool - r for r in range(rounds)))
+        given = rounds * (rounds + 1) // 2 if cfg.give_back else 0
+        self.progress, self.total, self.done = progress, pool + searched + given + 1, 0
+
+    def __call__(self, coalitions: int) -> None:
+        self.done += coalitions
+        if self.progress:
+            self.progress(min(self.done, self.total), self.total)
+
+
 def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utility: Utility,
-         shapley: ShapleyResult, cfg: PruneConfig = PruneConfig()) -> PrunePlan:
+         shapley: ShapleyResult, cfg: PruneConfig = PruneConfig(),
+         progress: Callable[[int, int], None] | None = None) -> PrunePlan:
     n = backdoor.n_channels
     budget = max(1, int(np.floor(cfg.max_channel_fraction * n)))
     cost = _Clean(clean, clean_labels, utility.target)
     pool = shapley.top(max(cfg.candidates, budget))
     pool = pool[shapley.values[pool] > 0]
+    tick = _Ticker(progress, len(pool), budget, cfg)
     base = _measure(backdoor, cost, utility, np.ones((1, n), np.float32))
     # no channel with a positive value (e.g. the trigger works without any of them): none
     # to zero, and the plan says the target was not reached
@@ -137,15 +162,17 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
                .clean_cost if len(pool) else np.zeros(0))
     scores = shapley.values.copy()
     scores[pool] -= cfg.clean_penalty * contrib
+    tick(len(pool))
     search = _ranked if cfg.order == "ranked" else _greedy
-    chosen, coalitions = search(backdoor, cost, utility, pool, scores, budget, base, cfg)
+    chosen, coalitions = search(backdoor, cost, utility, pool, scores, budget, base, cfg, tick)
     given_back: list[int] = []
     if cfg.give_back:
-        chosen, given_back, measured = _give_back(backdoor, cost, utility, chosen, cfg)
+        chosen, given_back, measured = _give_back(backdoor, cost, utility, chosen, cfg, tick)
         coalitions += measured
     mask = np.ones((1, n), np.float32)
     mask[0, chosen] = 0.0
     after = _measure(backdoor, cost, utility, mask)
+    tick(1)
     return PrunePlan(
         channels=[int(c) for c in chosen], scores=scores,
         clean={int(c): float(v) for c, v in zip(pool, contrib, strict=True)},
@@ -153,7 +180,8 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
         backdoor_before=float(base.bd_prob[0]), backdoor_after=float(after.bd_prob[0]),
         clean_acc_before=float(base.clean_acc[0]), clean_acc_after=float(after.clean_acc[0]),
         target_reached=bool(_reached(after, cfg)[0]),
-        coalitions=coalitions + len(pool) + 2, given_back=[int(c) for c in given_back])
+        coalitions=coalitions + len(pool) + 2, given_back=[int(c) for c in given_back],
+        clean_target_prob_after=float(after.clean_target_prob[0]))
 
 
 def _without(current: np.ndarray, channels: np.ndarray | list[int]) -> np.ndarray:
@@ -168,8 +196,8 @@ def _within_clean_budget(m: _Measure, base: _Measure, cfg: PruneConfig) -> np.nd
 
 
 def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarray,
-            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig
-            ) -> tuple[list[int], int]:
+            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig,
+            tick: Callable[[int], None] | None = None) -> tuple[list[int], int]:
     order = pool[np.argsort(-scores[pool], kind="stable")][:budget]
     if len(order) == 0:
         return [], 0
@@ -177,6 +205,8 @@ def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
     for j in range(len(order)):
         rows[j, order[: j + 1]] = 0.0
     m = _measure(backdoor, cost, utility, rows)
+    if tick:
+        tick(len(rows))
     ok = _within_clean_budget(m, base, cfg)
     reached = np.flatnonzero(_reached(m, cfg) & ok)
     if len(reached):
@@ -187,8 +217,8 @@ def _ranked(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
 
 
 def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarray,
-            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig
-            ) -> tuple[list[int], int]:
+            scores: np.ndarray, budget: int, base: _Measure, cfg: PruneConfig,
+            tick: Callable[[int], None] | None = None) -> tuple[list[int], int]:
     chosen: list[int] = []
     current = np.ones(backdoor.n_channels, np.float32)
     cur_bd, cur_cost = float(base.bd_prob[0]), float(base.clean_cost[0])
@@ -197,6 +227,8 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
     while remaining and len(chosen) < budget:
         m = _measure(backdoor, cost, utility, _without(current, remaining))
         coalitions += len(remaining)
+        if tick:
+            tick(len(remaining))
         gain = (cur_bd - m.bd_prob) - cfg.clean_penalty * (m.clean_cost - cur_cost)
         gain[~_within_clean_budget(m, base, cfg)] = -np.inf
         best = int(np.argmax(gain))
@@ -220,7 +252,8 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
 
 
 def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list[int],
-               cfg: PruneConfig) -> tuple[list[int], list[int], int]:
+               cfg: PruneConfig, tick: Callable[[int], None] | None = None
+               ) -> tuple[list[int], list[int], int]:
     """Switch back on, one at a time, the zeroed channels a plan that reached its target
     does not need.
 
@@ -242,6 +275,8 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
         rows[np.arange(len(chosen)), chosen] = 1.0  # row j: chosen[j] back on
         m = _measure(backdoor, cost, utility, rows)
         coalitions += len(chosen)
+        if tick:
+            tick(len(chosen))
         ok = np.flatnonzero(_reached(m, cfg) & (m.clean_cost < cost_now))
         if not len(ok):
             break

@@ -67,6 +67,7 @@ class ReversedTrigger:
     mask: np.ndarray | None  # patch: mask m [H, W]
     norm: float  # patch: L1 of m (pixels); universal: L2 of δ; warp: RMS displacement (pixels)
     asr: float  # on the rows it was optimised on
+    rows: int = 0  # how many: images of other classes (at most ReverseConfig's share)
 
     def apply(self, pixels: np.ndarray, gain: float = 1.0) -> np.ndarray:
         """Stamp the trigger; `gain` > 1 strengthens it (mask ×gain capped at 1, δ ×gain,
@@ -357,7 +358,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if step in snapshots:
-            kept[step] = _triggers(families, asr)
+            kept[step] = _triggers(families, asr, counts)
         if progress:
             progress(step, cfg.steps)
         stalled = all((step - fam.last_improved >= cfg.early_stop).all() and
@@ -366,14 +367,18 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
             log.debug("trigger reverse converged after %d steps", step)
             break
 
-    return ReverseResult(_triggers(families, asr), step, passes, time.perf_counter() - start,
-                         n_classes, snapshots=kept)
+    return ReverseResult(_triggers(families, asr, counts), step, passes,
+                         time.perf_counter() - start, n_classes, snapshots=kept)
 
 
-def _triggers(families: list[_Family], asr: np.ndarray
+def _triggers(families: list[_Family], asr: np.ndarray, counts: np.ndarray
               ) -> dict[tuple[str, int], ReversedTrigger]:
-    return {(fam.name, trig.target): trig
-            for f, fam in enumerate(families) for trig in fam.results(asr[f])}
+    out = {}
+    for f, fam in enumerate(families):
+        for i, trig in enumerate(fam.results(asr[f])):  # in the order of fam.targets
+            trig.rows = int(counts[f, i])
+            out[(fam.name, trig.target)] = trig
+    return out
 
 
 def _rows_for(labels: np.ndarray, target: int, limit: int,

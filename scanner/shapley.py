@@ -144,6 +144,8 @@ def estimate(evaluator: Evaluator, utility: Utility, cfg: ShapleyConfig = Shaple
                     depths.append(int(pos[b]))
                     if pos[b] >= len(players):
                         v_empty.append(float(values[r]))
+            if progress:  # permutations finished so far: a slow round still moves the bar
+                progress(done + batch - int(alive.sum()), cfg.permutations)
         done += batch
         top = np.argsort(-total, kind="stable")[: cfg.top_k].tolist()
         stable = stable + 1 if history and set(top) == set(history[-1]) else 0

@@ -20,6 +20,8 @@ from scanner.findings import (
     Severity,
     Verdict,
 )
+from scanner.policy import RepairPolicy
+from scanner.wording import target_missed
 
 LAYERS = [
     LayerInfo("/features/relu1/Relu_output_0", "Relu", "/features/relu1/Relu", 32, 4),
@@ -140,3 +142,63 @@ def inconclusive_result() -> ScanResult:
                                         "no activation layers with channels found")],
                       model=model_summary("samples/models/linear.onnx", layers=[]),
                       skipped=["behavioural scan: no activation layers"])
+
+
+# cnn_badnets scanned with its 10 few-shot images (seed 0): class 0 is flagged by the patch
+# test (patch index 3.32, 2.06 robust σ from the next class) while its combined index, the
+# bar the chart draws, is 2.28, under the 2.5 threshold. (target, mask L1, combined, patch
+# index, patch isolation, full-image index, warp index)
+ISOLATION_CLASSES = [
+    (0, 5.8, 2.28, 3.32, 2.06, 1.24, 1.34), (1, 35.8, 0.04, 0.05, 0.0, 0.03, -1.47),
+    (2, 37.7, 0.18, -0.05, 0.0, 0.40, -0.91), (3, 52.0, -0.54, -0.63, 0.0, -0.46, 0.27),
+    (4, 30.0, 0.57, 0.36, 0.0, 0.78, -1.01), (5, 49.5, -0.75, -0.54, 0.0, -0.95, 0.32),
+    (6, 18.2, 1.17, 1.26, 0.0, 1.09, -0.69), (7, 69.4, -1.32, -1.14, 0.0, -1.50, -0.27),
+    (8, 24.1, 0.36, 0.75, 0.0, -0.03, 0.40), (9, 54.9, -0.65, -0.72, 0.0, -0.57, 0.66)]
+
+
+def _stamp_rows(rep: Repair, images: str = "few-shot") -> Repair:
+    """The rows a real scan of a 10-class model measures the repair on (scanner/repair.py)."""
+    rep.inputs, rep.trigger_gain = images, 2.0
+    rep.stamped_images, rep.stamped_copies, rep.clean_images, rep.clean_copies = 9, 4, 10, 8
+    return rep
+
+
+def isolation_flagged_result() -> ScanResult:
+    result = backdoor_result()
+    det = result.detection
+    det.classes = [ClassReverse(target=t, mask_l1=l1, anomaly_index=a, reversed_asr=1.0,
+                                patch_anomaly_index=p, patch_isolation=iso,
+                                universal_anomaly_index=u, warp_anomaly_index=w,
+                                flagged=t == 0)
+                   for t, l1, a, p, iso, u, w in ISOLATION_CLASSES]
+    det.flagged_targets, det.threshold, det.reasons = [0], 2.5, {0: "patch"}
+    det.masks, det.patterns, det.examples = ({0: v} for v in (
+        det.masks[3], det.patterns[3], det.examples[3]))
+    det.views, det.forward_passes = {"few-shot": 1.66}, 32_400
+    rep = _stamp_rows(repair(target=0))
+    rep.reversed_asr_after, rep.target_reached = 0.044, False
+    rep.target_probability_before, rep.target_probability_after = 0.946, 0.062
+    rep.clean_target_probability_after = 0.004
+    rep.fewshot_acc_before, rep.fewshot_acc_after = 0.9, 0.989
+    result.repair = rep
+    result.findings = [
+        Finding("SS201", Severity.CRITICAL, "backdoor towards class 0: a patch-like reversed "
+                "trigger flips 100% of the 9 few-shot images of other classes it was reversed "
+                "on (patch anomaly index 3.32 > 2, 2.06 robust σ from the next class ≥ 1)",
+                "class 0", {"target": 0, "test": "patch"}),
+        Finding("SS302", Severity.HIGH, target_missed(rep, RepairPolicy()), "class 0")]
+    return result
+
+
+def data_free_result() -> ScanResult:
+    """A data-free scan: every image the scan measured on was synthesised from the model."""
+    result = backdoor_result()
+    det = result.detection
+    det.data_free, det.bn_layers_matched, det.views = True, 4, {"synthesised": 2.31}
+    det.reasons = {3: "combined"}
+    result.repair = _stamp_rows(result.repair, "synthesised")
+    result.findings[-1] = (Finding(
+        "SS301", Severity.INFO, "zeroed 4 of 416 channels (0.96%); reversed trigger success "
+        "100% -> 0%; data-free: clean behaviour was only checked on synthesised inputs, "
+        "measure the repaired model's accuracy on real data before deploying it", "class 3"))
+    return result

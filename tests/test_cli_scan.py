@@ -307,14 +307,22 @@ def test_a_step_budget_in_scan_options_is_refused_not_ignored():
                                                  reverse=ReverseConfig(steps=10)))
 
 
-def test_the_summary_says_which_inputs_clean_accuracy_was_measured_on(capsys):
-    from report_fixtures import backdoor_result
+def test_the_summary_says_which_rows_each_figure_was_measured_on(capsys):
+    """The repair's figures are on the scan's own images and shifted copies (45 stamped and
+    90 clean rows on a 10-class model), not a test set: the summary says so, and says
+    "synthesised inputs" on a data-free scan."""
+    from report_fixtures import data_free_result, isolation_flagged_result
 
     from scanner.commands.scan import print_summary
 
-    result = backdoor_result()
-    print_summary(result)
-    assert "clean accuracy on the few-shot inputs 100% -> 100%" in capsys.readouterr().out
-    result.detection.data_free = True  # the repair was judged on synthesised inputs
-    print_summary(result)
-    assert "clean accuracy on the synthesised inputs 100% -> 100%" in capsys.readouterr().out
+    print_summary(isolation_flagged_result())
+    out = capsys.readouterr().out
+    assert ("  reversed trigger success: 100% -> 4% (mean target probability 0.946 -> 0.062)\n"
+            "    on 45 rows: the 9 few-shot images of other classes and 4 shifted copies of "
+            "each, stamped with the reversed trigger at 2x its strength\n") in out
+    assert ("  clean accuracy: 90% -> 99% on 90 rows: the 10 few-shot images and 8 shifted "
+            "copies of each (not a test set)\n") in out
+    print_summary(data_free_result())
+    out = capsys.readouterr().out
+    assert "clean accuracy: 100% -> 100% on 90 rows: the 10 synthesised inputs" in out
+    assert "few-shot" not in out.split("[", 1)[0]  # above the findings

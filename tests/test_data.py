@@ -303,3 +303,25 @@ def test_npz_suffix_in_any_case(tmp_path):
     with open(tmp_path / "few.NPZ", "wb") as f:  # np.savez would append ".npz"
         np.savez(f, x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 1]))
     assert len(load_images(tmp_path / "few.NPZ", GRAY)) == 2
+
+
+def test_class_folders_are_ordered_by_name_as_strings_as_the_readme_says(tmp_path):
+    """README "Data": sorted folder names are classes 0, 1, 2, ... (as strings: "B" before
+    "a", "10_bag" before "2_pullover"), an empty folder takes its place; numeric names are
+    their own class."""
+    names = ["a_shirt", "10_bag", "B_coat", "2_pullover", "empty"]
+    for value, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        if name != "empty":
+            Image.fromarray(np.full((8, 8), 20 * (value + 1), np.uint8)).save(
+                tmp_path / name / "x.png")
+    data = load_images(tmp_path, GRAY)
+    by_label = {int(y): round(float(x.max()) * 255) for x, y in zip(data.pixels, data.labels,
+                                                                    strict=True)}
+    # sorted: 10_bag, 2_pullover, B_coat, a_shirt, empty
+    assert by_label == {0: 40, 1: 80, 2: 60, 3: 20}
+    numeric = tmp_path / "numeric"
+    for name in ("10", "2"):
+        (numeric / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(numeric / name / "x.png")
+    assert sorted(load_images(numeric, GRAY).labels.tolist()) == [2, 10]

@@ -150,3 +150,15 @@ def test_no_channel_carries_the_backdoor_gives_an_empty_plan(order):
     result = plan(backdoor, backdoor, np.zeros(4, np.int64), Utility(target), values,
                   PruneConfig(order=order))
     assert result.channels == [] and not result.target_reached and result.asr_after == 1.0
+
+
+def test_plan_progress_moves_forward_and_ends_at_its_total():
+    game = Game(100, carriers=[1, 2, 3, 4], useful=[50], clean=False)
+    values = estimate(game, Utility(2), ShapleyConfig(permutations=16), seed=0)
+    calls: list[tuple[int, int]] = []
+    plan(game, game.with_images(clean=True), game.labels, Utility(2), values,
+         PruneConfig(max_channel_fraction=0.03), progress=lambda d, t: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    [total] = {t for _, t in calls}
+    assert done == sorted(done) and len(calls) >= 3
+    assert done[-1] <= total  # the bound: a plan that reaches its target stops sooner

@@ -18,8 +18,10 @@ from report_fixtures import (
     LAYERS,
     backdoor_result,
     clean_result,
+    data_free_result,
     error_result,
     inconclusive_result,
+    isolation_flagged_result,
     model_summary,
 )
 
@@ -193,3 +195,102 @@ def test_a_baseline_repair_claims_no_verdict() -> None:
     text = " ".join(parse(render_html(result)).text)
     assert "REPAIR ONLY — NO DETECTION" in text
     assert "BACKDOOR DETECTED" not in text and "anomalously small trigger" not in text
+
+
+def _svg_numbers(tag_attrs: dict[str, str | None], *names: str) -> list[float]:
+    return [float(tag_attrs[n] or 0) for n in names]
+
+
+def test_the_threshold_label_sits_in_the_margin_right_of_every_bar() -> None:
+    for make in (backdoor_result, isolation_flagged_result):
+        doc = parse(render_html(make()))
+        bars = [a for tag, a in doc.tags if tag == "rect"][:10]  # the anomaly chart's
+        right_edge = max(x + w for x, w in (_svg_numbers(a, "x", "width") for a in bars))
+        line = next(a for tag, a in doc.tags if tag == "line" and a.get("class") == "threshold")
+        label = next(a for tag, a in doc.tags if tag == "text"
+                     and a.get("class") == "threshold-label")
+        assert float(label["x"] or 0) > max(right_edge, float(line["x2"] or 0))
+
+
+def test_a_class_flagged_by_the_patch_test_shows_that_test_not_only_its_bar() -> None:
+    result = isolation_flagged_result()
+    page = render_html(result)
+    doc = parse(page)
+    text = " ".join(doc.text)
+    # the bar (combined index 2.28) is under the 2.5 line: the diamond marks the patch
+    # test's index, above the line, and a note says which test flagged the class
+    line_y = float(next(a for tag, a in doc.tags
+                        if tag == "line" and a.get("class") == "threshold")["y1"] or 0)
+    [mark] = [a for tag, a in doc.tags if tag == "path" and a.get("class") == "test-mark"]
+    mark_y = float((mark["d"] or "").split()[1])  # "M cx top-of-diamond ..."
+    assert mark_y < line_y
+    assert "patch test 3.32" in text
+    assert "Class 0 was flagged by the patch test, not by the combined index" in \
+        " ".join(text.split())
+    # a class flagged by the combined index gets no diamond
+    assert not any(tag == "path" and a.get("class") == "test-mark"
+                   for tag, a in parse(render_html(backdoor_result())).tags)
+
+
+def test_a_warp_flag_is_marked_with_the_warp_index() -> None:
+    from scanner.report.charts import anomaly_chart
+
+    result = isolation_flagged_result()
+    classes = result.detection.classes
+    classes[0].warp_anomaly_index = float("inf")  # all other warps equal: drawn at the top
+    chart = anomaly_chart(classes, 2.5, reasons={0: "warp"})
+    assert "warp test ∞" in chart and chart.count('class="test-mark"') == 1
+
+
+def test_a_data_free_report_says_synthesised_inputs_never_few_shot_in_the_repair() -> None:
+    page = render_html(data_free_result())
+    doc = parse(page)
+    text = " ".join(" ".join(doc.text).split())
+    repair = text[text.index("Repair"):text.index("Top channels")]
+    assert "few-shot" not in repair
+    assert "Reversed trigger success (stamped synthesised inputs)" in repair
+    assert "Clean accuracy (synthesised inputs)" in repair
+    assert ("on 45 rows: the 9 synthesised inputs of other classes and 4 shifted copies of "
+            "each, stamped with the reversed trigger at 2x its strength") in repair
+    few = " ".join(" ".join(parse(render_html(isolation_flagged_result())).text).split())
+    assert "clean accuracy on 90 rows: the 10 few-shot images and 8 shifted copies" in few
+
+
+def _shoot(page: Path, shot: Path, height: int) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             f"--screenshot={shot}", f"--window-size=1100,{height}", page.resolve().as_uri()],
+            check=True, capture_output=True, timeout=120)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+
+
+def _colour(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 12) -> np.ndarray:
+    return (np.abs(image - np.array(rgb)) <= tol).all(axis=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_three_kinds_of_scan_render_their_charts_in_headless_chromium(tmp_path: Path) -> None:
+    """A patch-flagged, an isolation-flagged and a data-free scan's reports as Chromium
+    draws them: not blank, the verdict banner on top, the anomaly chart's dashed red
+    threshold line, and the outlined bar of a class the isolation test flagged."""
+    shots = {}
+    for name, make in (("patch", backdoor_result), ("isolation", isolation_flagged_result),
+                       ("data-free", data_free_result)):
+        page = write_report(tmp_path / f"{name}.html", render_html(make()))
+        shots[name] = _shoot(page, tmp_path / f"{name}.png", 1500)
+    for name, image in shots.items():
+        assert image.shape[:2] == (1500, 1100), name
+        assert image.std() > 20, name  # not a blank page
+        red = _colour(image, (198, 40, 40))  # FLAG: banner, threshold line, flagged bar
+        assert red[:250].sum() > 20_000, name  # the BACKDOOR banner
+        # the chart (below the findings): a dashed red line is many short red runs on a row
+        rows = red[350:1000].sum(axis=1)
+        assert rows.max() > 200, name
+    # the pale, outlined bar of the class the test flagged (about 2,900 pixels; red text
+    # and bar edges antialiased on white leave some 650 of that shade in every report)
+    light = {name: _colour(image, (244, 199, 195), 6).sum() for name, image in shots.items()}
+    assert light["isolation"] > 2_000 + max(light["patch"], light["data-free"])

@@ -187,3 +187,28 @@ def test_a_second_view_flag_gets_its_trigger_refined_alone(second_view_steps, re
     assert verdict.refined == ({0: 3} if refined else {})
     if refined:
         assert verdict.triggers[0].family == "universal" and verdict.triggers[0].target == 0
+
+
+def test_each_trigger_says_how_many_images_its_success_rate_is_on():
+    """SS201 quotes the rate with its count: the images of other classes it was reversed on
+    (all 9 here; at most the per-class share on a model with many classes)."""
+    prep, images, program = _badnets()
+    result = reverse_triggers(program, prep, images, 10, ReverseConfig(steps=2), seed=0)
+    assert {trig.rows for trig in result.triggers.values()} == {9}
+    few = reverse_triggers(program, prep, images, 10,
+                           ReverseConfig(steps=1, families=("patch",), max_rows=30,
+                                         min_images=4), seed=0)
+    assert {trig.rows for trig in few.triggers.values()} == {4}  # 30 // (1 x 10) < 4
+
+
+def test_the_reverse_forecast_counts_the_rows_a_step_runs_and_times_them():
+    from scanner.estimate import forecast_reverse, reverse_rows
+
+    prep, images, program = _badnets()
+    cfg = ReverseConfig(steps=4)
+    assert reverse_rows(images.labels, 10, cfg) == 3 * 10 * 9
+    run = reverse_triggers(program, prep, images, 10, cfg, seed=0)
+    assert run.forward_passes == 4 * reverse_rows(images.labels, 10, cfg)
+    forecast = forecast_reverse(program, prep, images, 10, cfg, 4)
+    # a timing on shared cores: the forecast is right within a factor of a few, not exact
+    assert run.seconds / 5 < forecast < run.seconds * 5

@@ -73,3 +73,15 @@ def test_pass_budget_is_not_overrun_by_the_next_round():
                        seed=0)
     assert capped.permutations == 12  # a 4th round would spend 4 * per_round
     assert capped.forward_passes == game.images + 3 * per_round
+
+
+def test_progress_counts_finished_permutations_up_to_the_budget():
+    calls: list[tuple[int, int]] = []
+    game = AndGame(60, [7, 42])
+    estimate(game, Utility(1), ShapleyConfig(permutations=20, parallel=8), seed=0,
+             progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert {t for _, t in calls} == {20}
+    assert done == sorted(done) and done[-1] == 20
+    # within a round of 8 the bar moves as permutations finish, not only at its end
+    assert len(set(done)) > 3

@@ -268,14 +268,20 @@ def print_summary(result: ScanResult) -> None:
         probability = ("" if rep.target_probability_after is None else
                        f" (mean target probability {rep.target_probability_before:.3f} -> "
                        f"{rep.target_probability_after:.3f})")
-        # a data-free scan judges clean behaviour on the inputs it synthesised
-        inputs = "synthesised" if det is not None and det.data_free else "few-shot"
+        # say which rows each figure is on: the scan's own images and shifted copies, with
+        # the trigger at its gain, not a test set (a reader compares them with test figures)
         lines.append(f"  reversed trigger success: {100 * rep.reversed_asr_before:.0f}% -> "
-                     f"{100 * rep.reversed_asr_after:.0f}%{probability}; clean accuracy on the "
-                     f"{inputs} inputs {100 * rep.fewshot_acc_before:.0f}% -> "
-                     f"{100 * rep.fewshot_acc_after:.0f}%")
+                     f"{100 * rep.reversed_asr_after:.0f}%{probability}")
+        lines.append(f"    on {rep.stamped_rows()}")
+        lines.append(f"  clean accuracy: {100 * rep.fewshot_acc_before:.0f}% -> "
+                     f"{100 * rep.fewshot_acc_after:.0f}% on {rep.clean_rows()} (not a test set)")
         if rep.output_path:
             lines.append(f"  repaired model: {rep.output_path}")
+    out = result.output
+    if out is not None and out.kind == "unchanged-copy":
+        lines.append(f"  model copied unchanged to {out.path} (found clean: nothing to repair)")
+    elif out is not None and not out.written:
+        lines.append(f"  nothing written to {out.path}: {out.reason}")
     said = set()
     for f in result.findings:
         lines.append(f"  [{f.severity.name}] {f.rule_id} {f.message}")

@@ -18,6 +18,8 @@ from PIL import Image
 from ..findings import ChannelValue, ClassReverse
 
 FLAG = "#c62828"
+FLAG_LIGHT = "#f4c7c3"
+HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'
 WARN = "#ef6c00"
 BAR = "#5c7ea8"
 MUTED = "#607080"
@@ -33,20 +35,45 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
-                  warn: float | None = None) -> str:
-    """Vertical bars of the anomaly index per class, threshold drawn as a dashed line.
+# a class flagged by a family test: which of its indices to draw, and the test's name
+_TESTS = {"patch": ("patch_anomaly_index", "patch test"),
+          "warp": ("warp_anomaly_index", "warp test")}
 
-    Non-finite indices (all masks equal, MAD = 0) are drawn at the top of the axis.
+
+def flagged_by_test(c: ClassReverse, reasons: dict[int, str]) -> tuple[float, str] | None:
+    """(index, test name) when `c` was flagged by the patch or warp test rather than by
+    the combined index the bars show; None otherwise."""
+    reason = reasons.get(c.target)
+    if not c.flagged or reason not in _TESTS:
+        return None
+    attr, name = _TESTS[reason]
+    value = getattr(c, attr)
+    return None if value is None else (float(value), name)
+
+
+def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
+                  warn: float | None = None, reasons: dict[int, str] | None = None) -> str:
+    """Vertical bars of the combined anomaly index per class, threshold drawn as a dashed
+    line labelled in the right margin (never over a bar).
+
+    A class flagged by the patch or warp test (`reasons`) can sit below the line on the
+    combined index: its bar is outlined in red and a red diamond marks the index of the
+    test that flagged it, labelled with the test's name. Non-finite indices (all masks
+    equal, MAD = 0) are drawn at the top of the axis.
     """
     width, height = 760, 300
-    left, right, top, bottom = 48, 16, 20, 44
+    left, right, top, bottom = 48, 100, 20, 44
+    marks = {c.target: m for c in classes
+             if (m := flagged_by_test(c, reasons or {})) is not None}
     finite = [c.anomaly_index for c in classes if math.isfinite(c.anomaly_index)]
+    finite += [v for v, _ in marks.values() if math.isfinite(v)]
     levels = [threshold] if warn is None else [threshold, warn]
     hi = max([*levels, *finite, 0.0]) * 1.15 + 0.1
     lo = min([0.0, *finite])
     if lo < 0:  # room under the lowest bar for its value label, above the class labels
         lo -= 0.15 * (hi - lo)
+    if marks:  # room above the highest diamond for its label
+        hi += 0.08 * (hi - lo)
     plot_h = height - top - bottom
     plot_w = width - left - right
 
@@ -63,33 +90,54 @@ def anomaly_chart(classes: Sequence[ClassReverse], threshold: float,
                      f'class="tick">{tick:g}</text>')
     slot = plot_w / max(1, len(classes))
     bar_w = min(48.0, slot * 0.7)
+    # text goes on top of every bar and line, with a white halo where a line crosses it
+    labels: list[str] = []
     for i, c in enumerate(classes):
         a = c.anomaly_index if not math.isnan(c.anomaly_index) else 0.0
         x = left + slot * i + (slot - bar_w) / 2
+        cx = x + bar_w / 2
         y0, y1 = sorted((y(0.0), y(a)))
-        color = FLAG if c.flagged else (WARN if warn is not None and a > warn else BAR)
+        mark = marks.get(c.target)
+        if mark is None:
+            color = FLAG if c.flagged else (WARN if warn is not None and a > warn else BAR)
+            style = f'fill="{color}"'
+        else:  # flagged, but not by this index: outlined, the diamond says by what
+            style = f'fill="{FLAG_LIGHT}" stroke="{FLAG}" stroke-width="2"'
         parts.append(f'<rect x="{x:.1f}" y="{y0:.1f}" width="{bar_w:.1f}" '
-                     f'height="{max(1.0, y1 - y0):.1f}" fill="{color}">'
+                     f'height="{max(1.0, y1 - y0):.1f}" {style}>'
                      f'<title>class {esc(c.target)}: anomaly index {_fmt(c.anomaly_index)}, '
                      f'mask L1 {_fmt(c.mask_l1)}</title></rect>')
         label_y = y(a) - 5 if a >= 0 else y(a) + 14
         if slot >= 34 or c.flagged:  # with many classes only the flagged ones get a value
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{label_y:.1f}" '
-                         f'text-anchor="middle" class="value">{_fmt(c.anomaly_index)}</text>')
-        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height - bottom + 18}" '
-                     f'text-anchor="middle" class="tick">{esc(c.target)}</text>')
+            labels.append(f'<text x="{cx:.1f}" y="{label_y:.1f}" {HALO} '
+                          f'text-anchor="middle" class="value">{_fmt(c.anomaly_index)}</text>')
+        if mark is not None:
+            value, name = mark
+            my = y(value if math.isfinite(value) else math.inf)
+            r = 7.0
+            parts.append(f'<path class="test-mark" d="M{cx:.1f} {my - r:.1f} L{cx + r:.1f} '
+                         f'{my:.1f} L{cx:.1f} {my + r:.1f} L{cx - r:.1f} {my:.1f} Z" '
+                         f'fill="{FLAG}"><title>class {esc(c.target)}: flagged by the '
+                         f'{esc(name)}, index {_fmt(value)}</title></path>')
+            labels.append(f'<text x="{cx:.1f}" y="{my - r - 4:.1f}" text-anchor="middle" '
+                          f'{HALO} class="value test-label" fill="{FLAG}">{esc(name)} '
+                          f'{_fmt(value)}</text>')
+        labels.append(f'<text x="{cx:.1f}" y="{height - bottom + 18}" '
+                      f'text-anchor="middle" class="tick">{esc(c.target)}</text>')
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}" '
                  f'stroke="{MUTED}"/>')
     for level, color, name in ((threshold, FLAG, "flag threshold"), (warn, WARN, "warn")):
         if level is None:
             continue
+        first, second = name.rsplit(" ", 1) if " " in name else (name, "")
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(level):.1f}" '
                      f'y2="{y(level):.1f}" stroke="{color}" stroke-width="2" '
                      f'stroke-dasharray="6 4" class="threshold"/>'
-                     f'<text x="{left + 4}" y="{y(level) - 5:.1f}" stroke="white" '
-                     f'stroke-width="3" paint-order="stroke" '
-                     f'text-anchor="start" class="threshold-label" fill="{color}">'
-                     f'{name} {level:g}</text>')
+                     f'<text x="{width - right + 6}" y="{y(level) - 3:.1f}" '
+                     f'text-anchor="start" class="threshold-label" fill="{color}">{first}'
+                     f'<tspan x="{width - right + 6}" dy="14">{second} {level:g}</tspan>'
+                     '</text>')
+    parts += labels
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" '
                  'class="axis">class</text>')
     mid = top + plot_h / 2

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Verdict
-from .charts import BAR, FLAG, anomaly_chart, esc, png_data_uri, shapley_chart
+from .charts import BAR, FLAG, anomaly_chart, esc, flagged_by_test, png_data_uri, shapley_chart
 
 _TITLES = {Verdict.BACKDOOR: "BACKDOOR DETECTED", Verdict.CLEAN: "CLEAN",
            Verdict.INCONCLUSIVE: "INCONCLUSIVE", Verdict.ERROR: "ERROR — MODEL NOT SCANNED",
@@ -111,7 +111,18 @@ def _detection(d: Detection) -> str:
              f'for image-warping triggers, is judged on its own). '
              f'Classes above the threshold ({_num(d.threshold, 2)}) are flagged. Inputs: '
              f'{esc(source)}; {d.forward_passes:,} forward passes.</p>',
-             anomaly_chart(d.classes, d.threshold)]
+             anomaly_chart(d.classes, d.threshold, reasons=d.reasons)]
+    for c in d.classes:
+        mark = flagged_by_test(c, d.reasons)
+        if mark is not None:
+            value, test = mark
+            family = test.split()[0]
+            parts.append(f'<p class="note flagged-by"><b>Class {esc(c.target)}</b> was flagged '
+                         f'by the {esc(test)}, not by the combined index its bar shows '
+                         f'({_num(c.anomaly_index, 2)}): its {esc(family)} trigger alone is '
+                         f'anomalous (index {_num(value, 2)}, the red diamond) and stands '
+                         f'apart from the next class\'s (see the SS201 finding for the '
+                         f'cuts).</p>')
     rows = "".join(
         f'<tr class="{"flagged" if c.flagged else ""}"><td class=num>{esc(c.target)}</td>'
         f"<td class=num>{_num(c.mask_l1, 1)}</td>"
@@ -152,12 +163,13 @@ def _detection(d: Detection) -> str:
 
 
 def _repair(r: Repair) -> str:
+    word = r.images_word
     rows = [
-        ("Reversed trigger success (few-shot)", _pct(r.reversed_asr_before),
+        (f"Reversed trigger success (stamped {word})", _pct(r.reversed_asr_before),
          _pct(r.reversed_asr_after)),
-        ("Mean target-class probability (stamped few-shot)",
+        (f"Mean target-class probability (stamped {word})",
          _num(r.target_probability_before), _num(r.target_probability_after)),
-        ("Clean accuracy (few-shot)", _pct(r.fewshot_acc_before), _pct(r.fewshot_acc_after)),
+        (f"Clean accuracy ({word})", _pct(r.fewshot_acc_before), _pct(r.fewshot_acc_after)),
         ("Channels zeroed", "0", f"{len(r.pruned)} of {r.channels_total:,} "
                                  f"({_pct(r.pruned_fraction)})"),
     ]
@@ -168,6 +180,11 @@ def _repair(r: Repair) -> str:
              f"Target reached: <b>{'yes' if r.target_reached else 'no'}</b>.</p>",
              f"<table><tr><th></th><th class=num>Before</th><th class=num>After</th></tr>"
              f"{table}</table>"]
+    if r.stamped_images or r.clean_images:
+        parts.append(f'<p class="note rows">Measured on the scan\'s own {esc(word)}, not a '
+                     f"test set. Trigger success and probability on {esc(r.stamped_rows())}; "
+                     f"clean accuracy on {esc(r.clean_rows())}. Measure the repaired model "
+                     "on held-out data before deploying it.</p>")
     if r.output_path:
         parts.append(f"<p>Repaired model written to <code>{esc(r.output_path)}</code>.</p>")
     if r.top_channels:
