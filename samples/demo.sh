@@ -17,7 +17,7 @@ echo "== gate exit code: $status (0 clean, 1 backdoor found, 2 error, 3 inconclu
 echo "== before repair (real trigger, $(.venv/bin/python -c 'import numpy as n;print(len(n.load("samples/data/test.npz")["y"]))') test images)"
 .venv/bin/shapscan eval "$model" --data samples/data/test.npz --zoo-entry "$entry"
 if [ -f "out/$entry.safe.onnx" ]; then
-  echo "== after repair"
+  echo "== the --out model (repaired; an unchanged copy when the scan found the model clean)"
   .venv/bin/shapscan eval "out/$entry.safe.onnx" --data samples/data/test.npz \
     --zoo-entry "$entry" --zoo samples/zoo.json
 fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class EvalResult:
     asr: float | None
     n_images: int
     n_attack_images: int
+    resized: dict[str, int] = field(default_factory=dict)  # --resize: "HxW" -> images
 
 
 MAX_IMAGE_VALUES = 1 << 22  # C*H*W of one input; every stage runs hundreds of rows at once
@@ -105,7 +106,7 @@ class Predictor:
 
 def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | None = None,
              target: int | None = None, overrides: dict | None = None,
-             device: str = "cpu") -> EvalResult:
+             device: str = "cpu", resize: bool = False) -> EvalResult:
     """Clean accuracy, and the attack success rate of `attack` towards `target`.
 
     ASR counts images whose true label is not the target and that the triggered input
@@ -120,7 +121,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
         shipped = any_batch(model.proto, prep.input_shape)
     else:
         batchable(model, prep)
-    data: ImageSet = load_images(data_path, prep)
+    data: ImageSet = load_images(data_path, prep, resize)
     predict = Predictor(model, prep, device, shipped)
     logits = predict(data.pixels)
     if logits.ndim != 2:
@@ -129,7 +130,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     _check_labels(data_path, data, n_classes)
     clean_acc = float((logits.argmax(1) == data.labels).mean())
     if attack is None:
-        return EvalResult(clean_acc, None, len(data), 0)
+        return EvalResult(clean_acc, None, len(data), 0, data.resized)
     if target is None:
         raise DataError("an attack needs --target")
     if not 0 <= target < n_classes:
@@ -141,7 +142,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
                         "attack success rate needs images of other classes")
     triggered = attack.apply(data.pixels[keep])
     hits = predict(triggered).argmax(1) == target
-    return EvalResult(clean_acc, float(hits.mean()), len(data), int(keep.sum()))
+    return EvalResult(clean_acc, float(hits.mean()), len(data), int(keep.sum()), data.resized)
 
 
 # ----------------------------------------------------------------------------- scan
@@ -254,7 +255,7 @@ def _gather_images(ctx: ScanContext) -> None:
     if ctx.opts.data is None:
         raise DataError("give --data with clean images (1 per class is enough) "
                         "or --data-free")
-    ctx.images = _clean_images(ctx.opts.data, ctx.prep, ctx.n_classes, ctx.policy.detection)
+    ctx.images = _clean_images(ctx)
     _check_clean_accuracy(ctx.predict, ctx.images, ctx.policy.detection)
 
 
@@ -265,8 +266,7 @@ def _run_baseline(ctx: ScanContext) -> None:
         ctx.progress.stage(f"baseline {ctx.opts.method}")
         images = None
         if ctx.opts.data is not None:
-            images = _clean_images(ctx.opts.data, ctx.prep, ctx.n_classes,
-                                   ctx.policy.detection)
+            images = _clean_images(ctx)
         repair = run_baseline(ctx.opts.method, ctx.model, ctx.layers, ctx.prep, images,
                               ctx.policy, ctx.device)
     ctx.result.repair = repair
@@ -292,15 +292,24 @@ def _check_labels(path: str | Path, images: ImageSet, n_classes: int) -> None:
                         f"for a model with {n_classes} classes")
 
 
-def _clean_images(path: Path, prep: Preprocess, n_classes: int, det: DetectionPolicy
-                  ) -> ImageSet:
+def _clean_images(ctx: ScanContext) -> ImageSet:
     """The --data images, checked for what every method needs: labels of this model and
-    enough of its classes (SS207), and at least two of them."""
-    images = load_images(path, prep)
-    _check_labels(path, images, n_classes)
-    _check_class_coverage(images, n_classes, det)
+    enough of its classes (SS207), and at least two of them; SS208 when --resize resized
+    them."""
+    path, prep = ctx.opts.data, ctx.prep
+    assert path is not None
+    images = load_images(path, prep, ctx.opts.resize)
+    _check_labels(path, images, ctx.n_classes)
+    _check_class_coverage(images, ctx.n_classes, ctx.policy.detection)
     if len(images.classes()) < 2:
         raise DataError(f"{path}: need images of at least 2 classes")
+    if images.resized:
+        count = sum(images.resized.values())
+        ctx.result.findings.append(ctx.catalog.make(
+            "SS208", f"{count} of {len(images)} clean images were resized from "
+            f"{', '.join(sorted(images.resized))} to {prep.height}x{prep.width} (--resize, "
+            "bilinear): the verdict rests on resized images", count=count,
+            sizes=dict(images.resized)))
     return images
 
 

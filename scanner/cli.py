@@ -12,7 +12,7 @@ import warnings
 import click
 
 from . import __version__
-from .errors import ShapscanError, UsageError, internal_error, out_of_memory
+from .errors import Interrupted, ShapscanError, UsageError, internal_error, out_of_memory
 
 EXAMPLES = """
 \b
@@ -65,12 +65,19 @@ def _main(argv: list[str] | None, debug: bool) -> int:
         rv = cli.main(args=argv, prog_name="shapscan", standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help, --version
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort; it is not a refused model (2) but 128 + SIGINT
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            click.echo("shapscan: interrupted", err=True)
+            return Interrupted.exit_code
         click.echo("shapscan: aborted", err=True)
         return 2
     except click.ClickException as exc:
         click.echo(f"shapscan: error: {exc.format_message()}", err=True)
         return UsageError.exit_code
+    except Interrupted as exc:  # what finished was written; the message says where
+        click.echo(f"shapscan: {exc}", err=True)
+        return exc.exit_code
     except ShapscanError as exc:
         if debug:
             raise
@@ -78,7 +85,7 @@ def _main(argv: list[str] | None, debug: bool) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("shapscan: interrupted", err=True)
-        return 130
+        return Interrupted.exit_code
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise

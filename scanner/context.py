@@ -38,6 +38,7 @@ class ScanOptions:
     seed: int = 0
     layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score
     overrides: dict | None = None  # preprocessing overrides
+    resize: bool = False  # resize --data images of another size instead of refusing (SS208)
     # the step budget is the policy's (detection.reverse_steps, .second_view_steps): a
     # ScanOptions that changes `steps` here is refused rather than silently overridden
     reverse: ReverseConfig = ReverseConfig()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,8 @@ def _spec_fields(raw: object, source: str) -> dict:
 class ImageSet:
     pixels: np.ndarray  # float32 NCHW in [0, 1]
     labels: np.ndarray  # int64 [N]
+    # images resized to the model's input on request (--resize): original "HxW" -> count
+    resized: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -215,13 +218,19 @@ def _contradiction(message: str, *sources: str) -> ShapscanError:
     return (UsageError if any(s.startswith("--") for s in sources) else DataError)(message)
 
 
-def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
-    """Load a `.npz` (arrays x, y) or a folder of images into pixel space for `prep`."""
+def load_images(path: str | Path, prep: Preprocess, resize: bool = False) -> ImageSet:
+    """Load a `.npz` (arrays x, y) or a folder of images into pixel space for `prep`.
+
+    Images of another size than the model's input are refused unless `resize` (then
+    resized bilinearly, and counted in `ImageSet.resized`): a resize changes what a small
+    trigger looks like, and 64x64 images silently resized for a clean 28x28 model gave a
+    false backdoor verdict."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    resized: Counter[str] = Counter()
     if path.is_dir():
-        pixels, labels = _load_folder(path, prep)
+        pixels, labels = _load_folder(path, prep, resized if resize else None)
     elif not path.is_file():  # a FIFO or device would block the read
         raise DataError(f"{path}: not a regular file or folder")
     elif path.suffix.lower() == ".npz":
@@ -229,14 +238,49 @@ def load_images(path: str | Path, prep: Preprocess) -> ImageSet:
     else:
         raise DataError(f"{path}: expected a .npz file or a folder of images")
     pixels = _match_channels(pixels, prep.channels, path)
-    if pixels.shape[2:] != (prep.height, prep.width):
-        raise DataError(f"{path}: images are {pixels.shape[2]}x{pixels.shape[3]}, "
-                        f"the model expects {prep.height}x{prep.width}")
     if len(labels) != len(pixels):
         raise DataError(f"{path}: {len(pixels)} images but {len(labels)} labels")
     if len(labels) == 0:
         raise DataError(f"{path}: no images")
-    return ImageSet(np.ascontiguousarray(pixels, np.float32), labels.astype(np.int64))
+    if pixels.shape[2:] != (prep.height, prep.width):
+        if not resize:
+            raise _size_error(path, Counter({_size(*pixels.shape[2:]): len(pixels)}),
+                              len(pixels), prep)
+        resized[_size(*pixels.shape[2:])] += len(pixels)
+        pixels = _resized(pixels, prep.height, prep.width)
+    return ImageSet(np.ascontiguousarray(pixels, np.float32), labels.astype(np.int64),
+                    dict(resized))
+
+
+def _size(height: int, width: int) -> str:
+    return f"{height}x{width}"
+
+
+def _size_error(path: Path, sizes: Counter[str], total: int, prep: Preprocess,
+                first: Path | None = None) -> DataError:
+    """Wrong-size images, refused as one line that says how to go on."""
+    wanted = _size(prep.height, prep.width)
+    shown = " and ".join(size for size, _ in sizes.most_common(3))
+    if len(sizes) > 3:
+        shown += f" and {len(sizes) - 3} more sizes"
+    count = sum(sizes.values())
+    which = "images are" if count == total else f"{count} of {total} images are"
+    where = f" (first: {first})" if first is not None and count < total else ""
+    return DataError(f"{path}: {which} {shown}{where}, the model expects {wanted}; resize "
+                     f"them to {wanted}, or give --resize to have them resized (bilinear)")
+
+
+def _resized(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] resized bilinearly, one float channel at a time (as PIL
+    resizes a folder's images)."""
+    from PIL import Image
+
+    out = np.empty((*pixels.shape[:2], height, width), np.float32)
+    for i, image in enumerate(pixels):
+        for c, channel in enumerate(image):
+            out[i, c] = np.asarray(Image.fromarray(np.ascontiguousarray(channel, np.float32))
+                                   .resize((width, height), Image.BILINEAR))
+    return np.clip(out, 0.0, 1.0)
 
 
 def _load_npz(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,8 +346,12 @@ def _label(digits: str, where: Path) -> int:
     return label
 
 
-def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
-    """`class_dir/xxx.png` (classes sorted by name, or numeric names) or `label_xxx.png`."""
+def _load_folder(path: Path, prep: Preprocess, resized: Counter[str] | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`class_dir/xxx.png` (classes sorted by name, or numeric names) or `label_xxx.png`.
+
+    Images of another size are resized (and counted in `resized`) when `resized` is given,
+    else refused, all of them in one line."""
     from PIL import Image, UnidentifiedImageError
 
     files: list[tuple[Path, int]] = []
@@ -329,19 +377,31 @@ def _load_folder(path: Path, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
     if not files:
         raise DataError(f"{path}: no images found (.png/.jpg in class folders or LABEL_xxx.png)")
     images = []
+    wrong: Counter[str] = Counter()
+    first: Path | None = None
     for f, _ in files:
         try:
             with Image.open(f) as im:
+                size = _size(im.height, im.width)
+                if im.size != (prep.width, prep.height):
+                    if resized is None:  # header only: the pixels are never decoded
+                        wrong[size] += 1
+                        first = first or f
+                        continue
+                    resized[size] += 1
                 images.append(_unit_pixels(im, prep, f))
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise DataError(f"{f}: unreadable image ({exc})") from None
+    if wrong:
+        raise _size_error(path, wrong, len(files), prep, first)
     x = np.stack(images)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return x, np.array([label for _, label in files], np.int64)
 
 
 def _unit_pixels(im, prep: Preprocess, path: Path) -> np.ndarray:
-    """One image as float32 [H, W] or [H, W, 3] in [0, 1], resized to the model's input."""
+    """One image as float32 [H, W] or [H, W, 3] in [0, 1] at the model's input size (a
+    wrong size reaches here only when the caller asked for a resize)."""
     from PIL import Image
 
     wide = im.mode.startswith("I;16")

@@ -49,6 +49,12 @@ class UsageError(ShapscanError):
     exit_code = 4
 
 
+class Interrupted(ShapscanError):
+    """Ctrl-C during a scan, after what finished was written (a partial report)."""
+
+    exit_code = 130  # 128 + SIGINT, what shells report for a process Ctrl-C stopped
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's message cut to one line: ORT and numpy errors run to several."""
     return (str(exc).strip().splitlines() or [""])[0][:limit]

@@ -190,6 +190,20 @@ class ModelSummary:
         return sum(layer.channels for layer in self.layers)
 
 
+@dataclass(frozen=True)
+class ModelOutput:
+    """What `--out` got for one model: the repaired model, an unchanged copy of a model the
+    scan found clean (a pipeline deploys one path either way), or nothing, and why."""
+
+    path: str
+    kind: str | None  # "repaired" | "unchanged-copy"; None: nothing was written
+    reason: str = ""  # why nothing was written
+
+    @property
+    def written(self) -> bool:
+        return self.kind is not None
+
+
 @dataclass
 class ScanResult:
     model_path: str
@@ -205,6 +219,7 @@ class ScanResult:
     seed: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     tool_version: str = ""
+    output: ModelOutput | None = None  # set by the CLI when --out was given
 
     @property
     def max_severity(self) -> Severity | None:

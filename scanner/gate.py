@@ -14,6 +14,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 2  # an error or a refused model (SS1xx refusal, unreadable data, a crash)
     INCONCLUSIVE = 3  # a model could not be scanned behaviourally, or nothing was scanned
     USAGE = 4  # bad flag or policy file: raised as UsageError before any scan, never here
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the CLI's, never computed here
 
 
 # Higher rank wins when several models disagree.

@@ -49,7 +49,6 @@ def test_eval_table_with_explicit_attack(run_cli):
 
 
 @pytest.mark.parametrize(("data", "needle"), [
-    ("missing.npz", "no such file"),
     ("bad.npz", "unreadable .npz"),
     ("shape.npz", "images are 9x9"),
     ("imgs", "unreadable image"),

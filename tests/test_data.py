@@ -73,12 +73,30 @@ def test_folder_of_class_dirs(tmp_path):
     assert data.pixels[1].max() == pytest.approx(80 / 255)
 
 
-def test_folder_of_labelled_files_resized(tmp_path):
+def test_folder_of_other_size_images_is_refused_unless_resize(tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "3_x.png")
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "7_y.jpg")
-    data = load_images(tmp_path, GRAY)
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: images are 16x16, the "
+                                        "model expects 8x8; .* give --resize"):
+        load_images(tmp_path, GRAY)
+    data = load_images(tmp_path, GRAY, resize=True)
     assert data.labels.tolist() == [3, 7]
     assert data.pixels.shape == (2, 1, 8, 8)
+    assert data.resized == {"16x16": 2}
+    # at the model's size nothing is resized, --resize or not
+    assert load_images(tmp_path, Preprocess("NCHW", 1, 16, 16), resize=True).resized == {}
+
+
+def test_npz_of_other_size_images_is_resized_only_on_request(tmp_path):
+    ramp = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (2, 16, 1))  # [2, 16, 16]
+    path = write_npz(tmp_path / "d.npz", ramp, np.array([0, 1]))
+    with pytest.raises(DataError, match="images are 16x16, the model expects 8x8"):
+        load_images(path, GRAY)
+    data = load_images(path, GRAY, resize=True)
+    assert data.pixels.shape == (2, 1, 8, 8) and data.resized == {"16x16": 2}
+    # bilinear: the ramp stays a ramp, inside [0, 1]
+    row = data.pixels[0, 0, 4]
+    assert np.all(np.diff(row) > 0) and 0 <= row.min() and row.max() <= 1
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from ..data import preprocess_field
+from ..errors import UsageError
 
 
 def _preprocess_field(ctx: click.Context, param: click.Parameter, value: object) -> object:
@@ -52,3 +54,17 @@ def preprocess_overrides(layout: str | None, channels: int | None, scale: float 
 def device_option(fn: Callable) -> Callable:
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         show_default=True, help="ONNX Runtime execution provider.")(fn)
+
+
+def resize_option(fn: Callable) -> Callable:
+    return click.option(
+        "--resize", is_flag=True,
+        help="Resize --data images of another size to the model's input (bilinear) instead "
+             "of refusing them; the scan report says so (rule SS208).")(fn)
+
+
+def require_path(path: Path, flag: str | None = None) -> None:
+    """A path the user named that does not exist is a usage error found before any work
+    (exit 4, one line), not a refused model or bad data found later for each model."""
+    if not path.exists():  # a dangling symlink too
+        raise UsageError(f"{f'--{flag}: ' if flag else ''}{path}: no such file or folder")

@@ -11,7 +11,13 @@ from ..api import evaluate
 from ..attacks import ATTACKS, Attack, AttackError, parse_params
 from ..cli import cli, echo_json
 from ..errors import DataError, UsageError
-from .common import device_option, preprocess_options, preprocess_overrides
+from .common import (
+    device_option,
+    preprocess_options,
+    preprocess_overrides,
+    require_path,
+    resize_option,
+)
 
 
 def find_zoo_entry(name: str, model: Path, zoo: Path | None) -> tuple[Attack | None, int | None]:
@@ -63,16 +69,19 @@ def _zoo_trigger(entry: dict, where: str) -> tuple[Attack | None, int | None]:
 @click.option("--zoo", type=click.Path(path_type=Path), default=None,
               help="zoo.json to read --zoo-entry from (default: next to the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@resize_option
 @preprocess_options
 @device_option
 def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
              params: tuple[str, ...], zoo_entry: str | None, zoo: Path | None, as_json: bool,
-             device: str, **prep: object) -> int:
+             resize: bool, device: str, **prep: object) -> int:
     """Clean accuracy and attack success rate (ASR) of MODEL on --data.
 
     ASR is the share of images whose true label is not the target that the triggered
-    input sends to the target.
+    input sends to the target. Exit 4 for a missing MODEL or --data, 2 for bad data.
     """
+    require_path(model)
+    require_path(data, "data")
     if zoo_entry and attack:
         raise UsageError("give either --zoo-entry or --attack, not both")
     if not (zoo_entry or attack) and (target is not None or params):
@@ -88,19 +97,29 @@ def eval_cmd(model: Path, data: Path, attack: str | None, target: int | None,
         except AttackError as exc:
             raise UsageError(str(exc)) from None
     try:
-        result = evaluate(model, data, trigger, target, preprocess_overrides(**prep), device)
+        result = evaluate(model, data, trigger, target, preprocess_overrides(**prep), device,
+                          resize=resize)
     except AttackError as exc:  # checked against the images only: a patch larger than them
         raise UsageError(f"bad attack parameter: {exc}") from None
     if as_json:
         echo_json({"model": str(model), "clean_acc": result.clean_acc, "asr": result.asr,
                    "images": result.n_images, "attack_images": result.n_attack_images,
-                   "attack": trigger.name if trigger else None, "target": target})
+                   "attack": trigger.name if trigger else None, "target": target,
+                   "resized": result.resized})
         return 0
     asr = "-" if result.asr is None else f"{100 * result.asr:.2f}%"
     rows = [("model", str(model)), ("images", str(result.n_images)),
             ("clean accuracy", f"{100 * result.clean_acc:.2f}%"),
             ("attack", f"{trigger.name} -> {target}" if trigger else "-"), ("ASR", asr)]
+    if result.resized:  # --resize: the numbers are for resized images, say so
+        rows.insert(2, ("resized", resized_text(result.resized, result.n_images)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
     return 0
+
+
+def resized_text(resized: dict[str, int], total: int) -> str:
+    """"10 of 10 images, from 64x64" for the --resize line."""
+    count = sum(resized.values())
+    return f"{count} of {total} images, from {', '.join(sorted(resized))} (--resize)"

@@ -11,6 +11,7 @@ from ..errors import Inconclusive
 from ..graph.activations import discover, discovery_findings
 from ..graph.load import load_model
 from ..graph.quantized import QUANTIZED_HINT, quantized
+from .common import require_path
 
 
 def _axis(rank: int, axis: int) -> str:
@@ -40,8 +41,10 @@ def inspect_cmd(model: Path, as_json: bool, allowed: tuple[str, ...],
                 max_bytes: int | None) -> int:
     """Activation layers, inputs/outputs, opset, size, SHA-256 and load findings of MODEL.
 
-    Exit 2 when the model is refused, 3 when it has no activation layers to scan.
+    Exit 2 when the model is refused, 3 when it has no activation layers to scan, 4 when
+    MODEL does not exist.
     """
+    require_path(model)
     loaded = load_model(model, allowed_domains=allowed, max_bytes=max_bytes)
     found = discover(loaded.analysed)
     layers = found.layers

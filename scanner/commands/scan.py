@@ -14,13 +14,20 @@ import click
 from .. import __version__
 from ..api import ScanOptions, scan
 from ..cli import cli
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 from ..findings import ScanResult, Severity, Verdict
 from ..gate import exit_code
 from ..policy import load_catalog, load_policy
 from ..progress import Progress
 from ..report import write_report
-from .common import device_option, preprocess_options, preprocess_overrides
+from .common import (
+    device_option,
+    preprocess_options,
+    preprocess_overrides,
+    require_path,
+    resize_option,
+)
+from .outputs import deliver_model
 
 SEVERITIES = [s.name.lower() for s in Severity]
 SEPARATORS = tuple(s for s in (os.sep, os.altsep) if s)
@@ -34,13 +41,14 @@ def model_paths(targets: tuple[Path, ...]) -> list[Path]:
     VENDOR.ONNX), each model once even when named twice."""
     paths: list[Path] = []
     for target in targets:
+        require_path(target)  # one that is there but no model is refused per model (exit 2)
         if target.is_dir():
             found = sorted(p for p in target.iterdir() if p.suffix.lower() == ".onnx")
             if not found:
                 raise UsageError(f"{target}: folder holds no .onnx models")
             paths += found
         else:
-            paths.append(target)  # a missing file is reported per model (exit 2)
+            paths.append(target)
     unique: dict[Path, Path] = {}
     for path in paths:
         unique.setdefault(path.resolve(), path)
@@ -144,24 +152,27 @@ def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no summary.")
+@resize_option
 @preprocess_options
 @device_option
 def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: str | None,
              report: str | None, sarif: str | None, html: str | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
-             device: str, **prep: object) -> int:
+             resize: bool, device: str, **prep: object) -> int:
     """Scan MODELS (files or folders of .onnx, any case) for backdoors and repair them.
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
-    3 inconclusive, 4 usage error.
+    3 inconclusive, 4 usage error, 130 interrupted (Ctrl-C).
 
     Outputs: --out and --html name a folder when it exists, when it ends with a path
     separator, or when several models or a folder of models are scanned. Each model then
     writes STEM.sanitized.onnx or STEM.html in it (STEM-1, STEM-2, ... when models share a
     file name), and a missing folder is created inside an existing one. An output that
     cannot be written, or that names an input model or another output, is a usage error
-    before anything is scanned.
+    before anything is scanned. --out gets the repaired model, or an unchanged copy of a
+    model found clean; nothing when the model is refused, inconclusive or not repaired.
+    Ctrl-C writes --report and --sarif with the models that finished, marked partial.
     """
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
@@ -169,6 +180,10 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         raise UsageError("--data and --data-free exclude each other")
     if method == "fp" and data is None:
         raise UsageError("--method fp ranks channels on clean images: give --data")
+    if resize and data is None:
+        raise UsageError("--resize resizes the --data images: give --data")
+    if data is not None:
+        require_path(data, "data")
     gate_policy = load_policy(policy)
     threshold = Severity.parse(fail_on) if fail_on else gate_policy.fail_on
     paths = model_paths(models)
@@ -190,49 +205,76 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     for folder in filter(None, folders.values()):
         folder.mkdir(exist_ok=True)
     results: list[ScanResult] = []
-    for path, out_file, html_file in zip(paths, files["out"], files["html"], strict=True):
-        options = ScanOptions(
-            data=data, data_free=data_free, policy=policy, method=method, device=device,
-            seed=seed, out=out_file,
-            layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
-            overrides=preprocess_overrides(**prep), permutations=permutations,
-            epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet)
-        start = time.perf_counter()
-        try:
-            result = scan(path, options, Progress(enabled=not quiet))
-        except UsageError as exc:
-            if not several:
-                raise
-            # a per-model problem (--layers naming a layer this model lacks) is this model's
-            # error: the other models are still scanned and every report is written
-            result = ScanResult(model_path=str(path), verdict=Verdict.ERROR,
-                                errors=[str(exc)], method=method, seed=seed,
-                                tool_version=__version__)
-        result.timings["total"] = time.perf_counter() - start
-        results.append(result)
-        summarised = not quiet and not as_json
-        if summarised:
-            print_summary(result)
-        # a gate that fails must say why on stderr, one line each, whatever stdout shows;
-        # on a terminal showing both streams the summary has just said it
-        if not (summarised and both_on_terminal()):
-            for problem in result.errors + result.skipped:
-                click.echo(problem_line(path, problem), err=True)
-        if html_file is not None:
-            from ..report.html import render_html
-            write_report(html_file, render_html(result))
+    try:
+        for path, out_file, html_file in zip(paths, files["out"], files["html"], strict=True):
+            options = ScanOptions(
+                data=data, data_free=data_free, policy=policy, method=method, device=device,
+                seed=seed, out=out_file, resize=resize,
+                layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
+                overrides=preprocess_overrides(**prep), permutations=permutations,
+                epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet)
+            # a model counts as finished once all of its own outputs are written
+            results.append(scan_one(path, options, html_file, several,
+                                    summarised=not quiet and not as_json))
+    except KeyboardInterrupt:
+        not_scanned = [str(p) for p in paths[len(results):]]
+        write_reports(results, threshold, report, sarif, as_json, not_scanned)
+        kept = " and ".join(f"--{flag} {name}" for flag, name in
+                            (("report", report), ("sarif", sarif)) if name is not None)
+        done = f"{len(results)} model{'s' * (len(results) != 1)} that finished"
+        raise Interrupted(
+            f"interrupted while scanning {not_scanned[0]} (model {len(results) + 1} of "
+            f"{len(paths)})" + (f"; {kept} hold{'s' * (' and ' not in kept)} the {done}, "
+                                "marked partial" if kept else "")) from None
+    write_reports(results, threshold, report, sarif, as_json)
+    if several and not quiet and not as_json:
+        print_table(results)
+    return exit_code(results, threshold)
+
+
+def scan_one(path: Path, options: ScanOptions, html_file: Path | None, several: bool,
+             summarised: bool) -> ScanResult:
+    """Scan one model, deliver its --out and --html, and say how it went."""
+    start = time.perf_counter()
+    try:
+        result = scan(path, options, Progress(enabled=not options.quiet))
+    except UsageError as exc:
+        if not several:
+            raise
+        # a per-model problem (--layers naming a layer this model lacks) is this model's
+        # error: the other models are still scanned and every report is written
+        result = ScanResult(model_path=str(path), verdict=Verdict.ERROR, errors=[str(exc)],
+                            method=options.method, seed=options.seed, tool_version=__version__)
+    result.timings["total"] = time.perf_counter() - start
+    if options.out is not None:
+        result.output = deliver_model(result, path, options.out)
+    if summarised:
+        print_summary(result)
+    # a gate that fails must say why on stderr, one line each, whatever stdout shows;
+    # on a terminal showing both streams the summary has just said it
+    if not (summarised and both_on_terminal()):
+        for problem in result.errors + result.skipped:
+            click.echo(problem_line(path, problem), err=True)
+    if html_file is not None:
+        from ..report.html import render_html
+        write_report(html_file, render_html(result))
+    return result
+
+
+def write_reports(results: list[ScanResult], threshold: Severity, report: str | None,
+                  sarif: str | None, as_json: bool, not_scanned: list[str] | None = None
+                  ) -> None:
+    """--report, --sarif and --json for every model scanned; `not_scanned` (an interrupted
+    run) marks them partial."""
     from ..report.json_report import render_json
-    json_text = render_json(results, fail_on=threshold)
+    json_text = render_json(results, fail_on=threshold, not_scanned=not_scanned)
     if report is not None:
         write_report(report, json_text)
     if sarif is not None:
         from ..report.sarif import render_sarif
-        write_report(sarif, render_sarif(results, load_catalog()))
+        write_report(sarif, render_sarif(results, load_catalog(), not_scanned))
     if as_json:
         click.echo(json_text)
-    elif several and not quiet:
-        print_table(results)
-    return exit_code(results, threshold)
 
 
 def both_on_terminal() -> bool:

@@ -62,6 +62,11 @@ def _banner(result: ScanResult) -> str:
             sub.append(f"repaired model: <code>{esc(r.output_path)}</code>")
     if result.verdict is Verdict.CLEAN:
         sub.append("no class is reachable with an anomalously small trigger")
+    out = result.output
+    if out is not None and out.kind == "unchanged-copy":
+        sub.append(f"model copied unchanged to <code>{esc(out.path)}</code>")
+    elif out is not None and not out.written:
+        sub.append(f"nothing written to <code>{esc(out.path)}</code>: {esc(out.reason)}")
     if result.errors:
         sub.append(f"{len(result.errors)} error(s): see below")
     top = result.max_severity

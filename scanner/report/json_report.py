@@ -24,12 +24,13 @@ from ..findings import (
     Detection,
     Finding,
     LayerInfo,
+    ModelOutput,
     ModelSummary,
     Repair,
     ScanResult,
     Severity,
 )
-from ..gate import exit_code
+from ..gate import ExitCode, exit_code
 
 SCHEMA_ID = "shapscan-report/1"
 _MAX_DETAIL_ARRAY = 256  # larger arrays in finding details are summarised by shape
@@ -146,23 +147,36 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "detection": _detection(result.detection) if result.detection else None,
         "repair": _repair(result.repair) if result.repair else None,
         "timings": {stage: _num(seconds) for stage, seconds in result.timings.items()},
+        "output": _output(result.output) if result.output else None,
     }
 
 
-def report_dict(results: Sequence[ScanResult], *,
-                fail_on: Severity | None = None) -> dict[str, Any]:
+def _output(o: ModelOutput) -> dict[str, Any]:
+    return {"path": o.path, "written": o.written, "kind": o.kind, "reason": o.reason or None}
+
+
+def report_dict(results: Sequence[ScanResult], *, fail_on: Severity | None = None,
+                not_scanned: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole report document; "gate" (fail_on and the exit code it gives, see
-    scanner.gate) is present when the caller passes fail_on."""
+    scanner.gate) is present when the caller passes fail_on.
+
+    `not_scanned` (the run was interrupted: the model it was scanning, then the ones it
+    never reached) makes the report partial: "partial" is true, "results" holds the models
+    that finished, and the gate's exit code is the interrupted run's 130."""
     doc: dict[str, Any] = {"schema": SCHEMA_ID,
                            "tool": {"name": "shapscan", "version": __version__},
+                           "partial": not_scanned is not None,
                            "results": [to_dict(r) for r in results]}
+    if not_scanned is not None:
+        doc["not_scanned"] = list(not_scanned)
     if fail_on is not None:
-        doc["gate"] = {"fail_on": fail_on.name.lower(),
-                       "exit_code": int(exit_code(results, fail_on))}
+        code = ExitCode.INTERRUPTED if not_scanned is not None else exit_code(results, fail_on)
+        doc["gate"] = {"fail_on": fail_on.name.lower(), "exit_code": int(code)}
     return doc
 
 
-def render_json(results: Sequence[ScanResult], *, fail_on: Severity | None = None) -> str:
+def render_json(results: Sequence[ScanResult], *, fail_on: Severity | None = None,
+                not_scanned: Sequence[str] | None = None) -> str:
     """The report as JSON text (strict JSON: no NaN/Infinity)."""
-    doc = report_dict(results, fail_on=fail_on)
+    doc = report_dict(results, fail_on=fail_on, not_scanned=not_scanned)
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"

@@ -104,13 +104,23 @@ def _notifications(result: ScanResult, artifact_index: int) -> list[dict[str, An
     return notes
 
 
-def sarif_dict(results: Sequence[ScanResult], catalog: Catalog) -> dict[str, Any]:
+def sarif_dict(results: Sequence[ScanResult], catalog: Catalog,
+               not_scanned: Sequence[str] | None = None) -> dict[str, Any]:
+    """`not_scanned` (an interrupted run, see json_report.report_dict) makes the log
+    partial: the invocation failed with exit code 130 and a notification names the models
+    that were not scanned."""
     artifacts = [_artifact(r) for r in results]
     sarif_results = [_result(r, f, i, catalog)
                      for i, r in enumerate(results) for f in r.findings]
     notifications = [n for i, r in enumerate(results) for n in _notifications(r, i)]
-    invocation = {"executionSuccessful": not any(r.errors for r in results),
-                  "toolExecutionNotifications": notifications}
+    invocation: dict[str, Any] = {
+        "executionSuccessful": not_scanned is None and not any(r.errors for r in results),
+        "toolExecutionNotifications": notifications}
+    if not_scanned is not None:
+        invocation.update(exitCode=130, exitSignalName="SIGINT")
+        notifications.append({"level": "error", "message": {"text": (
+            f"interrupted: {len(results)} of {len(results) + len(not_scanned)} models "
+            f"scanned; not scanned: {', '.join(not_scanned)}")}})
     run = {
         "tool": {"driver": {"name": "shapscan", "version": __version__,
                             "semanticVersion": __version__,
@@ -120,10 +130,12 @@ def sarif_dict(results: Sequence[ScanResult], catalog: Catalog) -> dict[str, Any
         "results": sarif_results,
         "columnKind": "unicodeCodePoints",
         "properties": {"models": [{"path": r.model_path, "verdict": r.verdict.value}
-                                  for r in results]},
+                                  for r in results], "partial": not_scanned is not None},
     }
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}
 
 
-def render_sarif(results: Sequence[ScanResult], catalog: Catalog) -> str:
-    return json.dumps(sarif_dict(results, catalog), indent=2, allow_nan=False) + "\n"
+def render_sarif(results: Sequence[ScanResult], catalog: Catalog,
+                 not_scanned: Sequence[str] | None = None) -> str:
+    return json.dumps(sarif_dict(results, catalog, not_scanned), indent=2,
+                      allow_nan=False) + "\n"
