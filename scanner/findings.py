@@ -220,6 +220,8 @@ class ScanResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     tool_version: str = ""
     output: ModelOutput | None = None  # set by the CLI when --out was given
+    # runs of the scan it took: above 1 when its Ray worker was lost and Ray re-ran it
+    attempts: int = 1
 
     @property
     def max_severity(self) -> Severity | None:

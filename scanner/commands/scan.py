@@ -5,20 +5,18 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..api import ScanOptions, scan
+from ..api import ScanOptions
 from ..cli import cli
 from ..errors import Interrupted, UsageError
 from ..findings import ScanResult, Severity, Verdict
 from ..gate import exit_code
 from ..policy import load_catalog, load_policy
-from ..progress import Progress
 from ..report import write_report
 from .common import (
     device_option,
@@ -27,6 +25,7 @@ from .common import (
     require_path,
     resize_option,
 )
+from .executor import executor_options, ray_options_from, scanned
 from .outputs import deliver_model
 
 SEVERITIES = [s.name.lower() for s in Severity]
@@ -155,11 +154,14 @@ def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
 @resize_option
 @preprocess_options
 @device_option
+@executor_options
 def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: str | None,
              report: str | None, sarif: str | None, html: str | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
-             resize: bool, device: str, **prep: object) -> int:
+             resize: bool, device: str, executor: str, ray_address: str | None,
+             ray_cpus: float | None, ray_gpus: float | None, ray_retries: int | None,
+             **prep: object) -> int:
     """Scan MODELS (files or folders of .onnx, any case) for backdoors and repair them.
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
@@ -173,6 +175,9 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     before anything is scanned. --out gets the repaired model, or an unchanged copy of a
     model found clean; nothing when the model is refused, inconclusive or not repaired.
     Ctrl-C writes --report and --sarif with the models that finished, marked partial.
+
+    --executor ray scans each model as a Ray task (a local cluster, or --ray-address's):
+    the same outputs, reports and exit code; a task whose worker is lost is re-run.
     """
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
@@ -184,6 +189,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         raise UsageError("--resize resizes the --data images: give --data")
     if data is not None:
         require_path(data, "data")
+    ray_options = ray_options_from(executor, device, ray_address, ray_cpus, ray_gpus,
+                                   ray_retries)
     gate_policy = load_policy(policy)
     threshold = Severity.parse(fail_on) if fail_on else gate_policy.fail_on
     paths = model_paths(models)
@@ -204,18 +211,21 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     check_outputs(inputs, folders, files)
     for folder in filter(None, folders.values()):
         folder.mkdir(exist_ok=True)
+    jobs = [(path, ScanOptions(
+        data=data, data_free=data_free, policy=policy, method=method, device=device,
+        seed=seed, out=out_file, resize=resize,
+        layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
+        overrides=preprocess_overrides(**prep), permutations=permutations,
+        epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet))
+        for path, out_file in zip(paths, files["out"], strict=True)]
     results: list[ScanResult] = []
     try:
-        for path, out_file, html_file in zip(paths, files["out"], files["html"], strict=True):
-            options = ScanOptions(
-                data=data, data_free=data_free, policy=policy, method=method, device=device,
-                seed=seed, out=out_file, resize=resize,
-                layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
-                overrides=preprocess_overrides(**prep), permutations=permutations,
-                epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet)
-            # a model counts as finished once all of its own outputs are written
-            results.append(scan_one(path, options, html_file, several,
-                                    summarised=not quiet and not as_json))
+        with closing(scanned(jobs, several, quiet, ray_options)) as in_order:
+            for (path, options), html_file, result in zip(jobs, files["html"], in_order,
+                                                          strict=True):
+                # a model counts as finished once all of its own outputs are written
+                results.append(scan_one(path, options, html_file, result,
+                                        summarised=not quiet and not as_json))
     except KeyboardInterrupt:
         not_scanned = [str(p) for p in paths[len(results):]]
         write_reports(results, threshold, report, sarif, as_json, not_scanned)
@@ -232,20 +242,9 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     return exit_code(results, threshold)
 
 
-def scan_one(path: Path, options: ScanOptions, html_file: Path | None, several: bool,
+def scan_one(path: Path, options: ScanOptions, html_file: Path | None, result: ScanResult,
              summarised: bool) -> ScanResult:
-    """Scan one model, deliver its --out and --html, and say how it went."""
-    start = time.perf_counter()
-    try:
-        result = scan(path, options, Progress(enabled=not options.quiet))
-    except UsageError as exc:
-        if not several:
-            raise
-        # a per-model problem (--layers naming a layer this model lacks) is this model's
-        # error: the other models are still scanned and every report is written
-        result = ScanResult(model_path=str(path), verdict=Verdict.ERROR, errors=[str(exc)],
-                            method=options.method, seed=options.seed, tool_version=__version__)
-    result.timings["total"] = time.perf_counter() - start
+    """Deliver one scanned model's --out and --html, and say how it went."""
     if options.out is not None:
         result.output = deliver_model(result, path, options.out)
     if summarised:
@@ -331,6 +330,9 @@ def print_summary(result: ScanResult) -> None:
     lines += [f"  error: {e}" for e in result.errors if e not in said]
     lines += [f"  skipped: {s}" for s in result.skipped if s not in said]
     lines.append(f"  {result.timings.get('total', 0.0):.1f} s on {result.device}")
+    if result.attempts > 1:
+        lines.append(f"  scanned on try {result.attempts}: Ray re-ran the task after its "
+                     "worker was lost")
     click.echo("\n".join(lines))
 
 

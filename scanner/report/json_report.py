@@ -132,7 +132,7 @@ def _repair(r: Repair) -> dict[str, Any]:
 def to_dict(result: ScanResult) -> dict[str, Any]:
     """One model's result as plain JSON data (an item of the report's "results")."""
     top = result.max_severity
-    return {
+    doc: dict[str, Any] = {
         "model_path": result.model_path,
         "verdict": result.verdict.value,
         "max_severity": top.name.lower() if top is not None else None,
@@ -149,6 +149,9 @@ def to_dict(result: ScanResult) -> dict[str, Any]:
         "timings": {stage: _num(seconds) for stage, seconds in result.timings.items()},
         "output": _output(result.output) if result.output else None,
     }
+    if result.attempts > 1:  # only a re-run Ray task says so: local reports stay as they were
+        doc["attempts"] = result.attempts
+    return doc
 
 
 def _output(o: ModelOutput) -> dict[str, Any]:
