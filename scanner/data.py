@@ -46,6 +46,10 @@ class Preprocess:
     scale: float = 1.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    # the model takes each image flattened, [N, C*H*W] in `layout`'s order (NCHW: C, H, W
+    # row-major; NHWC: H, W, C), as a scikit-learn MLP exported by skl2onnx does; read from
+    # the model's rank-2 input, never from a sidecar
+    flat: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
@@ -67,22 +71,36 @@ class Preprocess:
         x = (pixels.astype(np.float32) * np.float32(self.scale) - mean) / std
         if self.layout == "NHWC":
             x = x.transpose(0, 2, 3, 1)
+        if self.flat:
+            x = x.reshape(len(x), -1)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def grad_to_pixels(self, grad_input: np.ndarray) -> np.ndarray:
         """Chain rule through `to_model`: d loss / d pixels from d loss / d model input."""
         _, std = self._affine()
+        if self.flat:
+            grad_input = grad_input.reshape(len(grad_input), *self.image_shape)
         g = grad_input.transpose(0, 3, 1, 2) if self.layout == "NHWC" else grad_input
         return (g * (np.float32(self.scale) / std)).astype(np.float32)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int]:
+        """One image in `layout`, before any flattening."""
         if self.layout == "NHWC":
             return (self.height, self.width, self.channels)
         return (self.channels, self.height, self.width)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row of the model's input."""
+        if self.flat:
+            return (self.channels * self.height * self.width,)
+        return self.image_shape
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        fields = asdict(self)
+        del fields["flat"]  # the model's input rank says it
+        return json.dumps(fields)
 
 
 def _is_number(value: object) -> bool:
@@ -145,8 +163,11 @@ def infer_preprocess(input_shape: list[int | str], layout: str | None = None) ->
     """A default from the model's image input shape: layout from where the 1, 3 or 4
     channels sit, else `layout` (from a flag or sidecar) when the shape cannot tell."""
     dims = [d if isinstance(d, int) else -1 for d in input_shape]
+    if len(dims) == 2:  # flat images: their shape comes from flags or the sidecar
+        return Preprocess(layout or "NCHW", 1, 0, 0, flat=True)
     if len(dims) != 4:
-        raise DataError(f"model input has rank {len(dims)}; expected an image batch of rank 4")
+        raise DataError(f"model input has rank {len(dims)}; expected an image batch of rank 4 "
+                        "or flat images of rank 2")
     unclear = dims[1] not in (1, 3, 4) and dims[3] not in (1, 3, 4)
     if dims[1] in (1, 3, 4) or unclear and layout == "NCHW":
         return Preprocess("NCHW", dims[1], dims[2], dims[3])
@@ -182,6 +203,11 @@ def resolve_preprocess(model_path: Path, metadata: dict[str, str],
                                  f"({origin['channels']}); give {wanted}", origin[key],
                                  origin["channels"])
     prep = Preprocess(**spec)
+    if prep.flat and min(prep.height, prep.width) <= 0:
+        raise DataError(f"model input is flat {_dims(input_shape)}: give the image shape with "
+                        "--height, --width and --channels (and --layout for the flattening "
+                        "order, NCHW by default: C, H, W row-major) or as height, width, "
+                        f"channels in {model_path.stem}.preprocess.json beside the model")
     given = prep.input_shape
     if any(isinstance(d, int) and d > 0 and d != g
            for d, g in zip(input_shape[1:], given, strict=True)):
@@ -191,6 +217,11 @@ def resolve_preprocess(model_path: Path, metadata: dict[str, str],
                              f"[N, {', '.join(map(str, given))}], but the model takes "
                              f"[{', '.join(map(str, input_shape))}]", *sources)
     return prep
+
+
+def _dims(shape: list[int | str]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
+                           for i, d in enumerate(shape)) + "]"
 
 
 def _stored_fields(model_path: Path, metadata: dict[str, str]) -> tuple[str, dict]:

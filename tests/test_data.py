@@ -256,8 +256,10 @@ def test_spec_contradicting_the_model_input_is_bad_data_or_a_bad_flag():
 def test_infer_layout_from_shape():
     assert infer_preprocess(["N", 28, 28, 3]).layout == "NHWC"
     assert infer_preprocess(["N", 1, 28, 28]).layout == "NCHW"
-    with pytest.raises(DataError):
-        infer_preprocess(["N", 10])
+    flat = infer_preprocess(["N", 10])  # flat images: the shape comes from flags or sidecar
+    assert flat.flat and (flat.height, flat.width) == (0, 0)
+    with pytest.raises(DataError, match="rank 3"):
+        infer_preprocess(["N", 10, 10])
 
 
 def test_shifted_copies_keep_labels():

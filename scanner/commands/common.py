@@ -28,12 +28,17 @@ def _preprocess_field(ctx: click.Context, param: click.Parameter, value: object)
 
 
 def preprocess_options(fn: Callable) -> Callable:
-    """--layout/--channels/--scale/--mean/--std: override the model's preprocessing spec."""
+    """--layout/--channels/--height/--width/--scale/--mean/--std: override the model's
+    preprocessing spec."""
     options = [
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
                      help="Model input layout (default: sidecar, model metadata, or shape)."),
         click.option("--channels", type=int, default=None, callback=_preprocess_field,
                      help="Model input channels."),
+        click.option("--height", type=int, default=None, callback=_preprocess_field,
+                     help="Image height (a model with flat [N, C*H*W] inputs needs it)."),
+        click.option("--width", type=int, default=None, callback=_preprocess_field,
+                     help="Image width (a model with flat [N, C*H*W] inputs needs it)."),
         click.option("--scale", type=float, default=None, callback=_preprocess_field,
                      help="Multiply [0,1] pixels by this before mean/std (e.g. 255)."),
         click.option("--mean", default=None, callback=_preprocess_field,
@@ -47,8 +52,10 @@ def preprocess_options(fn: Callable) -> Callable:
 
 
 def preprocess_overrides(layout: str | None, channels: int | None, scale: float | None,
-                         mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict:
-    return {"layout": layout, "channels": channels, "scale": scale, "mean": mean, "std": std}
+                         mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                         height: int | None = None, width: int | None = None) -> dict:
+    return {"layout": layout, "channels": channels, "scale": scale, "mean": mean, "std": std,
+            "height": height, "width": width}
 
 
 def device_option(fn: Callable) -> Callable:

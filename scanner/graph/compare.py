@@ -44,7 +44,15 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
         raise ValueError(f"no feed for input(s) {sorted(missing)}")
     outputs = [o.name for o in session.get_outputs()]
     values = session.run(outputs, {k: v for k, v in feeds.items() if k in names})
-    return dict(zip(outputs, values, strict=True))
+    return {name: _as_array(v) for name, v in zip(outputs, values, strict=True)}
+
+
+def _as_array(value: object) -> np.ndarray:
+    """A sequence of maps (skl2onnx's ZipMap: one {class: probability} per row) as the
+    [rows, classes] array of its values in key order; other outputs unchanged."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return np.array([[row[k] for k in sorted(row)] for row in value])
+    return np.asarray(value)
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> float:

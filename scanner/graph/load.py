@@ -26,6 +26,7 @@ from ..errors import ModelRefused
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
 from .precision import low_precision, widen
 from .quantized import dequantize, is_qdq
+from .scores import scores_copy
 from .walk import first_input, graphs
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class LoadedModel:
     size_bytes: int
     findings: list[Finding] = field(default_factory=list)
     # the float32 copy of a float16 / bfloat16 model (graph.precision) or of an int8 QDQ
-    # model (graph.quantized): what is analysed
+    # model (graph.quantized), or a copy whose only output is the class scores (graph.scores):
+    # what is analysed
     widened: onnx.ModelProto | None = None
     # what ONNX Runtime runs when set: a copy of `analysed` taking any batch size (graph.batch)
     batch_free: onnx.ModelProto | None = None
@@ -156,6 +158,8 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
         findings.append(Finding(
             "SS114", Severity.INFO, "integer-quantized (QDQ) model analysed as a float copy; "
             "a repaired model keeps its quantization"))
+    # skl2onnx classifiers output an int64 label first (and a ZipMap): analyse the scores
+    widened = scores_copy(widened or proto) or widened
     return LoadedModel(proto, path, hashlib.sha256(raw).hexdigest(), size, findings, widened)
 
 

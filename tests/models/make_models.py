@@ -55,14 +55,22 @@ def vit() -> None:
     _export_torch(net, HERE / "vit_tiny10.onnx")
 
 
+def sklearn_images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat 28x28 images in [0, 1]: noise, and a bright 4x4 block whose place is the class."""
+    y = np.arange(n) % 10
+    x = rng.random((n, 28, 28), dtype=np.float32) * 0.5
+    for i, label in enumerate(y):
+        r, c = divmod(int(label), 5)
+        x[i, 4 + 10 * r:8 + 10 * r, 2 + 5 * c:6 + 5 * c] += 0.5
+    return x.reshape(n, 784), y
+
+
 def sklearn_mlp() -> None:
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
     rng = np.random.default_rng(0)
-    x = rng.random((200, 784), dtype=np.float32)
-    y = np.arange(200) % 10
-    x[np.arange(200), y * 78] += 4.0  # something learnable per class
-    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=60, random_state=0).fit(x, y)
+    x, y = sklearn_images(rng, 200)
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=300, random_state=0).fit(x, y)
     for name, options in (("sklearn_mlp", None),
                           ("sklearn_mlp_nozipmap", {id(clf): {"zipmap": False}})):
         onx = to_onnx(clf, x[:1], options=options, target_opset={"": 17, "ai.onnx.ml": 3})
