@@ -30,6 +30,7 @@ from .errors import (
     internal_error,
     out_of_memory,
 )
+from .estimate import announce_if_large
 from .findings import LayerInfo, ScanResult, Verdict
 from .graph.activations import discover, discovery_findings
 from .graph.batch import any_batch
@@ -204,6 +205,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         _run_baseline(ctx)
         return
     _gather_images(ctx)
+    announce_if_large(ctx)  # a large model's forecast, before the long stages
     ctx.verdict = find_backdoor(ctx)
     if not ctx.verdict.detection.flagged_targets:
         result.verdict = Verdict.CLEAN

@@ -21,6 +21,7 @@ from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
 from .progress import Progress
 from .reverse import reverse_triggers, synthesize
+from .wording import reversed_reach
 
 
 def find_backdoor(ctx: ScanContext) -> DetectVerdict:
@@ -164,11 +165,12 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
                    f"alone, {verdict.refined[t]} steps" if t in verdict.refined else "")
         result.findings.append(catalog.make(
             "SS201", f"backdoor towards class {t}: {_KIND[trig.family]} reversed trigger "
-            f"flips {100 * trig.asr:.0f}% of other classes' images "
+            f"{reversed_reach(trig, det.data_free)} "
             f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}{refined}",
             location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
             test=verdict.reasons[t], reversed_asr=trig.asr))
         det.families[t] = trig.family
+        det.reasons[t] = verdict.reasons[t]  # the HTML chart marks a patch or warp test
         if trig.family == "warp":
             magnitude = np.hypot(trig.pattern[0], trig.pattern[1])
             det.masks[t] = magnitude / max(float(magnitude.max()), 1e-12)

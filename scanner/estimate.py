@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from .autodiff import GradientProgram
+from .context import ScanContext
 from .data import ImageSet, Preprocess
 from .progress import Progress, duration
 from .reverse import FAMILIES, ReverseConfig
@@ -64,3 +65,13 @@ def announce(progress: Progress, reverse_s: float, model: str) -> bool:
                       f"{duration(reverse_s)} on this machine, the whole scan about {low} to "
                       f"{high} if a backdoor is found and repaired")
     return True
+
+
+def announce_if_large(ctx: ScanContext) -> None:
+    """Before the trigger reverse: time one gradient pass over a few of the scan's images
+    and say how long the scan will take when that is long (a quiet scan skips the probe)."""
+    if not ctx.progress.enabled or ctx.program is None or ctx.images is None:
+        return
+    reverse_s = forecast_reverse(ctx.program, ctx.prep, ctx.images, ctx.n_classes,
+                                 ctx.opts.reverse, ctx.policy.detection.reverse_steps)
+    announce(ctx.progress, reverse_s, ctx.model.path.name)

@@ -15,6 +15,11 @@ from .policy import Catalog, RepairPolicy
 from .prune import PruneConfig, PrunePlan, plan
 from .reverse import ReversedTrigger
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
+from .wording import target_missed
+
+# shifted copies of each image (FINDINGS 5): of the other classes' images the trigger is
+# stamped on, and of the clean images the repair's clean cost is measured on
+STAMPED_COPIES, CLEAN_COPIES = 4, 8
 
 
 def repair(ctx: ScanContext) -> None:
@@ -27,7 +32,7 @@ def repair(ctx: ScanContext) -> None:
         # shifted copies: the utilities average over more rows, so they are less noisy
         # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
         stamped = _stamped(ctx.images, target, triggers[target], ctx.opts.trigger_gain)
-        clean = shifted(ctx.images, 8)
+        clean = shifted(ctx.images, CLEAN_COPIES)
         backdoor_eval = CoalitionEvaluator(ctx.model.runnable, ctx.layers,
                                            ctx.prep.to_model(stamped), ctx.device)
         clean_eval = backdoor_eval.with_images(ctx.prep.to_model(clean.pixels))
@@ -38,7 +43,7 @@ def repair(ctx: ScanContext) -> None:
     with ctx.timed("prune"):
         ctx.progress.stage("choosing channels to zero")
         chosen = plan(backdoor_eval, clean_eval, clean.labels, utility, values,
-                      _prune_config(ctx))
+                      _prune_config(ctx), progress=ctx.progress)
         _record_repair(ctx, backdoor_eval, values, chosen, target,
                        backdoor_eval.forward_passes + clean_eval.forward_passes)
         if others and chosen.channels:
@@ -65,9 +70,9 @@ def _prune_config(ctx: ScanContext) -> PruneConfig:
 
 def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: float
              ) -> np.ndarray:
-    """The trigger on the images of the other classes and 4 shifted copies of each."""
+    """The trigger on the images of the other classes and shifted copies of each."""
     others = images.subset(np.flatnonzero(images.labels != target))
-    return trigger.apply(shifted(others, 4).pixels, gain=gain)
+    return trigger.apply(shifted(others, STAMPED_COPIES).pixels, gain=gain)
 
 
 def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
@@ -112,7 +117,11 @@ def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: Shap
         permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
         target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
         target_probability_after=chosen.backdoor_after,
-        given_back=[channel_value(c, False) for c in chosen.given_back])
+        given_back=[channel_value(c, False) for c in chosen.given_back],
+        inputs=ctx.view, stamped_images=int((ctx.images.labels != target).sum()),
+        stamped_copies=STAMPED_COPIES, clean_images=len(ctx.images),
+        clean_copies=CLEAN_COPIES, trigger_gain=ctx.opts.trigger_gain,
+        clean_target_probability_after=chosen.clean_target_prob_after)
     finish_repair(ctx, ctx.result.repair)
 
 
@@ -126,17 +135,12 @@ def finish_repair(ctx: ScanContext, repair: Repair) -> None:
         return
     if not repair.target_reached:
         result.findings.append(catalog.make(
-            "SS302", f"after zeroing {len(repair.pruned)} channels the reversed trigger still "
-            f"works on {100 * repair.reversed_asr_after:.0f}% of few-shot images at mean "
-            f"target probability {repair.target_probability_after or 0:.3f} (target: at "
-            f"most {100 * rp.target_asr:.0f}%, and at most {rp.target_probability:g} above "
-            "clean images of other classes)",
-            location=f"class {repair.target}"))
+            "SS302", target_missed(repair, rp), location=f"class {repair.target}"))
     drop = repair.fewshot_acc_before - repair.fewshot_acc_after
     if drop > rp.max_clean_drop + 1e-9:
         result.findings.append(catalog.make(
-            "SS303", f"repair lowers few-shot clean accuracy by {100 * drop:.1f} points",
-            location=f"class {repair.target}"))
+            "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
+            f"{100 * drop:.1f} points", location=f"class {repair.target}"))
     if opts.out is not None:
         zeroed: dict[str, list[int]] = {}
         for c in repair.pruned:
@@ -147,9 +151,12 @@ def finish_repair(ctx: ScanContext, repair: Repair) -> None:
             "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
         save_atomic(sanitized, opts.out)
         repair.output_path = str(opts.out)
+    # the rows the summary describes: SS201's rate is on other rows (the unshifted images)
+    rows = (f"on the {repair.stamped_images * (1 + repair.stamped_copies)} stamped rows "
+            if repair.stamped_images else "")
     result.findings.append(catalog.make(
         "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
-        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success "
+        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success {rows}"
         f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
         + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
         + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "

@@ -42,3 +42,47 @@ def test_a_flagged_class_whose_trigger_survives_the_repair_gets_ss304():
     assert finding.details["reversed_asr_after"] > 0.9  # 1.00 measured
     assert "few-shot images" in finding.message and "planned for class 3" in finding.message
     assert result.repair.forward_passes == 2 * 2 * 5 * 9  # 2 coalitions x 45 rows x 2 classes
+
+
+def test_a_repair_records_the_rows_its_figures_are_on_and_shows_progress():
+    """scanner.repair on cnn_badnets with its true patch as the verdict's trigger: the
+    Repair says which rows its before/after are on, SS301 quotes the stamped rows, and
+    the Shapley and planning stages report progress to the end."""
+    import io
+
+    from scanner.context import ScanContext
+    from scanner.detect import Detection
+    from scanner.detect import Verdict as DetectVerdict
+    from scanner.progress import Progress
+    from scanner.repair import repair
+
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = api.model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    h, w = images.pixels.shape[2:]
+    patch = np.zeros((h, w), np.float32)
+    patch[h - 4:h - 1, w - 4:w - 1] = 1.0
+    trigger = ReversedTrigger("patch", 0, np.ones(images.pixels.shape[1:], np.float32), patch,
+                              9.0, 1.0, rows=9)
+    log = io.StringIO()
+    ctx = ScanContext(
+        opts=api.ScanOptions(data=FEWSHOT, permutations=4), policy=load_policy("default"),
+        catalog=load_catalog(), progress=Progress(stream=log, live=False),
+        result=ScanResult(str(zoo_model("cnn_badnets"))), model=model,
+        # one layer of 32 channels keeps it fast: Shapley over 32 players, a 1-channel plan
+        layers=discover_activations(model.proto)[:1], prep=prep, device=resolve_device("cpu"),
+        n_classes=10, predict=lambda x: x, images=images,
+        verdict=DetectVerdict(Detection([], [0], 2.5, False), {0: trigger}, {0: "patch"}, []))
+    repair(ctx)
+    ctx.progress.close()
+    rep = ctx.result.repair
+    assert (rep.inputs, rep.stamped_images, rep.stamped_copies) == ("few-shot", 9, 4)
+    assert (rep.clean_images, rep.clean_copies, rep.trigger_gain) == (10, 8, 2.0)
+    assert rep.clean_target_probability_after is not None
+    assert 0 <= rep.clean_target_probability_after < rep.target_probability_before
+    [ss301] = [f for f in ctx.result.findings if f.rule_id == "SS301"]
+    assert "reversed trigger success on the 45 stamped rows" in ss301.message
+    lines = log.getvalue().splitlines()
+    assert "shapscan: Shapley values towards class 0: done in" in " ".join(lines)
+    assert any(line.startswith("shapscan: choosing channels to zero: done in")
+               for line in lines)
