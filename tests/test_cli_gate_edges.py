@@ -175,10 +175,12 @@ def test_a_scan_that_passes_nothing_writes_nothing_and_says_so(run_cli, tmp_path
         extra: tuple[str, ...] = ()
     else:  # --scale 255 on a [0, 1] model: it misreads its images (SS206)
         model, extra = zoo_model("cnn_badnets"), ("--scale", "255")
-    out, report = tmp_path / "safe.onnx", tmp_path / "r.json"
-    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report, *extra)
+    out, report, html = tmp_path / "safe.onnx", tmp_path / "r.json", tmp_path / "r.html"
+    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report,
+                     "--html", html, *extra)
     assert result.code == code, result.out + result.err
     assert f"  nothing written to {out}: {reason}" in result.out
+    assert f"nothing written to <code>{out}</code>: {reason}" in html.read_text()
     assert not out.exists()
     assert valid_report(report)["results"][0]["output"] == {
         "path": str(out), "written": False, "kind": None, "reason": reason}
