@@ -158,6 +158,19 @@ def _connect(ray: ModuleType, address: str | None) -> bool:
     return True
 
 
+def _check_resources(ray: ModuleType, ray_options: RayOptions) -> None:
+    """Refuse a request no node of the cluster can ever meet: Ray would keep such a task
+    pending for good (waiting for an autoscaler), and a CI gate would hang."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for name, flag, asked in (("CPU", "--ray-cpus", ray_options.cpus),
+                              ("GPU", "--ray-gpus", ray_options.gpus)):
+        most = max((n.get(name, 0.0) for n in nodes), default=0.0)
+        if asked > most:
+            hint = " (--device cuda asks for 1 by default)" if name == "GPU" else ""
+            raise UsageError(f"{flag} {asked:g}{hint}: no node of the Ray cluster has that "
+                             f"many {name}s (the largest has {most:g})")
+
+
 def scan_on_ray(jobs: Sequence[Job], several: bool, ray_options: RayOptions,
                 scan_fn: ScanFn = scan) -> Iterator[ScanResult]:
     """Submit one task per model at once and yield the results in the jobs' order (the
@@ -168,6 +181,7 @@ def scan_on_ray(jobs: Sequence[Job], several: bool, ray_options: RayOptions,
     threads = os.environ.get(THREADS_ENV) or str(max(1, math.ceil(ray_options.cpus)))
     pending: list = []
     try:
+        _check_resources(ray, ray_options)
         task = ray.remote(_ray_task).options(
             num_cpus=ray_options.cpus, num_gpus=ray_options.gpus,
             max_retries=ray_options.retries, retry_exceptions=False, name="shapscan-scan")

@@ -198,6 +198,19 @@ def test_a_bug_in_a_task_stops_the_run_in_one_line_as_it_does_locally(ray_cluste
 
 
 @pytest.mark.parametrize("args, needle", [
+    (("--device", "cuda"), "--ray-gpus 1 (--device cuda asks for 1 by default): no node of "
+                           "the Ray cluster has that many GPUs (the largest has 0)"),
+    (("--ray-cpus", "3"), "--ray-cpus 3: no node of the Ray cluster has that many CPUs "
+                          "(the largest has 2)"),
+])
+def test_a_task_the_cluster_can_never_run_is_refused_not_left_pending(ray_cluster, run_cli,
+                                                                      fleet, args, needle):
+    folder, data = fleet
+    result = run_cli("scan", folder, "--data", data, "--executor", "ray", *args)
+    assert result.code == 4 and result.err.strip() == f"shapscan: error: {needle}"
+
+
+@pytest.mark.parametrize("args, needle", [
     (("--ray-address", "127.0.0.1:6379"), "--ray-address needs --executor ray"),
     (("--ray-cpus", "2"), "--ray-cpus needs --executor ray"),
     (("--executor", "ray", "--ray-cpus", "0"), "--ray-cpus"),
