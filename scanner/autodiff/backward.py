@@ -14,7 +14,15 @@ import onnx
 from onnx import helper
 
 from ..errors import Inconclusive
-from . import rules_elementwise, rules_nn, rules_resize, rules_shape  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    rules_elementwise,
+    rules_nn,
+    rules_norm,
+    rules_reduce,
+    rules_resize,
+    rules_shape,
+    rules_tensor,
+)
 from .context import FLOAT_TYPES, RULES, VJPContext, cannot
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})

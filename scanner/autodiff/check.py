@@ -100,7 +100,27 @@ class Erf(OpRun):
 
 
 _erf64 = np.vectorize(math.erf, otypes=[np.float64])
-REFERENCE_OVERRIDES = [ConvTranspose, Erf]
+
+
+class LRN(OpRun):
+    """The reference LRN loops over the batch axis instead of the channels (onnx 1.x), so
+    it is wrong whenever the two sizes differ; this one follows the spec, any rank."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        alpha = 1e-4 if alpha is None else alpha
+        beta = 0.75 if beta is None else beta
+        bias = 1.0 if bias is None else bias
+        lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+        square = x * x
+        total = np.zeros_like(x)
+        for c in range(x.shape[1]):
+            total[:, c] = square[:, max(0, c - lo):c + hi + 1].sum(axis=1)
+        return ((x / (bias + (alpha / size) * total) ** beta).astype(x.dtype),)
+
+
+REFERENCE_OVERRIDES = [ConvTranspose, Erf, LRN]
 
 
 def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:

@@ -212,20 +212,6 @@ def _where_rule(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[boo
     return [g[0] if needs[0] else None, ga, gb]
 
 
-@rule("Max", "Min")
-def _max_min(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
-    if len(node.input) != 2:
-        raise cannot(node, "only the two-operand form")
-    a, b = node.input
-    y = node.output[0]
-    # Ties go to the first operand, like a subgradient of max/min should: exactly one.
-    first = ctx.op("Equal", [y, a])
-    zero = ctx.const(0.0)
-    ga = ctx.unbroadcast(_where(ctx, first, g[0], zero), a, y, node) if needs[0] else None
-    gb = ctx.unbroadcast(_where(ctx, first, zero, g[0]), b, y, node) if needs[1] else None
-    return [ga, gb]
-
-
 @rule("Identity", "Dropout")
 def _identity(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
