@@ -61,9 +61,9 @@ def announce(progress: Progress, reverse_s: float, model: str) -> bool:
     if reverse_s < ANNOUNCE_OVER_S:
         return False
     low, high = (duration(k * reverse_s) for k in WHOLE_SCAN)
-    progress.announce(f"{model} is a large scan: trigger reverse alone will take about "
-                      f"{duration(reverse_s)} on this machine, the whole scan about {low} to "
-                      f"{high} if a backdoor is found and repaired")
+    progress.announce(f"{model}: a long scan ahead: trigger reverse alone will take about "
+                      f"{duration(reverse_s)} on this machine as it is now, the whole scan "
+                      f"about {low} to {high} if a backdoor is found and repaired")
     return True
 
 

@@ -114,3 +114,17 @@ def test_an_announcement_ends_the_bar_line_and_quiet_prints_nothing() -> None:
     (3900, "1 h 05 min", "1h05m")])
 def test_durations_read_as_a_person_says_them(seconds: float, text: str, compact: str) -> None:
     assert duration(seconds) == text and duration(seconds, compact=True) == compact
+
+
+def test_a_long_forecast_is_said_before_the_scan_and_a_short_one_is_not() -> None:
+    from scanner.estimate import ANNOUNCE_OVER_S, announce
+
+    out = io.StringIO()
+    progress = Progress(stream=out, live=False)
+    assert not announce(progress, ANNOUNCE_OVER_S - 1, "small.onnx")
+    assert out.getvalue() == ""
+    assert announce(progress, 300.0, "big.onnx")
+    assert out.getvalue() == (
+        "shapscan: big.onnx: a long scan ahead: trigger reverse alone will take about "
+        "5 min 00 s on this machine as it is now, the whole scan about 10 min 00 s to "
+        "15 min 00 s if a backdoor is found and repaired\n")
