@@ -35,6 +35,7 @@ from .findings import LayerInfo, ScanResult, Verdict
 from .graph.activations import discover, discovery_findings
 from .graph.batch import any_batch
 from .graph.load import LoadedModel, load_model
+from .graph.logits import flat_logits
 from .graph.quantized import QUANTIZED_HINT, quantized
 from .policy import Catalog, DetectionPolicy, Policy, load_catalog, load_policy
 from .progress import Progress
@@ -87,8 +88,9 @@ def model_preprocess(model: LoadedModel, overrides: dict | None = None) -> Prepr
 
 
 def batchable(model: LoadedModel, prep: Preprocess) -> None:
-    """Point `model.runnable` at a copy that takes any batch size (graph.batch)."""
-    relaxed = any_batch(model.analysed, prep.input_shape)
+    """Point `model.runnable` at a copy that takes any batch size (graph.batch) and whose
+    first output is [N, classes] (graph.logits)."""
+    relaxed = flat_logits(any_batch(model.analysed, prep.input_shape))
     model.batch_free = None if relaxed is model.analysed else relaxed
 
 
@@ -119,7 +121,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, attack: Attack | Non
     if model.layer_graph is not None:
         # a QDQ model's float copy drops the int8 rounding: measure the integer graph that
         # ships (its float copy, which batchable would relax, is never run here)
-        shipped = any_batch(model.proto, prep.input_shape)
+        shipped = flat_logits(any_batch(model.proto, prep.input_shape))
     else:
         batchable(model, prep)
     data: ImageSet = load_images(data_path, prep, resize)

@@ -65,10 +65,10 @@ def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGrap
     model.CopyFrom(proto)
     model = _with_scatter_add(model)
     x = image_input(model)
-    logits = _logits_of(model)
     dtype = float_type(model, x)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     ctx = VJPContext(model, dtype)
+    logits = _logits_of(model, ctx)
     logits_shape = ctx.static_shape(logits)
     if logits_shape is not None and len(logits_shape) != 2:
         raise Inconclusive(f"model output {logits} is not [N, K] (rank {len(logits_shape)})",
@@ -123,14 +123,26 @@ def _with_scatter_add(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def _logits_of(model: onnx.ModelProto) -> str:
+RESHAPING_OPS = ("Flatten", "Reshape", "Squeeze", "Identity")
+
+
+def _logits_of(model: onnx.ModelProto, ctx: VJPContext) -> str:
     """The first output, or the input of the Softmax/LogSoftmax that produces it: a
-    probability output would otherwise get a second softmax in the CE head."""
+    probability output would otherwise get a second softmax in the CE head. The softmax
+    may sit behind reshapes (SqueezeNet: Softmax over [N, K], then Reshape to [N, K, 1, 1],
+    read through graph.logits' Flatten); its input is taken when that is [N, K] itself."""
     out = model.graph.output[0].name
-    producer = next((n for n in model.graph.node if out in n.output), None)
-    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
+    producers = {o: n for n in model.graph.node for o in n.output}
+    name = out
+    while name in producers and producers[name].op_type in RESHAPING_OPS:
+        name = producers[name].input[0]
+    producer = producers.get(name)
+    if producer is None or producer.op_type not in ("Softmax", "LogSoftmax"):
+        return out
+    if name == out:
         return producer.input[0]
-    return out
+    shape = ctx.static_shape(producer.input[0])
+    return producer.input[0] if shape is not None and len(shape) == 2 else out
 
 
 def _bn_head(ctx: VJPContext, node: onnx.NodeProto) -> tuple[str, str]:
