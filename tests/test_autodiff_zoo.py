@@ -20,6 +20,8 @@ import pytest
 from conftest import FEWSHOT, SAMPLES, zoo_entries
 
 from scanner.autodiff import GradientProgram, check_gradients, reference_gradient
+from scanner.autodiff.check import check_parameter_gradients
+from scanner.autodiff.params import trainable_parameters
 from scanner.data import load_images, resolve_preprocess
 from scanner.graph.load import load_model
 
@@ -49,3 +51,17 @@ def test_zoo_gradient_matches_finite_differences(entry: dict) -> None:
     g64 = reference_gradient(proto, x, targets)
     gap = float(np.linalg.norm(g32 - g64) / np.linalg.norm(g64))
     assert gap <= F32_TOL, f"{entry['name']}: float32 vs float64 gradient {gap:.2e}"
+
+
+@pytest.mark.skipif(not ZOO, reason="samples/zoo.json not built")
+@pytest.mark.parametrize("entry", ZOO, ids=[e["name"] for e in ZOO])
+def test_zoo_parameter_gradients_match_finite_differences(entry: dict) -> None:
+    """Every trainable parameter of the model (Conv/Gemm/MatMul weights and biases, BN
+    scale and bias) moved at once along 3 random directions, soft targets as recovery
+    uses them."""
+    proto, x, targets = _inputs(entry)
+    soft = 0.8 * targets + 0.02
+    params = trainable_parameters(proto)
+    assert params
+    err = check_parameter_gradients(proto, x, soft, params, directions=3, eps=1e-8)
+    assert err <= FD_TOL, f"{entry['name']}: relative error {err:.2e}"

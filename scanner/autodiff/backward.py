@@ -8,6 +8,7 @@ rule. Dependence stops at Shape and Size: their outputs only see the input's sha
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -45,9 +46,10 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def dependents(graph: onnx.GraphProto, wrt: str) -> set[str]:
-    """Tensors whose values change with `wrt` (nodes assumed topologically sorted)."""
-    dep = {wrt}
+def dependents(graph: onnx.GraphProto, wrt: str | Sequence[str]) -> set[str]:
+    """Tensors whose values change with `wrt` (one tensor or several; nodes assumed
+    topologically sorted)."""
+    dep = {wrt} if isinstance(wrt, str) else set(wrt)
     for node in graph.node:
         if node.op_type not in SHAPE_ONLY_OPS and any(i in dep for i in node_inputs(node)):
             dep.update(o for o in node.output if o)
@@ -69,8 +71,15 @@ def backprop(model: onnx.ModelProto, ctx: VJPContext, wrt: str, seeds: dict[str,
     `model` is a working copy: rules may add outputs to forward nodes (MaxPool indices).
     Returns the name of the gradient tensor (shape of `wrt`).
     """
+    return backprop_many(model, ctx, [wrt], seeds)[0]
+
+
+def backprop_many(model: onnx.ModelProto, ctx: VJPContext, wrts: Sequence[str],
+                  seeds: dict[str, str]) -> list[str]:
+    """`backprop` for several tensors in one backward pass (the parameters recovery
+    trains): one gradient tensor name per entry of `wrts`, in order."""
     graph = model.graph
-    dep = dependents(graph, wrt)
+    dep = dependents(graph, wrts)
     live = dep & ancestors(graph, set(seeds))
     cot: dict[str, list[str]] = defaultdict(list)
     for tensor, grad in seeds.items():
@@ -89,9 +98,8 @@ def backprop(model: onnx.ModelProto, ctx: VJPContext, wrt: str, seeds: dict[str,
         for name, need, grad in zip(node.input, needs, grads, strict=False):
             if need and grad is not None:
                 cot[name].append(grad)
-    if wrt not in cot:
-        return ctx.zeros_like(wrt)  # the seeds do not depend on the input at all
-    return ctx.add_all(cot.pop(wrt))
+    # a tensor the seeds do not depend on at all gets zeros
+    return [ctx.add_all(cot.pop(w)) if w in cot else ctx.zeros_like(w) for w in wrts]
 
 
 def float_type(model: onnx.ModelProto, name: str) -> np.dtype:

@@ -24,6 +24,8 @@ from onnx.reference.op_run import OpRun
 from ..graph.precision import retype
 from ..runtime import session_options
 from .backward import COTANGENT_SUFFIX, GRAD_SUFFIX, build_vjp
+from .params import CE_OUTPUT as PARAM_CE_OUTPUT
+from .params import INV_TEMPERATURE_INPUT, PARAM_GRAD_SUFFIX, build_parameter_program
 from .program import (
     BN_LOSS_OUTPUT,
     BN_WEIGHT_INPUT,
@@ -265,3 +267,38 @@ def check_vjp(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], wrt: str, *
     numeric = np.array([(loss(x + eps * d) - loss(x - eps * d)) / (2 * eps) for d in dirs])
     analytic = np.array([float(np.sum(grad * d)) for d in dirs])
     return relative_error(numeric, analytic)
+
+
+def check_parameter_gradients(proto: onnx.ModelProto, x: np.ndarray, target_weights: np.ndarray,
+                              params: list[str], *, inv_temperature: float = 1.0,
+                              eps: float | None = None, directions: int = 3,
+                              precision: str = "float64", seed: int = 0) -> float:
+    """Relative error of the ParameterProgram gradients against central differences of its
+    loss (sum of soft-target CE) along random directions that move every parameter in
+    `params` at once (a wrong parameter gradient shows unless its share is negligible;
+    tests/test_autodiff_params.py checks each rule alone)."""
+    eps = _default_eps(precision) if eps is None else eps
+    model = _prepare(proto, precision)
+    prog = build_parameter_program(model, params)
+    run = Evaluator(prog.model, precision)
+    forward = Evaluator(prune(prog.model, [PARAM_CE_OUTPUT]), precision)
+    values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64)
+              for t in model.graph.initializer if t.name in set(params)}
+    base = {prog.input_name: np.asarray(x, np.float64),
+            TARGET_INPUT: np.asarray(target_weights, np.float64),
+            INV_TEMPERATURE_INPUT: np.array(inv_temperature)}
+
+    def loss(at: dict[str, np.ndarray]) -> float:
+        return float(np.sum(forward([PARAM_CE_OUTPUT], {**base, **at})[0], dtype=np.float64))
+
+    grads = run([p + PARAM_GRAD_SUFFIX for p in params], {**base, **values})
+    rng = np.random.default_rng(seed)
+    numeric, analytic = [], []
+    for _ in range(directions):
+        d = {p: rng.standard_normal(values[p].shape) for p in params}
+        plus = {p: values[p] + eps * d[p] for p in params}
+        minus = {p: values[p] - eps * d[p] for p in params}
+        numeric.append((loss(plus) - loss(minus)) / (2 * eps))
+        analytic.append(sum(float(np.sum(np.asarray(g, np.float64) * d[p]))
+                            for p, g in zip(params, grads, strict=True)))
+    return relative_error(np.array(numeric), np.array(analytic))

@@ -1,7 +1,8 @@
 """VJP rules for the layers: Conv, Gemm, MatMul, BatchNormalization, pooling.
 
-Only the image-side input is differentiated: a weight that depends on the image is refused.
-A convolution's input gradient is a ConvTranspose with the same weight and geometry; its
+Conv, Gemm and MatMul differentiate every operand (recovery trains weights and biases),
+BatchNormalization its input, scale and bias; running statistics are refused. A
+convolution's input gradient is a ConvTranspose with the same weight and geometry; its
 output_padding recovers the input size (static spatial dims), or, with dynamic spatial
 dims, the largest output_padding plus a crop to the runtime shape.
 """
@@ -134,18 +135,59 @@ def _flipped_conv(ctx: VJPContext, g: str, weight: np.ndarray, win: Window,
 
 @rule("Conv")
 def _conv(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
-    if any(needs[1:]):
-        raise cannot(node, "gradient w.r.t. the weight or bias is not supported")
     x, w = node.input[:2]
     win = _window(ctx, node, x, _kernel_of(ctx, node, w))
     group = int(node_attrs(node).get("group", 1))
-    weight = ctx.value(w)
-    grad = None
-    if weight is not None and all(s == 1 for s in win.strides):
-        grad = _flipped_conv(ctx, g[0], weight, win, group)
-    if grad is None:
-        grad = _transpose_conv(ctx, g[0], w, x, win, group)
-    return [grad] + [None] * (len(node.input) - 1)
+    out: Grads = [None] * len(node.input)
+    if needs[0]:
+        weight = ctx.value(w)
+        if weight is not None and all(s == 1 for s in win.strides):
+            out[0] = _flipped_conv(ctx, g[0], weight, win, group)
+        if out[0] is None:
+            out[0] = _transpose_conv(ctx, g[0], w, x, win, group)
+    if needs[1]:
+        out[1] = _conv_weight_grad(ctx, node, g[0], x, w, win, group)
+    if len(node.input) > 2 and needs[2]:
+        rank = ctx.rank(node.output[0], node)
+        out[2] = ctx.reduce("ReduceSum", g[0], [0] + list(range(2, rank)), keepdims=False)
+    return out
+
+
+def _conv_weight_grad(ctx: VJPContext, node: onnx.NodeProto, g: str, x: str, w: str,
+                      win: Window, group: int) -> str:
+    """d loss / d W[m, c, k] = sum_n sum_o g[n, m, o] x_pad[n, c, o*stride + k*dilation]:
+    itself a convolution, with the batch as the channel axis being reduced, the
+    cotangent as the kernel, stride and dilation swapped and the forward pads. Groups
+    ride along as the convolution's groups (x -> [Cg, G*N, ...], g -> [G*Mg, N, ...]).
+    The result is at least the kernel's size (floor-mode output sizes); the surplus, the
+    rows the forward window never reached, is cropped."""
+    wshape = ctx.static_dims(w)
+    if wshape is None:
+        raise cannot(node, f"weight gradient needs the static shape of {w}")
+    m, cg = wshape[:2]
+    r = win.rank
+    spatial_axes = list(range(2, 2 + r))
+    if group == 1:
+        xs = ctx.op("Transpose", [x], perm=[1, 0] + spatial_axes)
+        gs = ctx.op("Transpose", [g], perm=[1, 0] + spatial_axes)
+    else:
+        mg = m // group
+        x_tail = ctx.op("Slice", [ctx.shape_of(x), ctx.const([2]), ctx.const([2 + r])])
+        g_tail = ctx.op("Slice", [ctx.shape_of(g), ctx.const([2]), ctx.const([2 + r])])
+        perm5 = list(range(3, 3 + r))
+        x5 = ctx.op("Reshape", [x, ctx.op("Concat", [ctx.const([-1, group, cg]), x_tail],
+                                          axis=0)])
+        xs = ctx.op("Reshape", [ctx.op("Transpose", [x5], perm=[2, 1, 0] + perm5),
+                                ctx.op("Concat", [ctx.const([cg, -1]), x_tail], axis=0)])
+        g5 = ctx.op("Reshape", [g, ctx.op("Concat", [ctx.const([-1, group, mg]), g_tail],
+                                          axis=0)])
+        gs = ctx.op("Reshape", [ctx.op("Transpose", [g5], perm=[1, 2, 0] + perm5),
+                                ctx.op("Concat", [ctx.const([m, -1]), g_tail], axis=0)])
+    full = ctx.op("Conv", [xs, gs], pads=list(win.pads), strides=list(win.dilations),
+                  dilations=list(win.strides), group=group)
+    cropped = ctx.op("Slice", [full, ctx.const([0] * r), ctx.const(list(win.kernel)),
+                               ctx.const(spatial_axes)])
+    return ctx.op("Transpose", [cropped], perm=[1, 0] + spatial_axes)
 
 
 # ---------------------------------------------------------------- dense layers
@@ -200,14 +242,24 @@ def _batchnorm(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool
     a = node_attrs(node)
     if a.get("training_mode", 0) or len(node.output) > 1 and any(node.output[1:]):
         raise cannot(node, "training-mode BatchNormalization")
-    if any(needs[1:]):
-        raise cannot(node, "gradient w.r.t. scale/bias/statistics is not supported")
-    x, scale, _, _, var = node.input[:5]
+    if any(needs[3:5]):
+        raise cannot(node, "gradient w.r.t. the running mean/variance is not supported")
+    x, scale, _, mean, var = node.input[:5]
     rank = ctx.rank(x, node)
-    inv_std = ctx.op("Div", [scale, ctx.op("Sqrt", [
-        ctx.op("Add", [var, ctx.const(float(a.get("epsilon", 1e-5)))])])])
-    factor = ctx.op("Reshape", [inv_std, ctx.const([-1] + [1] * (rank - 2))])
-    return [ctx.op("Mul", [g[0], factor]), None, None, None, None]
+    channel = ctx.const([-1] + [1] * (rank - 2))
+    sd = ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(float(a.get("epsilon", 1e-5)))])])
+    out: Grads = [None] * len(node.input)
+    if needs[0]:
+        out[0] = ctx.op("Mul", [g[0], ctx.op("Reshape", [ctx.op("Div", [scale, sd]), channel])])
+    others = [0] + list(range(2, rank))
+    if needs[1]:  # d y / d scale = (x - mean) / sd, summed over all but the channel axis
+        normed = ctx.op("Div", [ctx.op("Sub", [x, ctx.op("Reshape", [mean, channel])]),
+                                ctx.op("Reshape", [sd, channel])])
+        out[1] = ctx.reduce("ReduceSum", ctx.op("Mul", [g[0], normed]), others,
+                            keepdims=False)
+    if needs[2]:
+        out[2] = ctx.reduce("ReduceSum", g[0], others, keepdims=False)
+    return out
 
 
 # ---------------------------------------------------------------- pooling
