@@ -45,8 +45,8 @@ def nothing_written(result: ScanResult) -> str:
         return "the scan was inconclusive"
     if result.verdict is Verdict.BACKDOOR and repair is None:
         return "a backdoor was found and the policy does not repair (repair.enabled = false)"
-    if result.verdict is Verdict.BACKDOOR:
-        return "a backdoor was found and no channel set within the budget removes it (SS302)"
+    if result.verdict is Verdict.BACKDOOR:  # no channel set within budget, or withheld
+        return "a backdoor was found and the repair did not complete (see the findings)"
     return f"--method {result.method} zeroed no channel"
 
 
