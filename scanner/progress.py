@@ -124,7 +124,8 @@ class Progress:
             return
         spent = duration(self.clock() - self._start)
         if self._bar_open:  # a loop that stopped early (converged, target reached) is done too
-            self._draw(self._bar(1.0, f"done in {duration(self.clock() - self._start, True)}"))
+            done = f"done in {duration(self.clock() - self._start, True)}"
+            self._draw(self._bar(1.0, done) if self._updates else f"{self._label} ... {done}")
             self.stream.write("\n")
             self.stream.flush()
             self._bar_open = False

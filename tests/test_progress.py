@@ -89,6 +89,11 @@ def test_a_terminal_gets_a_live_bar_with_the_time_left_and_a_done_line() -> None
     assert "[#####---------------]" in halfway and "~45s left" in halfway
     assert draws[-1].startswith("reversing triggers") and "done in 30s" in draws[-1]
     assert text.endswith("\n") and text.count("\n") == 1
+    # a stage without a loop (loading) shows no bar it never filled
+    progress.stage("loading model.onnx")
+    clock.now += 0.2
+    progress.close()
+    assert out.getvalue().endswith("\rloading model.onnx ... done in 0s\x1b[K\n")
     # under 80 columns even with a long label and hours left
     assert all(len(d.replace("\x1b[K", "").rstrip("\n")) < 80 for d in draws)
 
