@@ -114,7 +114,9 @@ def _detection(d: Detection) -> str:
              f'(how much smaller than the median, in robust standard deviations of the log '
              f'norm, averaged over the patch and full-image families; the warp family, '
              f'for image-warping triggers, is judged on its own). '
-             f'Classes above the threshold ({_num(d.threshold, 2)}) are flagged. Inputs: '
+             f'Classes above the threshold ({_num(d.threshold, 2)}) are flagged, and so is a '
+             f'class whose patch or warp trigger alone is anomalous and stands apart from the '
+             f'next class\'s (the patch and warp tests; a red diamond marks that index). Inputs: '
              f'{esc(source)}; {d.forward_passes:,} forward passes.</p>',
              anomaly_chart(d.classes, d.threshold, reasons=d.reasons)]
     for c in d.classes:
