@@ -252,14 +252,32 @@ def test_a_squeeze_excitation_gate_is_not_a_layer_and_zeroing_its_channel_zeroes
 def test_timm_fixtures(name, layers, axis, channels):
     loaded = load_model(MODELS / f"{name}.onnx")
     found = discover(loaded.analysed)
-    assert len(found.layers) == layers and not found.skipped
-    assert {(la.op, la.axis) for la in found.layers} == {("GELU", axis)}
-    assert sum(la.channels for la in found.layers) == channels
+    assert not found.skipped
+    gelus = [la for la in found.layers if la.op == "GELU"]
+    assert len(gelus) == layers and {la.axis for la in gelus} == {axis}
+    assert sum(la.channels for la in gelus) == channels
     x = RNG.random((2, 1, 32, 32), dtype=np.float32)
     plain = run_model(loaded.proto, {"image": x})["logits"]
     assert np.allclose(MaskedModel(loaded.proto, found.layers).run_ones(x), plain, atol=1e-5)
-    zeroed = {la.name: [1, 6] for la in found.layers}
+    zeroed = {la.name: [1, 6] for la in gelus}
     repaired = sanitize(loaded.proto, zeroed)
     assert {e["method"] for e in export_edits(repaired)} == {"folded-matmul"}
     assert verify_sanitized(loaded.proto, repaired, zeroed, x) <= 1e-5
     assert [o.name for o in repaired.graph.output] == ["logits"]
+
+
+def test_attention_heads_are_players_masked_before_the_output_projection():
+    loaded = load_model(MODELS / "vit_tiny10.onnx")
+    heads = [la for la in discover(loaded.analysed).layers if la.op == "AttentionHeads"]
+    assert [(la.channels, la.rank, la.axis) for la in heads] == [(2, 4, 1), (2, 4, 1)]
+    # the projection's input: the heads joined to [N, T, 16], head h in columns 8h..8h+7
+    proj = next(n for n in loaded.proto.graph.node
+                if n.op_type == "MatMul" and "blocks.0/attn/proj" in n.name)
+    x = RNG.random((2, 1, 32, 32), dtype=np.float32)
+    repaired = sanitize(loaded.proto, {heads[0].name: [1]})
+    assert [e["method"] for e in export_edits(repaired)] == ["mask"]
+    name = proj.input[0]
+    joined = run_model(_with_output(repaired, name), {"image": x})[name]
+    plain = run_model(_with_output(loaded.proto, name), {"image": x})[name]
+    assert np.abs(joined[..., 8:]).max() == 0.0
+    assert np.array_equal(joined[..., :8], plain[..., :8])

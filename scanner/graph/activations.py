@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid",
                             "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Softplus"})
 SILU = "SiLU"  # the Mul(x, Sigmoid(x)) pattern
+# MatMul(Softmax(Q K^T), V) -> [N, heads, T, d]: each head's output before the heads are
+# joined and projected; its players are the heads, on axis 1
+HEADS = "AttentionHeads"
 GELU = "GELU"  # Mul(x, Add(Tanh|Erf(...x...), 1)): torch's Gelu below opset 20, either form
 _GELU_GATES = frozenset({"Tanh", "Erf"})
 _GELU_ARITHMETIC = frozenset({"Mul", "Add", "Div", "Pow", "Sub"})
@@ -170,6 +173,8 @@ def discover(proto: onnx.ModelProto) -> Discovery:
             candidates.append((node, GELU, x, (gate.name, node.name)))
         elif node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
             candidates.append((node, node.op_type, node.input[0], (node.name,)))
+        elif _attention_output(node, producer, shapes):
+            candidates.append((node, HEADS, node.output[0], (node.name,)))
     lost = [n.output[0] for n, _, _, _ in candidates if n.output[0] not in inner
             and (shapes.get(n.output[0]) is None or None in shapes[n.output[0]][1:])]
     if lost:  # e.g. after a channel shuffle whose Reshape target is computed at run time
@@ -196,7 +201,10 @@ def discover(proto: onnx.ModelProto) -> Discovery:
         if gated is not None:
             gates.append(SkippedLayer(out, op, node.name, f"gate of {gated}"))
             continue
-        axis = votes.feature_axis(out, pre)
+        if op == HEADS:  # heads on axis 1 of [N, heads, T, d]; a rank-3 product has none
+            axis = 1 if len(shape) == 4 else None
+        else:
+            axis = votes.feature_axis(out, pre)
         if axis is None:
             log.debug("skipping activation %s (%s): %s", out, op, AXIS_UNDECIDED)
             skipped.append(SkippedLayer(out, op, node.name, AXIS_UNDECIDED))
@@ -209,6 +217,17 @@ def discover(proto: onnx.ModelProto) -> Discovery:
                           rank=len(shape), axis=axis)
         found.append(Activation(layer, pre, nodes))
     return Discovery(tuple(found), tuple(skipped), tuple(gates))
+
+
+def _attention_output(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                      shapes: dict[str, list[int | None]]) -> bool:
+    """`node` is MatMul(Softmax(scores), V) with a rank-4 [N, heads, T, d] output."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return False
+    weights = producer.get(node.input[0])
+    shape = shapes.get(node.output[0])
+    return (weights is not None and weights.op_type == "Softmax"
+            and (shape is None or len(shape) == 4))
 
 
 def _gated_layer(node: onnx.NodeProto, shape: list[int | None],
