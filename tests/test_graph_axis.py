@@ -281,3 +281,16 @@ def test_attention_heads_are_players_masked_before_the_output_projection():
     plain = run_model(_with_output(loaded.proto, name), {"image": x})[name]
     assert np.abs(joined[..., 8:]).max() == 0.0
     assert np.array_equal(joined[..., :8], plain[..., :8])
+
+
+def test_a_weight_behind_transpose_still_votes():
+    # tf2onnx and others feed a MatMul its weight through a Transpose of an initializer
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 6, 8])]
+    nodes = [helper.make_node("Transpose", ["w1t"], ["w1"], perm=[1, 0]),
+             helper.make_node("MatMul", ["tokens", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["act"], name="relu"),
+             helper.make_node("Identity", ["w2i"], ["w2"]),
+             helper.make_node("MatMul", ["act", "w2"], ["o"]),
+             helper.make_node("ReduceMean", ["o"], ["logits"], axes=[1], keepdims=0)]
+    proto = inferred(model(nodes, [tensor("w1t", [10, 8]), tensor("w2i", [10, 5])], inputs))
+    assert [(la.channels, la.axis) for la in discover(proto).layers] == [(10, 2)]

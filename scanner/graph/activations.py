@@ -179,8 +179,7 @@ def discover(proto: onnx.ModelProto) -> Discovery:
             and (shapes.get(n.output[0]) is None or None in shapes[n.output[0]][1:])]
     if lost:  # e.g. after a channel shuffle whose Reshape target is computed at run time
         shapes.update(probe_shapes(proto, lost))
-    constants = {t.name for t in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = _constants(graph)
     ranks = {t.name: len(t.dims) for t in graph.initializer}  # weights: not in value_info
     ranks.update((name, len(shape)) for name, shape in shapes.items())
     votes = AxisVotes(producer, consumers, ranks.get, constants)
@@ -217,6 +216,21 @@ def discover(proto: onnx.ModelProto) -> Discovery:
                           rank=len(shape), axis=axis)
         found.append(Activation(layer, pre, nodes))
     return Discovery(tuple(found), tuple(skipped), tuple(gates))
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that do not depend on a graph input: initializers, Constant outputs and
+    what nodes compute from them alone (a weight behind Identity, Transpose or Cast)."""
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    constants = {t.name for t in graph.initializer}
+    for node in graph.node:  # topological order
+        data = [i for i in node.input if i]
+        if all(i in constants and i not in inputs for i in data) and (
+                data or node.op_type == "Constant") and not any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute):
+            constants.update(o for o in node.output if o)
+    return constants
 
 
 def _attention_output(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
