@@ -294,3 +294,21 @@ def test_a_weight_behind_transpose_still_votes():
              helper.make_node("ReduceMean", ["o"], ["logits"], axes=[1], keepdims=0)]
     proto = inferred(model(nodes, [tensor("w1t", [10, 8]), tensor("w2i", [10, 5])], inputs))
     assert [(la.channels, la.axis) for la in discover(proto).layers] == [(10, 2)]
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny10", "vit_tiny10"])
+def test_prefix_cached_coalitions_match_the_full_masked_model(name):
+    # Shapley runs coalitions through the prefix cache: channels-last, token and head masks
+    # must give there what the full masked model gives
+    from scanner.graph.prefix import CoalitionEvaluator
+
+    loaded = load_model(MODELS / f"{name}.onnx")
+    layers = discover(loaded.analysed).layers
+    x = RNG.random((3, 1, 32, 32), dtype=np.float32)
+    n = sum(la.channels for la in layers)
+    coalitions = (np.random.default_rng(1).random((4, n)) > 0.3).astype(np.float32)
+    cached = CoalitionEvaluator(loaded.proto, layers, x).logits(coalitions)  # [4, 3, classes]
+    full = MaskedModel(loaded.proto, layers)
+    for c, row in enumerate(coalitions):
+        want = full.run_flat(x, np.repeat(row[None], len(x), axis=0))
+        assert np.allclose(cached[c], want, atol=1e-5)
