@@ -194,3 +194,21 @@ def test_timm_fixtures_use_the_ops_they_stand_for() -> None:
         assert ops <= used, f"{file} lacks {sorted(ops - used)}"
         assert path.stat().st_size < 300_000
 
+
+
+def test_upsample_at_opset_9_is_differentiated_as_the_resize_it_converts_to(tmp_path) -> None:
+    """Upsample only exists below opset 10; load_model converts such models to opset 17,
+    where onnx's converter has made it a Resize (nearest): no rule of its own is needed."""
+    model, feeds = graph_case([node("Upsample", ["x", "s"], mode="nearest")], (2, 3, 4, 5),
+                              {"s": np.array([1, 1, 2, 3], np.float32)}, opset=9)()
+    model.ir_version = 4
+    path = tmp_path / "upsample9.onnx"
+    path.write_bytes(model.SerializeToString())
+    converted = load_model(path).proto
+    assert [n.op_type for n in converted.graph.node if n.op_type != "Constant"] == ["Resize"]
+    ref = ReferenceEvaluator(model).run(["y"], feeds)[0]  # the opset-9 model's own output
+    sess = ort.InferenceSession(converted.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(["y"], feeds)[0], ref)
+    assert check_vjp(converted, feeds, "x") <= FD_TOL
+    assert _ort_vs_reference(converted, feeds) <= F32_TOL

@@ -4,8 +4,8 @@ wheel (onnx/backend/test/data/light: opset 9, converted to 17 on load; 1,000 cla
 
 Their weights are ConstantOfShape fills of one value, so every class gets the same logit
 and the input gradient of the CE loss is exactly zero. For the finite-difference check
-the fills are replaced by seeded random tensors of the same shapes (He-scaled weights,
-[0.5, 1.5] for 1-D parameters, which keeps BN variances positive): the graph, and so the
+the fills are replaced by seeded random tensors of the same shapes (LeCun-scaled weights,
+positive BN variances and scales, small biases): the graph, and so the
 backward program, is the zoo's own. Same tolerance as test_autodiff_zoo (float64 central
 differences, relative error <= 1e-3), on 2 directions at eps 1e-7: one direction perturbs
 all 150,528 coordinates.
@@ -46,20 +46,30 @@ def randomized(proto: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     shapes = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    scales, variances = {n.input[1] for n in bn}, {n.input[4] for n in bn}
     kept = []
     for node in model.graph.node:
         if node.op_type != "ConstantOfShape" or node.input[0] not in shapes:
             kept.append(node)
             continue
         shape = [int(d) for d in shapes[node.input[0]]]
-        if len(shape) >= 2:
-            value = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
-        else:
+        name = node.output[0]
+        if len(shape) >= 2:  # LeCun-scaled: logits stay O(1) through 50 layers
+            value = rng.normal(0.0, np.sqrt(1.0 / np.prod(shape[1:])), shape)
+        elif name in variances:
             value = rng.uniform(0.5, 1.5, shape)
+        elif name in scales:
+            value = rng.uniform(0.5, 1.0, shape)
+        else:  # biases, BN shifts and means
+            value = rng.normal(0.0, 0.05, shape)
         model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32),
                                                                node.output[0]))
     del model.graph.node[:]
     model.graph.node.extend(kept)
+    # IR 3 (these files' version) only sees initializers that are also graph inputs; the
+    # new ones are not, and shape inference would lose every shape after them
+    model.ir_version = max(model.ir_version, 8)
     return model
 
 
