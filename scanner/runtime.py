@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as MissingKernel
+
+from .errors import Inconclusive
 
 log = logging.getLogger(__name__)
 _warned_cuda = False
@@ -109,8 +113,23 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device | None = N
     if session is None:
         if device.providers[0] == CUDA:
             _warn_cuda_once("CUDA execution provider failed to initialise; running on CPU")
-        session = ort.InferenceSession(payload, sess_options=opts, providers=[CPU])
+        try:
+            session = ort.InferenceSession(payload, sess_options=opts, providers=[CPU])
+        except MissingKernel as exc:  # a valid graph this build cannot run: not a bug
+            raise Inconclusive(f"inconclusive: onnxruntime cannot run this model on CPU: "
+                               f"{ort_message(exc)}") from None
     return session
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ .*?\)\s+")  # C++ file:line signature()
+
+
+def ort_message(exc: BaseException) -> str:
+    """An onnxruntime error as one readable line: without its status prefix, C++ source
+    location and function signature."""
+    text = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", str(exc).strip()), count=1)
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _warn_cuda_once(message: str) -> None:

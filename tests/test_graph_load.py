@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
+from conftest import FEWSHOT, zoo_model
 from graph_builders import conv_relu_model, model, save, tensor
 from onnx import TensorProto, helper, numpy_helper
 
 from scanner.errors import ModelRefused
 from scanner.findings import Severity
-from scanner.graph.load import load_model
+from scanner.graph.load import _toposort_checked, load_model
 
 
 def assert_refused(result, rule_id: str, tmp_path, before: set) -> None:
@@ -43,8 +46,12 @@ def test_valid_model_loads_with_inferred_shapes(tmp_path):
     assert len(loaded.sha256) == 64 and loaded.size_bytes == (tmp_path / "m.onnx").stat().st_size
 
 
-def test_ss101_missing_and_garbage_files(refused, tmp_path):
-    refused(tmp_path / "absent.onnx", "SS101")
+def test_ss101_missing_and_garbage_files(refused, run_cli, tmp_path):
+    with pytest.raises(ModelRefused) as info:
+        load_model(tmp_path / "absent.onnx")
+    assert info.value.rule_id == "SS101"
+    # the CLI checks paths before loading: a missing one is a usage error (exit 4)
+    assert run_cli("inspect", tmp_path / "absent.onnx").code == 4
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\xff\x00 this is not a protobuf \x12\x99" * 10)
     refused(garbage, "SS101")
@@ -241,3 +248,89 @@ def test_nodes_out_of_topological_order_are_reordered(tmp_path):
     proto.graph.node.extend(nodes)
     loaded = load_model(save(proto, tmp_path / "m.onnx"))
     assert [n.name for n in loaded.proto.graph.node] == ["conv", "relu", "gap", "flatten", "fc"]
+
+
+# Found by the loader fuzzer (benchmarks/fuzz_loader.py): each was a crash or a hang.
+
+def test_ss103_external_data_through_a_loop_of_links(refused, tmp_path):
+    # pathlib raises RuntimeError (not OSError) on a loop: an internal error before
+    (tmp_path / "loop_a.bin").symlink_to("loop_b.bin")
+    (tmp_path / "loop_b.bin").symlink_to("loop_a.bin")
+    err = refused(_external(conv_relu_model(), "loop_a.bin", length=432), "SS103")
+    assert "loop of symbolic links" in err
+
+
+def test_long_chain_stored_in_reverse_sorts_in_linear_time(tmp_path):
+    # the topological sort took rounds of "every ready node": quadratic (20,000 nodes stored
+    # backwards: about 80 s, 30,000 ran past the fuzzer's 30 s limit); now about 1 s
+    proto = conv_relu_model()
+    n = 20_000
+    relu = proto.graph.node[1]
+    chain = [helper.make_node("Identity", [relu.input[0] if k == 0 else f"i{k - 1}"], [f"i{k}"])
+             for k in range(n)]
+    relu.input[0] = f"i{n - 1}"
+    nodes = [proto.graph.node[0], *chain[::-1], *proto.graph.node[1:]]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    start = time.perf_counter()
+    _toposort_checked(proto.graph)
+    assert time.perf_counter() - start < 10
+    assert [node.output[0] for node in proto.graph.node][1:n + 1] == [f"i{k}" for k in range(n)]
+    assert load_model(save(proto, tmp_path / "m.onnx")).proto.graph.node[-1].name == "fc"
+
+
+def test_ss106_cycle_found_by_the_linear_sort(refused):
+    proto = conv_relu_model()
+    proto.graph.node[1].input[0] = proto.graph.node[2].output[0]  # relu reads gap's output
+    err = refused(proto, "SS106")
+    assert "'relu'" in err
+
+
+def test_ss107_no_graph_output(refused):
+    # onnx.checker passes a graph without outputs; the scan then failed on outputs[0]
+    proto = conv_relu_model()
+    del proto.graph.output[:]
+    assert "no graph output" in refused(proto, "SS107")
+
+
+def test_ss109_future_opset_of_another_domain(refused):
+    # only the default domain's opset was checked; onnxruntime refused ai.onnx.ml 99 mid-scan
+    proto = conv_relu_model()
+    proto.opset_import.append(helper.make_opsetid("ai.onnx.ml", 99))
+    assert "'ai.onnx.ml'" in refused(proto, "SS109")
+
+
+@pytest.mark.parametrize("where", ["tensor", "node", "dimension", "bidi"])
+def test_ss115_control_characters_in_names(refused, where):
+    proto = conv_relu_model()
+    if where == "tensor":  # a valid model, renamed everywhere: inspect printed a forged line
+        forged = "r\nfindings: none"
+        proto.graph.node[1].output[0] = forged
+        proto.graph.node[2].input[0] = forged
+    elif where == "node":
+        proto.graph.node[0].name = "\x1b[2Kconv"
+    elif where == "dimension":
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N\r"
+    else:
+        proto.graph.node[0].name = "conv\u202e"
+    assert "control character" in refused(proto, "SS115")
+
+
+def test_kernel_missing_on_cpu_is_inconclusive_not_a_crash(run_cli, tmp_path):
+    # a valid graph onnxruntime's CPU build has no kernel for (Relu on int16): inspect
+    # shows it, a scan ends inconclusive in one line (it was an internal error)
+    proto = onnx.load(str(zoo_model("cnn_badnets")))
+    graph = proto.graph
+    at = [n.op_type for n in graph.node].index("Relu")
+    relu = graph.node[at]
+    source, target = relu.input[0], relu.output[0]
+    relu.input[0], relu.output[0] = "as_int16", "relu_int16"
+    graph.node.insert(at, helper.make_node("Cast", [source], ["as_int16"], to=TensorProto.INT16))
+    graph.node.insert(at + 2, helper.make_node("Cast", ["relu_int16"], [target],
+                                               to=TensorProto.FLOAT))
+    path = save(proto, tmp_path / "m.onnx")
+    assert run_cli("inspect", path).code == 0
+    result = run_cli("scan", path, "--data", FEWSHOT, "--quiet")
+    assert result.code == 3, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "Could not find an implementation for Relu" in lines[0]

@@ -11,19 +11,26 @@ the model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
+from google.protobuf.message import Message
 from onnx import TensorProto, external_data_helper, version_converter
 
-from ..errors import ModelRefused
+from ..errors import ModelRefused, out_of_memory
 from ..findings import Finding, LayerInfo, ModelSummary, Severity
+from ..runtime import CPU, MissingKernel, ort_message, session_options
 from .precision import low_precision, widen
 from .quantized import dequantize, is_qdq
 from .scores import scores_copy
@@ -132,6 +139,7 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
     findings: list[Finding] = []
 
     _check_domains(proto, STANDARD_DOMAINS | set(allowed_domains or ()))
+    _check_names(proto)
     external = _check_tensors(proto, path.parent)
     if max_bytes is not None and size + external > max_bytes:
         raise refuse("SS112", f"{path}: {size + external} bytes with external data exceeds "
@@ -141,11 +149,14 @@ def load_model(path: str | Path, *, allowed_domains: Iterable[str] | None = None
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
         log.debug("%s: loaded %d bytes of external data", path, external)
     _toposort_checked(proto.graph)
+    if not proto.graph.output:  # onnx.checker passes it; every stage reads the scores
+        raise refuse("SS107", "model has no graph output")
     proto, converted = _check_opset(proto)
     if converted:
         findings.append(converted)
     _check_image_input(proto)
     proto = _check_and_infer(proto)
+    _check_runtime(proto)
     widened = None
     precision = low_precision(proto)
     if precision:
@@ -171,7 +182,27 @@ def _parse(raw: bytes, path: Path) -> onnx.ModelProto:
     # Arbitrary bytes sometimes parse as a protobuf with only unknown fields.
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
         raise refuse("SS101", f"{path}: not an ONNX model (no IR version or graph nodes)")
+    field_name = _undecodable_text(proto)
+    if field_name:
+        raise refuse("SS101", f"{path}: not an ONNX model ({field_name} is not UTF-8 text)")
     return proto
+
+
+def _undecodable_text(message: Message) -> str | None:
+    """The first string field whose bytes are not UTF-8: protobuf hands those over as bytes,
+    and every name check after this one expects str."""
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        for fd, value in current.ListFields():
+            repeated = (fd.is_repeated if hasattr(fd, "is_repeated")
+                        else fd.label == fd.LABEL_REPEATED)
+            values = value if repeated else [value]
+            if fd.type == fd.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+                return fd.full_name
+            if fd.type == fd.TYPE_MESSAGE:
+                stack.extend(values)
+    return None
 
 
 # ---------------------------------------------------------------- walking the model
@@ -215,6 +246,41 @@ def _check_domains(proto: onnx.ModelProto, allowed: set[str]) -> None:
                 d == entry.domain for d, _ in local):
             raise refuse("SS102", f"opset import of custom domain {entry.domain!r}",
                          entry.domain)
+
+
+# A newline or escape sequence in a name prints forged lines in `inspect` and in one-line
+# errors (benchmarks/fuzz_loader.py: a layer named "x\nTraceback ..."); Unicode line
+# separators do the same, and bidi overrides reorder what a reviewer reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _names(proto: onnx.ModelProto) -> Iterator[tuple[str, str]]:
+    for graph in graphs(proto.graph):
+        yield "graph", graph.name
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            yield "tensor", value.name
+            for dim in value.type.tensor_type.shape.dim:
+                yield "dimension", dim.dim_param
+        for tensor in graph.initializer:
+            yield "initializer", tensor.name
+    for node in _all_nodes(proto):
+        yield "node", node.name
+        yield "op", node.op_type
+        for name in (*node.input, *node.output):
+            yield "tensor", name
+        for attr in node.attribute:
+            yield "attribute", attr.name
+    for function in proto.functions:
+        yield "function", function.name
+
+
+def _check_names(proto: onnx.ModelProto) -> None:
+    """SS115: names reach terminals and one-line errors; none may hold a control character."""
+    for what, name in _names(proto):
+        if _CONTROL.search(name):
+            shown = name if len(name) <= 60 else f"{name[:60]}...({len(name)} chars)"
+            raise refuse("SS115", f"{what} name {shown!r} contains a control character",
+                         shown)
 
 
 def _check_tensors(proto: onnx.ModelProto, folder: Path) -> int:
@@ -295,12 +361,18 @@ def _check_external(name: str, tensor: TensorProto, folder: Path) -> int:
     try:
         target = (base / location).resolve()
         present = target.is_file()
-    except OSError as exc:  # a name too long for the file system, a loop of links
+    except OSError as exc:  # a name too long for the file system
         raise refuse("SS103", f"tensor {name!r} external data path {shown!r} cannot be "
                      f"resolved ({exc.strerror or exc})", name) from None
+    except RuntimeError:  # pathlib's word for a loop of links (Python < 3.13)
+        raise refuse("SS103", f"tensor {name!r} external data path {shown!r} cannot be "
+                     "resolved (a loop of symbolic links)", name) from None
     if not target.is_relative_to(base):
         raise refuse("SS103", f"tensor {name!r} external data path {shown!r} escapes "
                      "the model folder", name)
+    if target != base / os.path.normpath(location):  # onnx refuses links even inside
+        raise refuse("SS103", f"tensor {name!r} external data path {shown!r} goes through "
+                     "a symbolic link", name)
     if not present:
         raise refuse("SS105", f"tensor {name!r} external data file {shown!r} is missing",
                      name)
@@ -338,20 +410,30 @@ def _toposort_checked(graph: onnx.GraphProto) -> None:
                 where = node.name or node.op_type
                 raise refuse("SS107", f"node {where!r} reads {inp!r}, which nothing produces",
                              where)
-    deps = [{producer[i] for i in node.input if i in producer} for node in graph.node]
-    deps = [_outer_deps(node, producer) | d for node, d in zip(graph.node, deps, strict=True)]
+    deps = [{producer[i] for i in node.input if i in producer} | _outer_deps(node, producer)
+            for node in graph.node]
+    # Kahn's algorithm, lowest index first: a sorted graph keeps its order, and a chain of
+    # 30,000 nodes stored in reverse takes milliseconds (rounds of "all ready nodes" were
+    # quadratic: minutes, found by benchmarks/fuzz_loader.py)
+    waiting = [len(d) for d in deps]
+    consumers: list[list[int]] = [[] for _ in graph.node]
+    for idx, d in enumerate(deps):
+        for dep in d:
+            consumers[dep].append(idx)
+    ready = [idx for idx, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
     order: list[int] = []
-    done: set[int] = set()
-    remaining = list(range(len(graph.node)))
-    while remaining:
-        ready = [i for i in remaining if deps[i] <= done]
-        if not ready:
-            stuck = graph.node[remaining[0]]
-            where = stuck.name or stuck.op_type
-            raise refuse("SS106", f"graph has a cycle through node {where!r}", where)
-        order.extend(ready)
-        done.update(ready)
-        remaining = [i for i in remaining if i not in done]
+    while ready:
+        idx = heapq.heappop(ready)
+        order.append(idx)
+        for consumer in consumers[idx]:
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                heapq.heappush(ready, consumer)
+    if len(order) < len(graph.node):
+        stuck = graph.node[min(set(range(len(graph.node))) - set(order))]
+        where = stuck.name or stuck.op_type
+        raise refuse("SS106", f"graph has a cycle through node {where!r}", where)
     if order != list(range(len(graph.node))):
         log.debug("graph nodes were not in topological order; reordered")
         nodes = [graph.node[i] for i in order]
@@ -371,6 +453,14 @@ def _outer_deps(node: onnx.NodeProto, producer: dict[str, int]) -> set[int]:
     return {producer[n] for n in names if n in producer}
 
 
+@functools.cache
+def _newest_opsets() -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        newest[schema.domain] = max(newest.get(schema.domain, 0), schema.since_version)
+    return newest
+
+
 def _check_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Finding | None]:
     version = default_opset(proto)
     newest = onnx.defs.onnx_opset_version()
@@ -378,6 +468,11 @@ def _check_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Finding | Non
         raise refuse("SS109", "model imports no default-domain opset")
     if version > newest:
         raise refuse("SS109", f"opset {version} is newer than this onnx supports ({newest})")
+    for entry in proto.opset_import:
+        known = _newest_opsets().get(entry.domain)
+        if entry.domain not in ("", "ai.onnx") and known and entry.version > known:
+            raise refuse("SS109", f"opset {entry.version} of domain {entry.domain!r} is newer "
+                         f"than this onnx supports ({known})", entry.domain)
     if version >= MIN_OPSET:
         return proto, None
     try:
@@ -390,6 +485,50 @@ def _check_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Finding | Non
                       f"opset {version} converted to {TARGET_OPSET} with onnx.version_converter",
                       details={"from": version, "to": TARGET_OPSET})
     return converted, finding
+
+
+def _check_runtime(proto: onnx.ModelProto) -> None:
+    """SS116: onnxruntime must build the graph onnx.checker accepted, and run it once on a
+    zero input when the input shape is fixed. onnx passes a Conv with group -1 or a Gemm
+    bias of the wrong shape, onnxruntime refuses them only when it runs them: found here
+    as a refusal, not mid-scan as an internal error (benchmarks/fuzz_loader.py)."""
+    if proto.ByteSize() >= 2**31:  # too large to pass as bytes; the scan's session says
+        return
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(),
+                                       sess_options=session_options(), providers=[CPU])
+        feeds = _zero_feeds(session)
+        if feeds is not None:
+            session.run(None, feeds)
+    except MissingKernel:
+        # a kernel this build lacks (bfloat16 Conv on CPU) is no fault of the model, and
+        # another build may have it: the stage that needs the kernel says so (exit 3)
+        return
+    except Exception as exc:
+        if out_of_memory(exc) is not None:  # the machine's limit, not the model's fault
+            raise
+        raise refuse("SS116", f"onnxruntime cannot run the model: {ort_message(exc)}"
+                     ) from None
+
+
+_PROBE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+                "tensor(bool)": np.bool_}
+_PROBE_VALUES = 1 << 24
+
+
+def _zero_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray] | None:
+    """Zeros for every input, batch 1; None when a shape beyond the batch is not fixed."""
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d >= 0 else (1 if axis == 0 else None)
+                 for axis, d in enumerate(inp.shape)]
+        dtype = _PROBE_TYPES.get(inp.type)
+        if dtype is None or None in shape or math.prod(shape) > _PROBE_VALUES:
+            return None
+        feeds[inp.name] = np.zeros(shape, dtype)
+    return feeds
 
 
 def _check_image_input(proto: onnx.ModelProto) -> None:
