@@ -334,3 +334,34 @@ def test_kernel_missing_on_cpu_is_inconclusive_not_a_crash(run_cli, tmp_path):
     assert result.code == 3, result.err
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and "Could not find an implementation for Relu" in lines[0]
+
+
+def test_ss103_external_data_through_a_link_inside_the_folder(refused, tmp_path):
+    # onnx refuses any link with a ValidationError, which surfaced as an internal error
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 432)
+    (tmp_path / "link.bin").symlink_to("weights.bin")
+    err = refused(_external(conv_relu_model(), "link.bin", length=432), "SS103")
+    assert "symbolic link" in err
+
+
+def test_ss101_name_that_is_not_utf8(refused, tmp_path):
+    # protobuf hands such a string over as bytes: the name checks raised TypeError
+    proto = conv_relu_model()
+    proto.graph.node[1].name = "QQQQ"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString().replace(b"QQQQ", b"\xff\xfe\xff\xfe"))
+    assert "onnx.NodeProto.name is not UTF-8" in refused(path, "SS101")
+
+
+@pytest.mark.parametrize("lie", ["conv-group", "bias-shape"])
+def test_ss116_what_only_onnxruntime_refuses(refused, lie):
+    # onnx.checker and shape inference pass both; onnxruntime fails when it runs the node,
+    # which was an internal error in the middle of a scan
+    proto = conv_relu_model()
+    if lie == "conv-group":
+        proto.graph.node[0].attribute.append(helper.make_attribute("group", -1))
+    else:
+        proto.graph.initializer[3].dims.extend([1, 1])  # fc_b [5] -> [5, 1, 1]
+    err = refused(proto, "SS116")
+    assert "onnxruntime cannot run the model" in err
+    assert "[ONNXRuntimeError]" not in err and ".cc:" not in err.split("Status Message")[0]
