@@ -66,8 +66,12 @@ def test_the_python_example_runs_as_printed(tmp_path: Path, monkeypatch: pytest.
     [example] = [b for b in _blocks("python") if "from scanner.api import" in b]
     (tmp_path / "samples").symlink_to(README.parent / "samples")
     monkeypatch.chdir(tmp_path)  # it writes safe.onnx in the working directory
-    exec(compile(example, "README.md", "exec"), {})
+    namespace: dict[str, object] = {}
+    exec(compile(example, "README.md", "exec"), namespace)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "backdoor [0]" and out[-1] == "1"
     assert any(line.startswith("CRITICAL SS201 backdoor towards class 0") for line in out)
-    assert (tmp_path / "safe.onnx").is_file()
+    result = namespace["result"]
+    # a repair that reached its target is written to out=; one that did not says why not
+    written = (tmp_path / "safe.onnx").is_file()
+    assert written == (result.repair.output_path is not None)  # type: ignore[attr-defined]
