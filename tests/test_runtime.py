@@ -1,4 +1,5 @@
-"""Provider selection, CPU fallback, threads, batched runs (the CPU path; no GPU here)."""
+"""Provider selection, CPU fallback, threads, batched runs; the CUDA path's tests (named
+test_cuda_*) run only with onnxruntime-gpu and an NVIDIA device: benchmarks/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -129,3 +130,51 @@ def test_cli_says_the_cuda_fallback_in_one_line(run_cli, monkeypatch):
                           "no CUDA execution provider (install onnxruntime-gpu in place of "
                           "onnxruntime: README, GPU); running on "
                           "CPU\n")
+
+
+needs_cuda = pytest.mark.skipif(
+    not (CUDA in runtime.ort.get_available_providers() and runtime._cuda_usable()),
+    reason="needs onnxruntime-gpu and an NVIDIA device (benchmarks/gpu_check.sh)")
+# ORT's CUDA provider may run float32 convolutions and GEMMs as TF32 (10-bit mantissa)
+CUDA_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}
+
+
+@needs_cuda
+def test_cuda_session_runs_on_the_gpu_and_agrees_with_cpu():
+    proto = conv_relu_model()
+    x = np.random.default_rng(2).random((300, 3, 8, 8), dtype=np.float32)
+    device = resolve_device("cuda")
+    assert device.name == "cuda"
+    runner = make_runner(proto, device)
+    assert runner.on_cuda and runner.session.get_providers()[0] == CUDA
+    on_cpu = make_session(proto, Device("cpu", (CPU,))).run(None, {"image": x})[0]
+    np.testing.assert_allclose(runner.run(["logits"], {"image": x})[0], on_cpu,
+                               **CUDA_TOLERANCE)
+    # batched runs go through the same IOBinding path, a batch at a time
+    np.testing.assert_allclose(run_batched(runner.session, {"image": x}, batch_size=128),
+                               on_cpu, **CUDA_TOLERANCE)
+
+
+@needs_cuda
+def test_cuda_resident_feeds_stay_on_the_device_and_give_the_same_outputs():
+    proto = conv_relu_model()
+    x = np.random.default_rng(3).random((16, 3, 8, 8), dtype=np.float32)
+    runner = make_runner(proto, resolve_device("cuda"))
+    kept = runner.resident(x)
+    assert isinstance(kept, runtime.ort.OrtValue) and kept.device_name().lower() == "cuda"
+    np.testing.assert_array_equal(runner.run(["logits"], {}, {"image": kept})[0],
+                                  runner.run(["logits"], {"image": x})[0])
+
+
+@needs_cuda
+def test_cuda_gradient_program_agrees_with_cpu():
+    from scanner.autodiff import GradientProgram
+
+    proto = conv_relu_model()
+    rng = np.random.default_rng(4)
+    x = rng.random((8, 3, 8, 8), dtype=np.float32)
+    weights = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)]
+    on_gpu = GradientProgram(proto, device=resolve_device("cuda")).run(x, weights)
+    on_cpu = GradientProgram(proto, device=Device("cpu", (CPU,))).run(x, weights)
+    np.testing.assert_allclose(on_gpu.grad, on_cpu.grad, **CUDA_TOLERANCE)
+    np.testing.assert_allclose(on_gpu.logits, on_cpu.logits, **CUDA_TOLERANCE)
