@@ -50,6 +50,8 @@ class Verdict:
     suspicious: list[int]  # above the warn level but below the threshold
     # flagged target -> steps its trigger was reversed again, alone, before the repair
     refined: dict[int, int] = field(default_factory=dict)
+    # flagged target -> its reversed trigger of every family (what recovery unlearns)
+    families: dict[int, list[ReversedTrigger]] = field(default_factory=dict)
 
     def keep_only(self, target: int) -> Verdict:
         """This verdict with every flag but the one on `target` withdrawn."""
@@ -59,7 +61,8 @@ class Verdict:
             c.flagged = c.flagged and c.target == target
         return Verdict(det, {t: v for t, v in self.triggers.items() if t == target},
                        {t: v for t, v in self.reasons.items() if t == target},
-                       self.suspicious)
+                       self.suspicious,
+                       families={t: v for t, v in self.families.items() if t == target})
 
 
 # the warp test's default median ratio (policy key detection.warp_ratio; see `detect`)
@@ -132,6 +135,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     ratio = ({"warp": np.median(norms["warp"]) / np.maximum(norms["warp"], 1e-12)}
              if "warp" in norms else {})
     classes, flagged, suspicious, chosen, reasons = [], [], [], {}, {}
+    every: dict[int, list[ReversedTrigger]] = {}
     strength = combined.copy()  # orders the flagged classes: the strongest is repaired first
     for t in range(n):
         by_patch = "patch" in index and bool(
@@ -149,6 +153,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
         if is_flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
+            every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
             reasons[t] = ("combined" if combined[t] > threshold
                           else "patch" if by_patch else "warp")
         elif combined[t] > warn_threshold:
@@ -157,7 +162,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes)
-    return Verdict(detection, chosen, reasons, suspicious)
+    return Verdict(detection, chosen, reasons, suspicious, families=every)
 
 
 def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],

@@ -147,12 +147,29 @@ class DetectionPolicy:
 
 
 @dataclass(frozen=True)
+class RecoverPolicy:
+    """[repair.recover]: fine-tune the zeroed model (scanner/recover.py)."""
+
+    enabled: bool = False
+    steps: int = 300  # Adam steps
+    lr: float = 1e-3
+    # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)
+    parameters: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "BatchNormalization",
+                                   "LayerNormalization")
+    temperature: float = 2.0  # distillation temperature
+    unlearn_weight: float = 1.0  # weight of a trigger-stamped row against a clean one
+    label_weight: float = 0.5  # share of the few-shot label in each row's target
+    flip: bool = False  # horizontal flips in the augmentation (only where the data allows)
+
+
+@dataclass(frozen=True)
 class RepairPolicy:
     enabled: bool = True
     target_asr: float = 0.05  # reversed-trigger success on the few-shot images to reach
     target_probability: float = 0.003  # ... and their mean target-class probability
     max_channel_fraction: float = 0.02  # budget: share of all activation channels zeroed
     max_clean_drop: float = 0.10  # budget: few-shot clean accuracy drop (absolute)
+    recover: RecoverPolicy = RecoverPolicy()
 
 
 @dataclass(frozen=True)
@@ -233,11 +250,21 @@ _RANGES: dict[str, _Range] = {
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),
+    "repair.recover.steps": (1, 100_000, True, True),
+    "repair.recover.lr": (0.0, 1.0, False, True),
+    "repair.recover.temperature": (0.0, None, False, True),
+    "repair.recover.unlearn_weight": (0.0, None, True, True),
+    "repair.recover.label_weight": (0.0, 1.0, True, True),
     "shapley.permutations": (1, 100_000, True, True),
     "shapley.epsilon": (0.0, 1.0, True, True),
     "shapley.top_k": (1, None, True, True),
     "shapley.truncation": (0.0, 1.0, True, False),
     "load.max_model_bytes": (1, None, True, True),
+}
+# List-valued keys and the strings they may hold.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "repair.recover.parameters": ("Conv", "Gemm", "MatMul", "BatchNormalization",
+                                  "LayerNormalization"),
 }
 _SECTIONS: dict[str, type] = {
     "detection": DetectionPolicy, "repair": RepairPolicy, "shapley": ShapleyPolicy,
@@ -315,6 +342,8 @@ class _PolicyParser:
 
     def value(self, key: str, value: object, default: object) -> object:
         """Check `value` against the type of the default and the key's allowed range."""
+        if dataclasses.is_dataclass(default):  # a sub-table, e.g. [repair.recover]
+            return self.section(key, value, default)
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise self.fail(key, f"expected true or false, got {value!r}")
@@ -322,6 +351,10 @@ class _PolicyParser:
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise self.fail(key, "expected a list of strings")
+            unknown = sorted(set(value) - set(_CHOICES.get(key, value)))
+            if unknown:
+                raise self.fail(key, f"unknown {', '.join(unknown)} (expected some of: "
+                                     f"{', '.join(_CHOICES[key])})")
             return tuple(value)
         if isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):

@@ -98,6 +98,17 @@ def test_user_policy_extends_a_builtin_and_adds_overrides(tmp_path: Path) -> Non
     assert policy.severity_of(load_catalog().get("SS108")) is None
 
 
+def test_repair_recover_sub_table_overrides_only_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('extends = "strict"\n[repair]\ntarget_asr = 0.01\n[repair.recover]\n'
+                    'enabled = true\nsteps = 50\nparameters = ["BatchNormalization"]\n')
+    policy = load_policy(path)
+    base = load_policy("strict").repair.recover
+    assert policy.repair.target_asr == 0.01
+    assert policy.repair.recover == dataclasses.replace(
+        base, enabled=True, steps=50, parameters=("BatchNormalization",))
+
+
 def test_integers_are_accepted_for_float_keys(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text("[detection]\nanomaly_threshold = 3\n")
@@ -140,6 +151,12 @@ BAD_POLICIES = [
      "nan"),
     ("warn-above-flag", "[detection]\nwarn_threshold = 3.5\n", "detection.warn_threshold",
      "above detection.anomaly_threshold"),
+    ("recover-unknown-key", "[repair.recover]\nstep = 3\n", "repair.recover.step",
+     "unknown key"),
+    ("recover-not-table", "[repair]\nrecover = 3\n", "repair.recover", "expected a table"),
+    ("recover-bad-op", '[repair.recover]\nparameters = ["Conv", "Relu"]\n',
+     "repair.recover.parameters", "unknown Relu"),
+    ("recover-range-lr", "[repair.recover]\nlr = 0\n", "repair.recover.lr", "out of range"),
     ("bad-extends", 'extends = "paranoid"\n', "extends", "expected one of"),
     ("bad-name", "name = 3\n", "name", "non-empty string"),
     ("not-toml", "fail_on = \n", None, "not valid TOML"),

@@ -1,0 +1,111 @@
+"""Recovery after zeroing (scanner/recover.py) on small graphs and a real sample model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FEWSHOT, TEST_SET, zoo_model
+from onnx import TensorProto, helper, numpy_helper
+
+from scanner.api import model_preprocess
+from scanner.data import ImageSet, load_images
+from scanner.errors import Inconclusive
+from scanner.graph.activations import discover_activations
+from scanner.graph.export import sanitize
+from scanner.graph.load import load_model
+from scanner.recover import RecoverConfig, augment, frozen_entries, recover
+
+RNG = np.random.default_rng(5)
+
+
+def _small() -> onnx.ModelProto:
+    inits = {"w": RNG.standard_normal((4, 1, 3, 3)).astype(np.float32),
+             "b": np.array([0.5, 0.0, -0.2, 0.1], np.float32),
+             "fc": RNG.standard_normal((3, 4)).astype(np.float32),
+             "fb": np.zeros(3, np.float32)}
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), n("Relu", ["c"], ["r"]),
+             n("GlobalAveragePool", ["r"], ["g"]), n("Flatten", ["g"], ["f"]),
+             n("Gemm", ["f", "fc", "fb"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 1, 6, 6])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 3])], [numpy_helper.from_array(v, k)
+                                                 for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_frozen_entries_cover_the_cut_channel_and_its_zero_bias() -> None:
+    original = _small()
+    zeroed = sanitize(original, {"r": [1, 2]})
+    frozen = frozen_entries(original, zeroed, ["w", "b", "fc", "fb"])
+    assert frozen["w"][[1, 2]].all() and not frozen["w"][[0, 3]].any()
+    # channel 1's bias was already 0: frozen with its weights all the same
+    assert frozen["b"].tolist() == [False, True, True, False]
+    assert not frozen["fc"].any() and not frozen["fb"].any()
+
+
+def test_augment_keeps_shape_and_range() -> None:
+    x = RNG.random((3, 1, 8, 8)).astype(np.float32)
+    out = augment(x, 7, RecoverConfig(flip=True), np.random.default_rng(0)).pixels
+    assert out.shape == (7, 1, 8, 8) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_half_precision_model_is_refused() -> None:
+    from scanner.graph.precision import retype
+
+    half = retype(_small(), {TensorProto.FLOAT}, TensorProto.FLOAT16)
+    with pytest.raises(Inconclusive, match="half precision"):
+        recover(half, half, None, ImageSet(np.zeros((1, 1, 6, 6), np.float32),  # type: ignore[arg-type]
+                                           np.zeros(1, np.int64)), [])
+
+
+def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+
+
+def test_recovery_restores_accuracy_of_a_zeroed_sample_model() -> None:
+    """cnn_badnets with a third of its first activation layer zeroed loses test accuracy;
+    recovery (distillation from the original on the 10 few-shot images) wins back part
+    of it on 500 held-out test images, while the zeroed channels stay exactly zero and
+    the graph's I/O, opset and node list stay as they were."""
+    path = zoo_model("cnn_badnets")
+    loaded = load_model(path)
+    prep = model_preprocess(loaded)
+    layer = discover_activations(loaded.proto)[0]
+    cut = list(range(0, layer.channels, 3))
+    zeroed = sanitize(loaded.proto, {layer.name: cut})
+    fewshot = load_images(FEWSHOT, prep)
+    test = load_images(TEST_SET, prep)
+    x, y = prep.to_model(test.pixels[:500]), test.labels[:500]
+    before = _accuracy(zeroed, x, y)
+    assert _accuracy(loaded.proto, x, y) - before > 0.05  # the zeroing costs accuracy
+    res = recover(loaded.proto, zeroed, prep, fewshot, [],
+                  RecoverConfig(steps=15, batch=32, lr=2e-3))
+    after = _accuracy(res.model, x, y)
+    assert after > before + 0.02, (before, after)
+    assert res.frozen > 0 and res.loss_last < res.loss_first
+    # same graph: inputs, outputs, opset, nodes; only initializer values changed
+    repaired = res.model
+    onnx.checker.check_model(repaired, full_check=True)
+    assert [i.SerializeToString() for i in repaired.graph.input] == \
+        [i.SerializeToString() for i in zeroed.graph.input]
+    assert [o.SerializeToString() for o in repaired.graph.output] == \
+        [o.SerializeToString() for o in zeroed.graph.output]
+    assert list(repaired.opset_import) == list(zeroed.opset_import)
+    assert [n.SerializeToString() for n in repaired.graph.node] == \
+        [n.SerializeToString() for n in zeroed.graph.node]
+    # the zeroed channels are still exactly zero on real images
+    probe = onnx.ModelProto()
+    probe.CopyFrom(repaired)
+    probe.graph.output.append(helper.make_tensor_value_info(layer.name, TensorProto.FLOAT,
+                                                            None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    act = sess.run([layer.name], {sess.get_inputs()[0].name: x[:50]})[0]
+    assert np.all(act[:, cut] == 0) and np.any(act[:, [c + 1 for c in cut[:-1]]] != 0)
+
