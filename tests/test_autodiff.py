@@ -171,6 +171,9 @@ CASES: dict[str, Case] = {
     "gemm_plain": gemm(0, 1, 1.0, 1.0, False),
     "gemm_transA_alpha": gemm(1, 0, 0.7, 2.0, False),
     "gemm_transAB": gemm(1, 1, 1.3, 0.5, False),
+    # any non-zero trans* transposes: 1 - tb read transB = 2 as -1 (transposed again) and
+    # overflowed int64 on the loader fuzzer's transB = -2**63 (test_fuzz_loader)
+    "gemm_transB_2": gemm(0, 2, 1.0, 1.0, False),
     "gemm_dependent_b": gemm(0, 0, 1.0, 1.0, True),
     "gemm_dependent_c": graph_case([node("MatMul", ["x", "w2"], "c"),
                                     node("Gemm", ["x", "b", "c"], alpha=0.5, beta=1.5)],

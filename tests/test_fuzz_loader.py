@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from fuzz_files import Side, external_data  # noqa: E402
-from fuzz_loader import DEFAULT_MODELS, Run, campaign, judge  # noqa: E402
+from fuzz_loader import DEFAULT_MODELS, FAST_POLICY, FEWSHOT, Run, campaign, judge  # noqa: E402
 from fuzz_mutations import Mutant, load_bases, make_mutant  # noqa: E402
 
 
@@ -81,3 +81,19 @@ def test_fuzz_budget(tmp_path):
     assert sum(result.codes["inspect"].values()) == result.tried
     assert "scan" in result.codes
     assert not result.violations, "\n".join(str(v) for v in result.violations)
+
+
+def test_scan_of_a_gemm_with_an_extreme_transpose_flag(run_cli, tmp_path):
+    # found by the campaign (seed 0, mutant 1360): onnx and onnxruntime read transB = -2**63
+    # as "transpose", the gradient rule's 1 - transB overflowed: an internal error mid-scan
+    proto = onnx.ModelProto.FromString(load_bases(list(DEFAULT_MODELS))["cnn_badnets"])
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    next(a for a in gemm.attribute if a.name == "transB").i = -2**63
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    policy = tmp_path / "fast.toml"
+    policy.write_text(FAST_POLICY)
+    result = run_cli("scan", path, "--data", FEWSHOT, "--policy", policy, "--quiet")
+    assert result.code in (0, 1), result.err
+    assert result.err == ""
+

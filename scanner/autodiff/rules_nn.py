@@ -196,7 +196,9 @@ def _conv_weight_grad(ctx: VJPContext, node: onnx.NodeProto, g: str, x: str, w: 
 def _gemm(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     a_attr = node_attrs(node)
     alpha, beta = float(a_attr.get("alpha", 1.0)), float(a_attr.get("beta", 1.0))
-    ta, tb = int(a_attr.get("transA", 0)), int(a_attr.get("transB", 0))
+    # any non-zero value transposes, as onnxruntime reads it (the fuzzer's transB = -2**63
+    # made 1 - tb overflow the adjoint's int64 attribute)
+    ta, tb = int(bool(a_attr.get("transA", 0))), int(bool(a_attr.get("transB", 0)))
     a, b = node.input[:2]
     out: Grads = [None] * len(node.input)
     if needs[0]:
