@@ -83,7 +83,10 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
             record |= {"flagged": det.flagged_targets, "views": det.views,
                        "score": max(det.views.values()) if det.views else None,
                        "reasons": {str(k): v for k, v in det.reasons.items()},
-                       "families": {str(k): v for k, v in det.families.items()}}
+                       "families": {str(k): v for k, v in det.families.items()},
+                       # per class: the statistics a new decision rule is fitted from
+                       "classes": [[c.mask_l1, c.universal_norm, c.warp_norm,
+                                    c.reversed_asr] for c in det.classes]}
         if repair:
             written = out is not None and out.is_file()
             record["written"] = written
@@ -180,7 +183,7 @@ def detection_row(label: str, entries: list[dict], runs: dict[str, list[dict]]) 
                 fp += bool(flagged)
     scanned = sum(1 for e in entries if runs.get(e["name"]))
     if not scanned:
-        return f"| {label} | 0 | " + " | ".join(["-"] * 9) + " |"
+        return f"| {label} | 0 | " + " | ".join(["-"] * 8) + " |"
     tpr = detected / len(pos_s) if pos_s else None
     fpr = fp / len(neg_s) if neg_s else None
     cells = [label, f"{len(pos_s)}/{len(neg_s)}", _fmt(roc_auc(pos_s, neg_s)),

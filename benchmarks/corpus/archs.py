@@ -92,7 +92,7 @@ class Block(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, channels: int, classes: int, act: str = "relu",
-                 widths: tuple[int, ...] = (16, 32, 64), blocks: int = 2) -> None:
+                 widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn(channels, widths[0], act)]
         cin = widths[0]

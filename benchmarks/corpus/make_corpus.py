@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,7 +54,7 @@ IMPLANT_MIN_ASR = 0.8
 DATASETS = {
     # name: (classes, channels, side, train images, epochs)
     "fmnist": (10, 1, 28, 12000, 3),
-    "shapes": (20, 3, 32, 10000, 4),
+    "shapes": (20, 3, 32, 6000, 7),
 }
 
 # (dataset, family, count, clean count, activations to cycle)
@@ -369,9 +368,21 @@ def write_manifest(specs: list[Spec]) -> None:
         "models": records}, indent=2) + "\n")
 
 
-def _worker(args: tuple[Spec, bool]) -> dict:
-    os.nice(10)  # training yields to interactive work on a shared machine
-    return run_one(*args)
+def _worker(args: tuple[Spec, bool]) -> dict | None:
+    """Train one model unless another run (say, a second process with --reverse) has it or
+    holds its lock."""
+    spec, reexport = args
+    lock = MODELS / f"{spec.name}.lock"
+    if not reexport and (MODELS / f"{spec.name}.train.json").is_file():
+        return None
+    try:
+        lock.touch(exist_ok=False)
+    except FileExistsError:
+        return None
+    try:
+        return run_one(spec, reexport)
+    finally:
+        lock.unlink()
 
 
 def main() -> None:
@@ -379,6 +390,8 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="build only these models")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
+    ap.add_argument("--reverse", action="store_true",
+                    help="train from the end of the plan (a second process beside a first)")
     ap.add_argument("--reexport", action="store_true",
                     help="export again from checkpoints/ instead of training")
     args = ap.parse_args()
@@ -392,6 +405,8 @@ def main() -> None:
     write_shapes_data()
     todo = [s for s in specs if (not args.only or s.name in args.only) and (
         args.reexport or not (MODELS / f"{s.name}.train.json").is_file())]
+    if args.reverse:
+        todo.reverse()
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         for _ in pool.imap_unordered(_worker, [(s, args.reexport) for s in todo]):
             write_manifest(specs)
