@@ -48,7 +48,7 @@ def target_missed(repair: Repair, rp: RepairPolicy) -> str:
     flips = "none" if repair.reversed_asr_after == 0 else f"only {asr:.0f}%"
     return (head + f"sends {flips} of the {rows} ({repair.images_word} of other classes) to "
             f"class {t}, but still lifts class {t}'s mean probability on them to {prob:.3f} "
-            f"against {clean:.3f} on clean images of other classes (the target: at most "
-            f"{rp.target_probability:g} above): a trigger that still moves the output may "
-            "still work at full strength, and the real one is stronger than the reversed "
-            "one")
+            f"against {clean:.3f} on the clean {repair.images_word} of other classes (the "
+            f"target: at most {rp.target_probability:g} above): a trigger that still moves "
+            "the output may still work at full strength, and the real one is stronger than "
+            "the reversed one")

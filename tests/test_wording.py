@@ -19,8 +19,8 @@ def test_a_repair_that_missed_only_the_probability_part_says_why_that_is_high() 
     # contradiction: 0 % flipped is why the probability part is named and compared
     assert "sends none of the 45 stamped rows (few-shot images of other classes) to class 0" \
         in text
-    assert "still lifts class 0's mean probability on them to 0.026 against 0.004 on clean " \
-        "images of other classes (the target: at most 0.003 above)" in text
+    assert "still lifts class 0's mean probability on them to 0.026 against 0.004 on the " \
+        "clean few-shot images of other classes (the target: at most 0.003 above)" in text
     assert "the real one is stronger" in text and "still works on 0%" not in text
 
 
@@ -37,6 +37,8 @@ def test_a_repair_that_still_flips_images_says_how_many_and_why_it_stopped() -> 
     assert "(the policy's channel budget, 2% of the channels)" in target_missed(rep, rp)
     rep.inputs = "synthesised"
     assert "(synthesised inputs of other classes)" in target_missed(rep, rp)
+    rep.reversed_asr_after = 0.0  # the probability part: the clean rows are synthesised too
+    assert "on the clean synthesised inputs of other classes" in target_missed(rep, rp)
 
 
 def test_the_reversed_trigger_success_names_its_images() -> None:
