@@ -128,8 +128,9 @@ def run_model(zm: ZooModel, cache: Path, args: argparse.Namespace, log) -> list[
         from scanner.reverse import SynthesisConfig, synthesize
         program = GradientProgram(loaded.runnable, bn_stats=True)
         synth = synthesize(program, prep, 10, SynthesisConfig(per_class=args.synthesised))[0]
-    stages = [("zeroed+recovered", onnx.load(str(zeroed_path)), meta["channels"])]
-    if args.finetune_alone:
+    stages = [] if args.finetune_only else [
+        ("zeroed+recovered", onnx.load(str(zeroed_path)), meta["channels"])]
+    if args.finetune_alone or args.finetune_only:
         stages.append(("fine-tuned alone", loaded.proto, 0))
     for stage, start, n in stages:
         res = recover(loaded.proto, start, prep, images, trigs, cfg,
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adversarial", type=float, default=RecoverConfig.adversarial_share,
                         help="share of each batch stamped with the adversarial perturbation")
     parser.add_argument("--no-finetune-alone", dest="finetune_alone", action="store_false")
+    parser.add_argument("--finetune-only", action="store_true",
+                        help="only the fine-tuning-alone baseline (no zeroed+recovered row)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep the zeroed models and reversed triggers here between runs")
     args = parser.parse_args(argv)

@@ -135,6 +135,7 @@ class Repair:
     target_probability_after: float | None = None
     # zeroed while planning, then switched back on as not needed (prune.py's give-back pass)
     given_back: list[ChannelValue] = field(default_factory=list)
+    recovery_note: str | None = None  # [repair.recover]: what fine-tuning did, or why not
     # what the before/after figures were measured on (Shapley pruning; 0: not recorded):
     # the other classes' images stamped with the reversed trigger at `trigger_gain` times
     # its strength, and the clean images, each followed by shifted copies of itself

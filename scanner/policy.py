@@ -151,14 +151,14 @@ class RecoverPolicy:
     """[repair.recover]: fine-tune the zeroed model (scanner/recover.py)."""
 
     enabled: bool = False
-    steps: int = 300  # Adam steps
-    lr: float = 1e-3
+    steps: int = 150  # Adam steps
+    lr: float = 1e-4
     # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)
     parameters: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "BatchNormalization",
                                    "LayerNormalization")
     temperature: float = 2.0  # distillation temperature
     unlearn_weight: float = 1.0  # weight of a trigger-stamped row against a clean one
-    label_weight: float = 0.5  # share of the few-shot label in each row's target
+    label_weight: float = 0.0  # share of the few-shot label in each row's target
     flip: bool = False  # horizontal flips in the augmentation (only where the data allows)
 
 

@@ -39,8 +39,8 @@ REFUSED_RULE = "SS205"  # the gradient rule: recovery cannot differentiate/train
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    steps: int = 300
-    lr: float = 1e-3  # Adam
+    steps: int = 150
+    lr: float = 1e-4  # Adam
     batch: int = 64  # clean rows a step (as many stamped rows again, at most)
     ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "BatchNormalization",
                             "LayerNormalization")  # whose parameters are trained
@@ -54,7 +54,7 @@ class RecoverConfig:
     mixup: float = 0.4  # Beta(a, a) mixing of a row with another (0: off)
     # share of the one-hot (mixed) label in each row's target; the rest is the original's
     # softened prediction
-    label_weight: float = 0.5
+    label_weight: float = 0.0
     # Adversarial unlearning (I-BAU style): per flagged class a universal perturbation,
     # started from its reversed universal trigger and kept within that trigger's L2 norm
     # times the largest gain, is pushed each step up the student's loss; its stamped rows

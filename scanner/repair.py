@@ -8,11 +8,13 @@ import numpy as np
 
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess, shifted
+from .errors import Inconclusive
 from .findings import ChannelValue, Repair, ScanResult
 from .graph.export import sanitize, save_atomic
 from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, RepairPolicy
 from .prune import PruneConfig, PrunePlan, plan
+from .recover import RecoverConfig, Recovered, describe, recover, recoverable, write_back
 from .reverse import ReversedTrigger
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
 from .wording import target_missed
@@ -122,11 +124,55 @@ def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: Shap
         stamped_copies=STAMPED_COPIES, clean_images=len(ctx.images),
         clean_copies=CLEAN_COPIES, trigger_gain=ctx.opts.trigger_gain,
         clean_target_probability_after=chosen.clean_target_prob_after)
-    finish_repair(ctx, ctx.result.repair)
+    recovered = (_recover(ctx, ctx.result.repair)
+                 if chosen.channels and ctx.policy.repair.recover.enabled else None)
+    finish_repair(ctx, ctx.result.repair, recovered)
 
 
-def finish_repair(ctx: ScanContext, repair: Repair) -> None:
-    """Findings for the repair and the sanitized export (shared by every method)."""
+def _zeroed(repair: Repair) -> dict[str, list[int]]:
+    zeroed: dict[str, list[int]] = {}
+    for c in repair.pruned:
+        zeroed.setdefault(c.layer, []).append(c.channel)
+    return zeroed
+
+
+def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
+    """[repair.recover]: fine-tune the zeroed model (recover.py) against the original's
+    outputs on the scan's images, unlearning every reversed trigger family of the flagged
+    classes. The trained initializers go into the exported model; None (and a note in
+    SS301's message) when the model cannot be trained."""
+    assert ctx.verdict is not None and ctx.images is not None
+    rc = ctx.policy.repair.recover
+    cfg = RecoverConfig(steps=rc.steps, lr=rc.lr, ops=rc.parameters,
+                        temperature=rc.temperature, unlearn_weight=rc.unlearn_weight,
+                        label_weight=rc.label_weight, flip=rc.flip, seed=ctx.opts.seed)
+    flagged = ctx.verdict.detection.flagged_targets
+    triggers = [trig for t in flagged
+                for trig in ctx.verdict.families.get(t) or [ctx.verdict.triggers[t]]]
+    with ctx.timed("recover"):
+        ctx.progress.stage("recovering clean behaviour (fine-tuning the zeroed model)")
+        why = recoverable(ctx.model.proto) or (
+            "the model is analysed through a float copy" if ctx.model.layer_graph else None)
+        if why:
+            repair.recovery_note = f"recovery skipped: {why}"
+            return None
+        zeroed = sanitize(ctx.model.runnable, _zeroed(repair), verify=False)
+        try:
+            res = recover(ctx.model.runnable, zeroed, ctx.prep, ctx.images, triggers, cfg,
+                          targets=flagged, device=ctx.device, progress=ctx.progress)
+        except Inconclusive as exc:
+            repair.recovery_note = f"recovery skipped: {exc}"
+            return None
+    repair.recovery_note = (f"recovered: {res.steps} fine-tuning steps on "
+                            f"{res.parameters - res.frozen} parameters (zeroed channels held "
+                            f"at 0), {res.seconds:.0f} s")
+    return Recovered(res.values, describe(cfg))
+
+
+def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None
+                  ) -> None:
+    """Findings for the repair and the sanitized export (shared by every method), with the
+    recovered weights written into it when there are some."""
     result, catalog, rp, opts = ctx.result, ctx.catalog, ctx.policy.repair, ctx.opts
     if not repair.pruned:
         result.findings.append(catalog.make(
@@ -149,6 +195,8 @@ def finish_repair(ctx: ScanContext, repair: Repair) -> None:
         sanitized = sanitize(model.proto, zeroed, {
             "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
             "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
+        if recovered is not None:
+            sanitized = write_back(sanitized, recovered.values, recovered.description)
         save_atomic(sanitized, opts.out)
         repair.output_path = str(opts.out)
     # the rows the summary describes: SS201's rate is on other rows (the unshifted images)
@@ -158,6 +206,7 @@ def finish_repair(ctx: ScanContext, repair: Repair) -> None:
         "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
         f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success {rows}"
         f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
+        + (f"; {repair.recovery_note}" if repair.recovery_note else "")
         + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
         + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
            "repaired model's accuracy on real data before deploying it"

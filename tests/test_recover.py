@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -69,6 +71,7 @@ def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     return float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
 
 
+@pytest.mark.slow  # 15 training steps: ~10 s alone, 40 s on a loaded machine
 def test_recovery_restores_accuracy_of_a_zeroed_sample_model() -> None:
     """cnn_badnets with a third of its first activation layer zeroed loses test accuracy;
     recovery (distillation from the original on the 10 few-shot images) wins back part
@@ -109,3 +112,29 @@ def test_recovery_restores_accuracy_of_a_zeroed_sample_model() -> None:
     act = sess.run([layer.name], {sess.get_inputs()[0].name: x[:50]})[0]
     assert np.all(act[:, cut] == 0) and np.any(act[:, [c + 1 for c in cut[:-1]]] != 0)
 
+
+@pytest.mark.slow
+def test_scan_with_recovery_writes_fine_tuned_weights(tmp_path) -> None:
+    """[repair.recover] enabled: the scan's export carries the recovered weights (its
+    metadata says so, SS301 reports it) and keeps the zeroed channels at zero."""
+    from scanner.api import ScanOptions, scan
+    from scanner.recover import RECOVER_KEY
+
+    path = zoo_model("cnn_badnets")
+    policy = tmp_path / "recover.toml"
+    policy.write_text('extends = "default"\n[repair.recover]\nenabled = true\nsteps = 10\n')
+    out = tmp_path / "safe.onnx"
+    # the model is wanted even if the plan or the re-scan calls the repair incomplete
+    keep = {"keep_incomplete": True} if "keep_incomplete" in {
+        f.name for f in dataclasses.fields(ScanOptions)} else {}
+    result = scan(path, ScanOptions(data=FEWSHOT, out=out, policy=policy, quiet=True, **keep))
+    assert result.repair is not None and out.is_file()
+    written = onnx.load(str(out))
+    meta = {p.key: p.value for p in written.metadata_props}
+    assert meta[RECOVER_KEY].startswith("steps=10 ")
+    summary = next(f for f in result.findings if f.rule_id == "SS301")
+    assert "recovered: 10 fine-tuning steps" in summary.message
+    assert "recover" in result.timings
+    original = load_model(path).proto
+    assert [i.name for i in written.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in written.graph.output] == [o.name for o in original.graph.output]
