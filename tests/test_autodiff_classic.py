@@ -113,6 +113,11 @@ CASES: dict[str, Case] = {
     "dropout_inference_opset13": graph_case([node("Dropout", ["x", "ratio", "train"])], (2, 3),
                                             {"ratio": np.array(0.3, np.float32),
                                              "train": np.array(False)}, opset=13),
+    # --- Inception's stride-1 pools (the reference evaluator needs check.MaxPool here)
+    "maxpool_3x3_s1_pad1": graph_case([node("MaxPool", ["x"], kernel_shape=[3, 3],
+                                            pads=[1, 1, 1, 1], strides=[1, 1])], (2, 3, 6, 7)),
+    "maxpool_1d_s1_pad1": graph_case([node("MaxPool", ["x"], kernel_shape=[3], pads=[1, 1])],
+                                     (2, 3, 9)),
     # --- transformer patterns
     "attention_head": _attention(),
     "gelu_erf_pattern": _gelu_erf(),
@@ -212,3 +217,21 @@ def test_upsample_at_opset_9_is_differentiated_as_the_resize_it_converts_to(tmp_
     np.testing.assert_array_equal(sess.run(["y"], feeds)[0], ref)
     assert check_vjp(converted, feeds, "x") <= FD_TOL
     assert _ort_vs_reference(converted, feeds) <= F32_TOL
+
+
+@pytest.mark.parametrize(("attrs", "shape"), [
+    ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}, (2, 3, 6, 7)),
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, (2, 3, 7, 8)),
+    ({"kernel_shape": [3, 3], "pads": [1, 0, 2, 1], "strides": [1, 2], "dilations": [2, 1]},
+     (1, 2, 9, 8))])
+def test_maxpool_reference_override_indices_match_onnxruntime(attrs, shape) -> None:
+    """The float64 checks scatter through MaxPool's Indices: check.MaxPool must return the
+    ones onnxruntime returns."""
+    model, feeds = graph_case([onnx.helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)],
+                              shape)()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64,
+                                                                 None))
+    ours = ReferenceEvaluator(model, new_ops=REFERENCE_OVERRIDES).run(["y", "i"], feeds)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(ours, sess.run(["y", "i"], feeds), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
 
 from ..graph.precision import retype
 from ..runtime import session_options
@@ -122,7 +123,22 @@ class LRN(OpRun):
         return ((x / (bias + (alpha / size) * total) ** beta).astype(x.dtype),)
 
 
-REFERENCE_OVERRIDES = [ConvTranspose, Erf, LRN]
+class MaxPool(ReferenceMaxPool):
+    """The reference MaxPool's shortcut for stride 1 (onnx 1.x) returns Indices counted in
+    the padded tensor, so the backward scatter lands on the wrong pixels (Inception's 3x3
+    stride-1 pad-1 pools); its general path counts them in the input, as the spec and
+    onnxruntime do."""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None,
+             pads=None, storage_order=None, strides=None):
+        return self._max_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                              kernel_shape=kernel_shape, pads=pads,
+                              storage_order=storage_order, strides=strides)
+
+
+REFERENCE_OVERRIDES = [ConvTranspose, Erf, LRN, MaxPool]
 
 
 def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
