@@ -1,6 +1,6 @@
 """Recovery after zeroing on the sample zoo: what fine-tuning buys over zeroing alone.
 
-    python benchmarks/recover.py [--models a,b] [--steps N] [--lr X] [--synthesised]
+    python benchmarks/recover.py [--cache DIR] [--models a,b] [--steps N] [--lr X] [--synthesised N]
 
 Per backdoored zoo model (1 clean image per class, samples/data/fewshot.npz):
 1. `scanner.api.scan` zeroes channels (the default policy) and writes the zeroed model;
@@ -120,7 +120,7 @@ def run_model(zm: ZooModel, cache: Path, args: argparse.Namespace, log) -> list[
     images = load_images(FEWSHOT, prep)
     cfg = replace(RecoverConfig(), steps=args.steps, lr=args.lr,
                   label_weight=args.label_weight, temperature=args.temperature,
-                  adversarial_share=args.adversarial,
+                  adversarial_share=args.adversarial, unlearn_weight=args.unlearn_weight,
                   ops=tuple(args.params.split(",")) if args.params else RecoverConfig.ops)
     synth = None
     if args.synthesised:
@@ -152,12 +152,13 @@ def fmt(row: Row) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(WORST))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=RecoverConfig.steps)
+    parser.add_argument("--lr", type=float, default=RecoverConfig.lr)
     parser.add_argument("--synthesised", type=int, default=0,
                         help="BN-synthesised inputs per class added to the pool")
     parser.add_argument("--label-weight", type=float, default=RecoverConfig.label_weight)
     parser.add_argument("--temperature", type=float, default=RecoverConfig.temperature)
+    parser.add_argument("--unlearn-weight", type=float, default=RecoverConfig.unlearn_weight)
     parser.add_argument("--params", help="comma-separated op types whose parameters train "
                         "(default: all of RecoverConfig.ops)")
     parser.add_argument("--adversarial", type=float, default=RecoverConfig.adversarial_share,
