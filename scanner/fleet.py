@@ -147,8 +147,13 @@ def _connect(ray: ModuleType, address: str | None) -> bool:
         return False
     # a local cluster started here has no use for the dashboard; Ray refuses that keyword
     # when it joins a running cluster
-    extra = {"include_dashboard": False} if address is None and "RAY_ADDRESS" not in \
-        os.environ else {}
+    local = address is None and "RAY_ADDRESS" not in os.environ
+    extra = {"include_dashboard": False} if local else {}
+    if local:
+        # Ray starts its workers at the driver's niceness + 15; here they do all of the
+        # run's work, and on a busy machine that left them a fraction of the CPU a local
+        # scan gets (benchmarks/fleet.py saw nice 19 against 5)
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address, logging_level=logging.WARNING, **extra)
     except (ConnectionError, RuntimeError, ValueError) as exc:
