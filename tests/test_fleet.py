@@ -59,9 +59,9 @@ def colour_images(path: Path, classes: int = 3) -> Path:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> tuple[Path, Path]:
-    """Three colour models (seed 0 and 1 flagged and repaired, 2 clean at seed 0 of the
-    scan) and one file that is no model: exit 1 and 2 at once, so the gate's precedence
-    is part of what must match."""
+    """Three colour models (at the scan's seed 0, seeds 0 and 1 are flagged and get
+    channels zeroed, 2 is clean) and one file that is no model: exit 1 and 2 at once, so
+    the gate's precedence is part of what must match."""
     folder = tmp_path / "models"
     folder.mkdir()
     for seed in range(3):
