@@ -144,9 +144,10 @@ for line in (work / "times.tsv").read_text().splitlines():
         verdict, ran_on = result["verdict"], result["device"]
         det, rep = result["detection"] or {}, result["repair"] or {}
         targets = ",".join(map(str, det.get("flagged_targets", []))) or "-"
-        channels[model, device] = sorted((c["layer"], c["channel"])
-                                         for c in rep.get("pruned", []))
-        zeroed = str(len(channels[model, device]))
+        if result["repair"] is not None:
+            channels[model, device] = sorted((c["layer"], c["channel"])
+                                             for c in rep.get("pruned", []))
+            zeroed = str(len(channels[model, device]))
     ev = work / f"{model}.{device}.eval.json"
     asr = acc = "-"
     if ev.is_file() and ev.read_text().strip():
