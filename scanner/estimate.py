@@ -21,7 +21,7 @@ from .progress import Progress, duration
 from .reverse import FAMILIES, ReverseConfig
 
 ANNOUNCE_OVER_S = 60.0  # forecast a reverse at least this long: "large"
-PROBE_ROWS = 16
+PROBE_ROWS = 64  # a quarter of a zoo reverse step: small batches overstate the per-row cost
 WHOLE_SCAN = (2.0, 3.0)  # the whole scan / the reverse, on the sample zoo (see above)
 
 
