@@ -6,7 +6,10 @@ For each zoo model (samples/zoo.json) and method it runs `scanner.api.scan`, the
 the written (sanitized) model on the test subset with `scanner.api.evaluate`: clean
 accuracy and the attack success rate (ASR) of the *true* trigger from zoo.json. A scan that
 writes no model (verdict clean, nothing to repair) leaves the original model deployed, so
-its row measures the original. DER (defense effectiveness rating, BackdoorBench) is
+its row measures the original. An incomplete repair (SS305: target missed, or the re-scan
+still flags) is written all the same (`keep_incomplete`) and measured, its verdict cell
+marked "(incomplete)": the table shows what the plan achieved, not what a gate would ship.
+DER (defense effectiveness rating, BackdoorBench) is
 [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after; 0.5 means "no change".
 The markdown table goes to benchmarks/results.md and stdout.
 """
@@ -108,7 +111,7 @@ def run_method(zm: ZooModel, method: Method, workdir: Path, baseline: Row) -> Ro
     out = workdir / f"{zm.name}.{method.name}.onnx"
     options = ScanOptions(data=None if method.data_free else FEWSHOT,
                           data_free=method.data_free, method=method.method, out=out,
-                          quiet=True)
+                          quiet=True, keep_incomplete=True)
     start = time.perf_counter()
     result = scan(zm.path, options)
     seconds = time.perf_counter() - start
@@ -117,7 +120,11 @@ def run_method(zm: ZooModel, method: Method, workdir: Path, baseline: Row) -> Ro
         (repair.forward_passes if repair else 0)
     deployed = out if out.is_file() else zm.path  # nothing written: the original ships
     acc, asr = measure(deployed, zm)
-    return Row(zm.name, method.name, result.verdict.value, acc, asr,
+    # an incomplete repair is written (keep_incomplete) and measured like any other, so
+    # the table shows what the plan achieved; its verdict cell says it was incomplete
+    verdict = result.verdict.value + (f" ({repair.status})" if repair and
+                                      repair.status == "incomplete" else "")
+    return Row(zm.name, method.name, verdict, acc, asr,
                len(repair.pruned) if repair and out.is_file() else 0,
                baseline.channels_total, seconds, passes,
                der(baseline.acc, acc, baseline.asr, asr),

@@ -53,6 +53,9 @@ class ScanOptions:
     # this much stronger.
     trigger_gain: float = 2.0
     quiet: bool = False
+    # write a repair that missed its target, or that the re-scan still flags, to `out`
+    # anyway (marked shapscan.repair = incomplete); by default it is not written
+    keep_incomplete: bool = False
 
 
 @dataclass
@@ -73,6 +76,10 @@ class ScanContext:
     program: GradientProgram | None = None
     images: ImageSet | None = None  # few-shot, or synthesised on a data-free scan
     bn_layers: int = 0  # BatchNormalization layers the synthesis matched (data-free)
+    # the second view's synthesised inputs and BN layers matched, when it ran (the re-scan
+    # of a repaired model looks at them again)
+    second_images: ImageSet | None = None
+    second_bn_layers: int = 0
     verdict: DetectVerdict | None = None
 
     @property

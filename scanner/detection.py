@@ -84,6 +84,7 @@ def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
     with ctx.timed("second_view"):
         synthetic, bn_layers = synthesise_inputs(
             ctx, "second view: the few-shot images flagged nothing, synthesising inputs")
+        ctx.second_images, ctx.second_bn_layers = synthetic, bn_layers
         ctx.progress.stage("reversing triggers on synthesised inputs")
         second = reverse_and_detect(ctx, ctx.program, synthetic, True, bn_layers,
                                     det.second_view_steps)

@@ -107,6 +107,31 @@ class Detection:
 
 
 @dataclass(frozen=True)
+class FrontierPoint:
+    """One step of the repair plan's walk (prune.py): the plan after `channels` zeroings."""
+
+    channels: int
+    reversed_asr: float  # on the stamped images
+    target_probability: float  # mean target probability of the stamped images
+    clean_cost: float  # KL(original ‖ pruned) on the clean images
+    clean_acc: float
+
+
+@dataclass
+class Rescan:
+    """The detector run again on the repaired model, on the views the scan used."""
+
+    views: list[str]
+    flagged_targets: list[int]
+    anomaly_indices: dict[int, float]  # flagged class -> its anomaly index on the repaired model
+    forward_passes: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.flagged_targets
+
+
+@dataclass(frozen=True)
 class ChannelValue:
     layer: str
     channel: int
@@ -135,6 +160,14 @@ class Repair:
     target_probability_after: float | None = None
     # zeroed while planning, then switched back on as not needed (prune.py's give-back pass)
     given_back: list[ChannelValue] = field(default_factory=list)
+    # "complete": the plan reached its target and the re-scan flagged nothing; otherwise
+    # "incomplete", and --out gets the model only with --keep-incomplete, marked so in its
+    # metadata_props (shapscan.repair)
+    status: str = "complete"
+    incomplete_reasons: list[str] = field(default_factory=list)
+    withheld: bool = False  # --out was given and the incomplete repair was not written
+    frontier: list[FrontierPoint] = field(default_factory=list)  # the plan's walk
+    rescan: Rescan | None = None
     recovery_note: str | None = None  # [repair.recover]: what fine-tuning did, or why not
     # what the before/after figures were measured on (Shapley pruning; 0: not recorded):
     # the other classes' images stamped with the reversed trigger at `trigger_gain` times

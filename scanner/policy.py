@@ -169,6 +169,9 @@ class RepairPolicy:
     target_probability: float = 0.003  # ... and their mean target-class probability
     max_channel_fraction: float = 0.02  # budget: share of all activation channels zeroed
     max_clean_drop: float = 0.10  # budget: few-shot clean accuracy drop (absolute)
+    # run the detector again on the repaired model; a class it still flags makes the
+    # repair incomplete
+    rescan: bool = True
     recover: RecoverPolicy = RecoverPolicy()
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .findings import FrontierPoint
 from .shapley import Evaluator, ShapleyResult, Utility, softmax
 
 
@@ -72,6 +73,8 @@ class PrunePlan:
     coalitions: int
     # zeroed by the search, then switched back on by the give-back pass (in that order)
     given_back: list[int] = field(default_factory=list)
+    # the search's walk: the plan before any zeroing, then after each channel it zeroed
+    frontier: list[FrontierPoint] = field(default_factory=list)
     # mean target probability clean images of other classes get from the pruned model:
     # the stamped images' is compared with it (`target_probability`)
     clean_target_prob_after: float = 0.0
@@ -165,6 +168,7 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
     tick(len(pool))
     search = _ranked if cfg.order == "ranked" else _greedy
     chosen, coalitions = search(backdoor, cost, utility, pool, scores, budget, base, cfg, tick)
+    frontier = _frontier(backdoor, cost, utility, base, chosen)
     given_back: list[int] = []
     if cfg.give_back:
         chosen, given_back, measured = _give_back(backdoor, cost, utility, chosen, cfg, tick)
@@ -180,8 +184,24 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
         backdoor_before=float(base.bd_prob[0]), backdoor_after=float(after.bd_prob[0]),
         clean_acc_before=float(base.clean_acc[0]), clean_acc_after=float(after.clean_acc[0]),
         target_reached=bool(_reached(after, cfg)[0]),
-        coalitions=coalitions + len(pool) + 2, given_back=[int(c) for c in given_back],
+        coalitions=coalitions + len(pool) + len(frontier) + 1, frontier=frontier,
+        given_back=[int(c) for c in given_back],
         clean_target_prob_after=float(after.clean_target_prob[0]))
+
+
+def _frontier(backdoor: Evaluator, cost: _Clean, utility: Utility, base: _Measure,
+              chosen: list[int]) -> list[FrontierPoint]:
+    """The walk the search took, one batched run: the first j channels it zeroed, for
+    every j (the greedy search measured exactly these coalitions on its way)."""
+    rows = np.ones((len(chosen), backdoor.n_channels), np.float32)
+    for j in range(len(chosen)):
+        rows[j, chosen[: j + 1]] = 0.0
+    walk = [base]
+    if len(chosen):
+        walk.append(_measure(backdoor, cost, utility, rows))
+    return [FrontierPoint(int(j + first), float(m.bd_asr[j]), float(m.bd_prob[j]),
+                          float(m.clean_cost[j]), float(m.clean_acc[j]))
+            for first, m in enumerate(walk) for j in range(len(m.bd_asr))]
 
 
 def _without(current: np.ndarray, channels: np.ndarray | list[int]) -> np.ndarray:

@@ -4,6 +4,8 @@ the check of the other flagged classes, the findings, and the sanitized export.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .context import ScanContext, ScanOptions
@@ -15,6 +17,7 @@ from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, RepairPolicy
 from .prune import PruneConfig, PrunePlan, plan
 from .recover import RecoverConfig, Recovered, describe, recover, recoverable, write_back
+from .rescan import rescan, zeroed_channels
 from .reverse import ReversedTrigger
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
 from .wording import target_missed
@@ -22,6 +25,9 @@ from .wording import target_missed
 # shifted copies of each image (FINDINGS 5): of the other classes' images the trigger is
 # stamped on, and of the clean images the repair's clean cost is measured on
 STAMPED_COPIES, CLEAN_COPIES = 4, 8
+
+# metadata_props key of a written repair: "complete", or "incomplete" (--keep-incomplete)
+REPAIR_KEY = "shapscan.repair"
 
 
 def repair(ctx: ScanContext) -> None:
@@ -52,6 +58,47 @@ def repair(ctx: ScanContext) -> None:
             _check_other_targets(ctx.result, backdoor_eval, ctx.prep, ctx.images,
                                  chosen.channels, target, {t: triggers[t] for t in others},
                                  ctx.opts, ctx.catalog, ctx.policy.repair)
+    assert ctx.result.repair is not None
+    recovered = (_recover(ctx, ctx.result.repair)
+                 if chosen.channels and ctx.policy.repair.recover.enabled else None)
+    # the re-scan repeats the detection the scan ran (none: a stage driven by hand)
+    if chosen.channels and ctx.policy.repair.rescan and ctx.result.detection is not None:
+        with ctx.timed("rescan"):
+            ctx.result.repair.rescan = rescan(ctx, ctx.result.repair, recovered)
+    finish_repair(ctx, ctx.result.repair, recovered)
+
+
+def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
+    """[repair.recover]: fine-tune the zeroed model (recover.py) against the original's
+    outputs on the scan's images, unlearning every reversed trigger family of the flagged
+    classes. The trained initializers go into the re-scanned and the exported model;
+    None (and a note in SS301's message) when the model cannot be trained."""
+    assert ctx.verdict is not None and ctx.images is not None
+    rc = ctx.policy.repair.recover
+    cfg = RecoverConfig(steps=rc.steps, lr=rc.lr, ops=rc.parameters,
+                        temperature=rc.temperature, unlearn_weight=rc.unlearn_weight,
+                        label_weight=rc.label_weight, flip=rc.flip, seed=ctx.opts.seed)
+    flagged = ctx.verdict.detection.flagged_targets
+    triggers = [trig for t in flagged
+                for trig in ctx.verdict.families.get(t) or [ctx.verdict.triggers[t]]]
+    with ctx.timed("recover"):
+        ctx.progress.stage("recovering clean behaviour (fine-tuning the zeroed model)")
+        why = recoverable(ctx.model.proto) or (
+            "the model is analysed through a float copy" if ctx.model.layer_graph else None)
+        if why:
+            repair.recovery_note = f"recovery skipped: {why}"
+            return None
+        zeroed = sanitize(ctx.model.runnable, zeroed_channels(repair), verify=False)
+        try:
+            res = recover(ctx.model.runnable, zeroed, ctx.prep, ctx.images, triggers, cfg,
+                          targets=flagged, device=ctx.device, progress=ctx.progress)
+        except Inconclusive as exc:
+            repair.recovery_note = f"recovery skipped: {exc}"
+            return None
+    repair.recovery_note = (f"recovered: {res.steps} fine-tuning steps on "
+                            f"{res.parameters - res.frozen} parameters (zeroed channels held "
+                            f"at 0), {res.seconds:.0f} s")
+    return Recovered(res.values, describe(cfg))
 
 
 def _shapley_config(ctx: ScanContext) -> ShapleyConfig:
@@ -112,61 +159,18 @@ def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: Shap
     pruned = [channel_value(c, True) for c in chosen.channels]
     pruned_set = set(chosen.channels)
     top = [channel_value(int(c), int(c) in pruned_set) for c in values.top(20)]
-    ctx.result.repair = Repair(
+    ctx.result.repair = Repair(  # finished (findings, export) once the re-scan has spoken
         target=target, channels_total=evaluator.n_channels, pruned=pruned, top_channels=top,
         reversed_asr_before=chosen.asr_before, reversed_asr_after=chosen.asr_after,
         fewshot_acc_before=chosen.clean_acc_before, fewshot_acc_after=chosen.clean_acc_after,
         permutations=values.permutations, forward_passes=passes, estimator=values.estimator,
         target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
         target_probability_after=chosen.backdoor_after,
-        given_back=[channel_value(c, False) for c in chosen.given_back],
+        given_back=[channel_value(c, False) for c in chosen.given_back], frontier=chosen.frontier,
         inputs=ctx.view, stamped_images=int((ctx.images.labels != target).sum()),
         stamped_copies=STAMPED_COPIES, clean_images=len(ctx.images),
         clean_copies=CLEAN_COPIES, trigger_gain=ctx.opts.trigger_gain,
         clean_target_probability_after=chosen.clean_target_prob_after)
-    recovered = (_recover(ctx, ctx.result.repair)
-                 if chosen.channels and ctx.policy.repair.recover.enabled else None)
-    finish_repair(ctx, ctx.result.repair, recovered)
-
-
-def _zeroed(repair: Repair) -> dict[str, list[int]]:
-    zeroed: dict[str, list[int]] = {}
-    for c in repair.pruned:
-        zeroed.setdefault(c.layer, []).append(c.channel)
-    return zeroed
-
-
-def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
-    """[repair.recover]: fine-tune the zeroed model (recover.py) against the original's
-    outputs on the scan's images, unlearning every reversed trigger family of the flagged
-    classes. The trained initializers go into the exported model; None (and a note in
-    SS301's message) when the model cannot be trained."""
-    assert ctx.verdict is not None and ctx.images is not None
-    rc = ctx.policy.repair.recover
-    cfg = RecoverConfig(steps=rc.steps, lr=rc.lr, ops=rc.parameters,
-                        temperature=rc.temperature, unlearn_weight=rc.unlearn_weight,
-                        label_weight=rc.label_weight, flip=rc.flip, seed=ctx.opts.seed)
-    flagged = ctx.verdict.detection.flagged_targets
-    triggers = [trig for t in flagged
-                for trig in ctx.verdict.families.get(t) or [ctx.verdict.triggers[t]]]
-    with ctx.timed("recover"):
-        ctx.progress.stage("recovering clean behaviour (fine-tuning the zeroed model)")
-        why = recoverable(ctx.model.proto) or (
-            "the model is analysed through a float copy" if ctx.model.layer_graph else None)
-        if why:
-            repair.recovery_note = f"recovery skipped: {why}"
-            return None
-        zeroed = sanitize(ctx.model.runnable, _zeroed(repair), verify=False)
-        try:
-            res = recover(ctx.model.runnable, zeroed, ctx.prep, ctx.images, triggers, cfg,
-                          targets=flagged, device=ctx.device, progress=ctx.progress)
-        except Inconclusive as exc:
-            repair.recovery_note = f"recovery skipped: {exc}"
-            return None
-    repair.recovery_note = (f"recovered: {res.steps} fine-tuning steps on "
-                            f"{res.parameters - res.frozen} parameters (zeroed channels held "
-                            f"at 0), {res.seconds:.0f} s")
-    return Recovered(res.values, describe(cfg))
 
 
 def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None
@@ -178,6 +182,8 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS302", f"no channel set within budget removes the backdoor towards class "
             f"{repair.target}; model not repaired", location=f"class {repair.target}"))
+        repair.status = "incomplete"
+        repair.incomplete_reasons = ["no channel set within budget removes the backdoor"]
         return
     if not repair.target_reached:
         result.findings.append(catalog.make(
@@ -187,18 +193,23 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
-    if opts.out is not None:
-        zeroed: dict[str, list[int]] = {}
-        for c in repair.pruned:
-            zeroed.setdefault(c.layer, []).append(c.channel)
+    repair.incomplete_reasons = _incomplete_reasons(result, repair)
+    repair.status = "incomplete" if repair.incomplete_reasons else "complete"
+    if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
         model = ctx.model
-        sanitized = sanitize(model.proto, zeroed, {
+        sanitized = sanitize(model.proto, zeroed_channels(repair), {
             "shapscan.method": repair.estimator, "shapscan.target": str(repair.target),
-            "shapscan.source_sha256": model.sha256}, layer_graph=model.layer_graph)
+            "shapscan.source_sha256": model.sha256, REPAIR_KEY: repair.status},
+            layer_graph=model.layer_graph)
         if recovered is not None:
             sanitized = write_back(sanitized, recovered.values, recovered.description)
         save_atomic(sanitized, opts.out)
         repair.output_path = str(opts.out)
+    repair.withheld = opts.out is not None and repair.output_path is None
+    if repair.status == "incomplete":
+        result.findings.append(catalog.make(
+            "SS305", _incomplete_message(repair, opts.out), location=f"class {repair.target}",
+            reasons=list(repair.incomplete_reasons), written=repair.output_path is not None))
     # the rows the summary describes: SS201's rate is on other rows (the unshifted images)
     rows = (f"on the {repair.stamped_images * (1 + repair.stamped_copies)} stamped rows "
             if repair.stamped_images else "")
@@ -211,4 +222,32 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
            "repaired model's accuracy on real data before deploying it"
            if opts.data_free and opts.method == "shapley" else ""),
-        location=f"class {repair.target}"))
+        location=f"class {repair.target}", repair_status=repair.status))
+
+
+def _incomplete_reasons(result: ScanResult, repair: Repair) -> list[str]:
+    """Why the repaired model may still obey a trigger; empty when nothing says so."""
+    reasons = []
+    if not repair.target_reached:
+        reasons.append(f"the reversed trigger still works on "
+                       f"{100 * repair.reversed_asr_after:.0f}% of the stamped "
+                       f"{repair.images_word} (SS302)")
+    survivors = [f.details["target"] for f in result.findings if f.rule_id == "SS304"]
+    if survivors:
+        reasons.append(f"the reversed trigger of flagged class "
+                       f"{', '.join(map(str, survivors))} still works on it (SS304)")
+    if repair.rescan is not None and not repair.rescan.clean:
+        reasons.append(f"the re-scan of the repaired model still flags class "
+                       f"{', '.join(map(str, repair.rescan.flagged_targets))}")
+    return reasons
+
+
+def _incomplete_message(repair: Repair, out: Path | None) -> str:
+    text = f"repair incomplete: {'; '.join(repair.incomplete_reasons)}"
+    if repair.output_path:
+        return (f"{text}; written to {repair.output_path} anyway (--keep-incomplete), marked "
+                f"{REPAIR_KEY} = incomplete in its metadata")
+    if out is not None:
+        return (f"{text}; the repaired model was NOT written to {out}: rerun with "
+                f"--keep-incomplete to write it anyway, marked {REPAIR_KEY} = incomplete")
+    return text

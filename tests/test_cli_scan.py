@@ -19,14 +19,19 @@ from scanner.errors import Inconclusive
 def test_backdoored_model_is_flagged_repaired_and_reports_written(run_cli, tmp_path):
     model = zoo_model("cnn_badnets")
     out, report, sarif, html = (tmp_path / n for n in ("safe.onnx", "r.json", "r.sarif", "r.html"))
+    # --keep-incomplete: the repaired model is written whether or not the plan reached its
+    # target (the report says which), so what it does to the real trigger is measured
     result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report,
-                     "--sarif", sarif, "--html", html, "--quiet")
+                     "--sarif", sarif, "--html", html, "--quiet", "--keep-incomplete")
     assert result.code == 1, result.err
     data = json.loads(report.read_text())
     scanned = data["results"][0]
     assert scanned["verdict"] == "backdoor"
     assert scanned["detection"]["flagged_targets"][0] == 0
     assert {f["rule_id"] for f in scanned["findings"]} >= {"SS201", "SS301"}
+    status = scanned["repair"]["status"]
+    assert (status == "incomplete") == ("SS305" in {f["rule_id"] for f in scanned["findings"]})
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["shapscan.repair"] == status
     assert json.loads(sarif.read_text())["version"] == "2.1.0"
     assert "<svg" in html.read_text()
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)

@@ -87,7 +87,10 @@ def test_a_copy_that_does_not_compute_what_the_model_does_is_inconclusive(tmp_pa
 def test_scan_repairs_a_float16_model_and_writes_it_in_float16(run_cli, tmp_path, keep_io):
     model = save(half(onnx.load(zoo_model("cnn_badnets")), keep_io), tmp_path / "h.onnx")
     out, report = tmp_path / "safe.onnx", tmp_path / "r.json"
-    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report, "-q")
+    # --keep-incomplete: written whether or not the plan reached its target (at the 2 %
+    # channel budget cnn_badnets' does not), so its float16 export is checked
+    result = run_cli("scan", model, "--data", FEWSHOT, "--out", out, "--report", report, "-q",
+                     "--keep-incomplete")
     assert result.code == 1, result.err
     scanned = json.loads(report.read_text())["results"][0]
     assert scanned["detection"]["flagged_targets"][0] == 0

@@ -151,6 +151,9 @@ def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress, no summary.")
+@click.option("--keep-incomplete", is_flag=True,
+              help="Write a repair that missed its target or that the re-scan still flags "
+                   "to --out anyway, marked shapscan.repair = incomplete in its metadata.")
 @resize_option
 @preprocess_options
 @device_option
@@ -159,10 +162,15 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
              report: str | None, sarif: str | None, html: str | None, policy: str,
              method: str, fail_on: str | None, layers: str | None, permutations: int | None,
              epsilon: float | None, stable_rounds: int, seed: int, as_json: bool, quiet: bool,
+             keep_incomplete: bool,
              resize: bool, device: str, executor: str, ray_address: str | None,
              ray_cpus: float | None, ray_gpus: float | None, ray_retries: int | None,
              **prep: object) -> int:
     """Scan MODELS (files or folders of .onnx, any case) for backdoors and repair them.
+
+    A repair that misses its target, or that the re-scan of the repaired model still flags,
+    is incomplete (SS305): --out does not get it unless --keep-incomplete, which writes it
+    marked shapscan.repair = incomplete (a complete repair is marked complete).
 
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 error or refused model,
     3 inconclusive, 4 usage error, 130 interrupted (Ctrl-C).
@@ -216,7 +224,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
         seed=seed, out=out_file, resize=resize,
         layers=tuple(v.strip() for v in layers.split(",")) if layers else None,
         overrides=preprocess_overrides(**prep), permutations=permutations,
-        epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet))
+        epsilon=epsilon, stable_rounds=stable_rounds, quiet=quiet,
+        keep_incomplete=keep_incomplete))
         for path, out_file in zip(paths, files["out"], strict=True)]
     results: list[ScanResult] = []
     try:
@@ -317,7 +326,13 @@ def print_summary(result: ScanResult) -> None:
         lines.append(f"  clean accuracy: {100 * rep.fewshot_acc_before:.0f}% -> "
                      f"{100 * rep.fewshot_acc_after:.0f}% on {rep.clean_rows()} (not a test set)")
         if rep.output_path:
-            lines.append(f"  repaired model: {rep.output_path}")
+            lines.append(f"  repaired model: {rep.output_path}"
+                         + (" (INCOMPLETE: still flagged, marked shapscan.repair = incomplete)"
+                            if rep.status == "incomplete" else ""))
+        if rep.rescan is not None:
+            lines.append(f"  re-scan of the repaired model ({', '.join(rep.rescan.views)}): "
+                         + ("no class flagged" if rep.rescan.clean else "still flags class "
+                            + ", ".join(map(str, rep.rescan.flagged_targets))))
     out = result.output
     if out is not None and out.kind == "unchanged-copy":
         lines.append(f"  model copied unchanged to {out.path} (found clean: nothing to repair)")

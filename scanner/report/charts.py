@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ..findings import ChannelValue, ClassReverse
+from ..findings import ChannelValue, ClassReverse, FrontierPoint
 
 FLAG = "#c62828"
 FLAG_LIGHT = "#f4c7c3"
@@ -179,6 +179,56 @@ def shapley_chart(channels: Sequence[ChannelValue], max_label: int = 34) -> str:
     parts.append(f'<line x1="{x(0):.1f}" x2="{x(0):.1f}" y1="6" y2="{height - 14}" '
                  f'stroke="{MUTED}"/>')
     parts.append('</svg>')
+    return "".join(parts)
+
+
+def frontier_chart(points: Sequence[FrontierPoint], kept: int) -> str:
+    """The repair plan's walk: reversed-trigger success (red, left axis, %) and clean cost
+    (blue, right axis, KL divergence) against the channels zeroed; a dashed line at the
+    `kept` channels the plan ended with (after any were given back)."""
+    width, height, left, right, top, bottom = 560, 230, 52, 64, 14, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    n = max([1, *(p.channels for p in points)])
+    costs = [p.clean_cost for p in points if math.isfinite(p.clean_cost)]
+    cost_hi = max([1e-9, *costs])
+
+    def x(c: float) -> float:
+        return left + c / n * plot_w
+
+    def y(share: float) -> float:  # share of the axis, 0 at the bottom
+        return top + (1 - min(max(share, 0.0), 1.0)) * plot_h
+
+    def line(values: list[tuple[float, float]], color: str, what: str) -> str:
+        path = " ".join(f"{x(c):.1f},{y(v):.1f}" for c, v in values)
+        dots = "".join(f'<circle cx="{x(c):.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>'
+                       for c, v in values)
+        return (f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2">'
+                f"<title>{esc(what)}</title></polyline>{dots}")
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" aria-label="repair frontier: trigger success '
+             'and clean cost per channels zeroed">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+             f'stroke="{MUTED}"/>']
+    for share in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{left - 6}" y="{y(share) + 4:.1f}" text-anchor="end" '
+                     f'class="tick" fill="{FLAG}">{100 * share:.0f}%</text>'
+                     f'<text x="{width - right + 6}" y="{y(share) + 4:.1f}" class="tick" '
+                     f'fill="{BAR}">{share * cost_hi:.3g}</text>')
+    for c in _ticks(0, n, 6):
+        if float(c).is_integer():
+            parts.append(f'<text x="{x(c):.1f}" y="{height - bottom + 16}" '
+                         f'text-anchor="middle" class="tick">{int(c)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" '
+                 'class="tick">channels zeroed</text>')
+    parts.append(f'<line x1="{x(kept):.1f}" x2="{x(kept):.1f}" y1="{top}" '
+                 f'y2="{top + plot_h}" stroke="{MUTED}" stroke-dasharray="4 3">'
+                 f"<title>the plan keeps {kept} zeroed</title></line>")
+    parts.append(line([(p.channels, p.clean_cost / cost_hi) for p in points
+                       if math.isfinite(p.clean_cost)], BAR, "clean cost (KL divergence)"))
+    parts.append(line([(p.channels, p.reversed_asr) for p in points
+                       if math.isfinite(p.reversed_asr)], FLAG, "reversed-trigger success"))
+    parts.append("</svg>")
     return "".join(parts)
 
 

@@ -13,7 +13,16 @@ import numpy as np
 
 from .. import __version__
 from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Verdict
-from .charts import BAR, FLAG, anomaly_chart, esc, flagged_by_test, png_data_uri, shapley_chart
+from .charts import (
+    BAR,
+    FLAG,
+    anomaly_chart,
+    esc,
+    flagged_by_test,
+    frontier_chart,
+    png_data_uri,
+    shapley_chart,
+)
 
 _TITLES = {Verdict.BACKDOOR: "BACKDOOR DETECTED", Verdict.CLEAN: "CLEAN",
            Verdict.INCONCLUSIVE: "INCONCLUSIVE", Verdict.ERROR: "ERROR — MODEL NOT SCANNED",
@@ -59,7 +68,10 @@ def _banner(result: ScanResult) -> str:
                    f"trigger success {_pct(r.reversed_asr_before)} → "
                    f"{_pct(r.reversed_asr_after)}")
         if r.output_path:
-            sub.append(f"repaired model: <code>{esc(r.output_path)}</code>")
+            sub.append(f"repaired model: <code>{esc(r.output_path)}</code>"
+                       + (" (incomplete)" if r.status == "incomplete" else ""))
+        elif r.withheld:
+            sub.append("repair incomplete: the repaired model was not written")
     if result.verdict is Verdict.CLEAN:
         sub.append("no class is reachable with an anomalously small trigger")
     out = result.output
@@ -193,7 +205,27 @@ def _repair(r: Repair) -> str:
                      f"clean accuracy on {esc(r.clean_rows())}. Measure the repaired model "
                      "on held-out data before deploying it.</p>")
     if r.output_path:
-        parts.append(f"<p>Repaired model written to <code>{esc(r.output_path)}</code>.</p>")
+        parts.append(f"<p>Repaired model written to <code>{esc(r.output_path)}</code>"
+                     + (", marked <code>shapscan.repair = incomplete</code>"
+                        if r.status == "incomplete" else "") + ".</p>")
+    if r.status == "incomplete":
+        kept = ("" if r.output_path else " Not written: <code>--keep-incomplete</code> writes "
+                "it anyway, marked <code>shapscan.repair = incomplete</code>.")
+        parts.append(f"<p><b>Repair incomplete</b>: "
+                     f"{esc('; '.join(r.incomplete_reasons))}.{kept}</p>")
+    if r.rescan is not None:
+        found = ("no class flagged" if r.rescan.clean else "still flags class " + ", ".join(
+            f"{esc(t)} (anomaly index {_num(r.rescan.anomaly_indices[t])})"
+            for t in r.rescan.flagged_targets))
+        parts.append(f"<p>Re-scan of the repaired model "
+                     f"({esc(', '.join(r.rescan.views))}): {found}.</p>")
+    if r.frontier:
+        parts.append('<h3>Repair frontier</h3><p class="note">Each step of the plan: the '
+                     "reversed trigger's success on the stamped images (red, left) and the "
+                     "clean cost, the divergence from the original model's outputs on the "
+                     "clean images (blue, right), against the channels zeroed; dashed: the "
+                     f"{len(r.pruned)} the plan kept.</p>"
+                     + frontier_chart(r.frontier, len(r.pruned)))
     if r.top_channels:
         parts.append(f'<h3>Top channels by backdoor Shapley value</h3><p class="legend note">'
                      f'<span style="background:{FLAG}"></span>zeroed'

@@ -126,6 +126,16 @@ def _repair(r: Repair) -> dict[str, Any]:
         "pruned": [_channel(c) for c in r.pruned],
         "top_channels": [_channel(c) for c in r.top_channels],
         "given_back": [_channel(c) for c in r.given_back],
+        "status": r.status, "incomplete_reasons": list(r.incomplete_reasons),
+        "withheld": r.withheld,
+        "frontier": [{"channels": p.channels, "reversed_asr": _num(p.reversed_asr),
+                      "target_probability": _num(p.target_probability),
+                      "clean_cost": _num(p.clean_cost), "clean_acc": _num(p.clean_acc)}
+                     for p in r.frontier],
+        "rescan": None if r.rescan is None else {
+            "views": list(r.rescan.views), "flagged_targets": list(r.rescan.flagged_targets),
+            "anomaly_indices": {str(t): _num(v) for t, v in r.rescan.anomaly_indices.items()},
+            "forward_passes": r.rescan.forward_passes},
     }
 
 

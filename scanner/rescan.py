@@ -1,0 +1,58 @@
+"""Re-scan a repaired model: the detector again, on the views the scan used.
+
+The plan stops when the reversed trigger it planned with no longer works on the scan's
+images; that says nothing of a trigger reversed afresh on the repaired model, which finds
+whatever the zeroing left (the SiLU CNN, MLP and Clip CNN of FINDINGS "What models outside
+samples/ showed" kept 88-99 % true ASR after a plan that had run out of budget). A class
+flagged again makes the repair incomplete (repair.py), so it is never written as safe.
+"""
+
+from __future__ import annotations
+
+from .autodiff import GradientProgram
+from .context import ScanContext
+from .detection import reverse_and_detect
+from .findings import Repair, Rescan
+from .graph.export import sanitize
+from .recover import Recovered, write_back
+
+
+def zeroed_channels(repair: Repair) -> dict[str, list[int]]:
+    """Layer -> the channels the repair zeroes, in the form sanitize takes."""
+    zeroed: dict[str, list[int]] = {}
+    for c in repair.pruned:
+        zeroed.setdefault(c.layer, []).append(c.channel)
+    return zeroed
+
+
+def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None) -> Rescan:
+    """Reverse and detect on the repaired model, every class, with the images of each view
+    the scan used and at that view's step budget. On the first view every flag counts; the
+    second view (synthesised inputs, run when the few-shot images flagged nothing) counts,
+    as in the scan, only a flag on the class both views pointed at: the repair's target."""
+    assert ctx.images is not None and ctx.result.detection is not None
+    ctx.progress.stage("re-scanning the repaired model")
+    det = ctx.policy.detection
+    # the batch-free float copy the scan ran, zeroed as the export will be (checked there)
+    repaired = sanitize(ctx.model.runnable, zeroed_channels(repair), verify=False)
+    if recovered is not None:  # the fine-tuned weights the export will carry
+        repaired = write_back(repaired, recovered.values, recovered.description)
+    program = GradientProgram(repaired, device=ctx.device)
+    first = reverse_and_detect(ctx, program, ctx.images, ctx.opts.data_free, ctx.bn_layers,
+                               det.reverse_steps)
+    views, passes = [ctx.view], first.detection.forward_passes
+    anomaly = {c.target: c.anomaly_index for c in first.detection.classes}
+    flagged = list(first.detection.flagged_targets)
+    if "synthesised" in ctx.result.detection.views and ctx.second_images is not None:
+        ctx.progress.stage("re-scanning the repaired model on synthesised inputs")
+        second = reverse_and_detect(ctx, program, ctx.second_images, True,
+                                    ctx.second_bn_layers, det.second_view_steps)
+        views.append("synthesised")
+        passes += second.detection.forward_passes
+        if repair.target in second.detection.flagged_targets and repair.target not in flagged:
+            flagged.append(repair.target)
+            anomaly[repair.target] = next(c.anomaly_index for c in second.detection.classes
+                                          if c.target == repair.target)
+    return Rescan(views=views, flagged_targets=flagged,
+                  anomaly_indices={t: float(anomaly[t]) for t in flagged},
+                  forward_passes=passes)

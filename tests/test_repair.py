@@ -1,0 +1,165 @@
+"""The repair stage: the plan's frontier, complete and incomplete repairs (what --out gets
+and how it is marked), and the re-scan of the repaired model."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from conftest import FEWSHOT, zoo_model
+from report_fixtures import backdoor_result
+from test_prune import Game
+
+from scanner import api
+from scanner.context import ScanOptions
+from scanner.findings import ChannelValue, FrontierPoint, Repair, Rescan, ScanResult
+from scanner.policy import load_catalog, load_policy
+from scanner.progress import Progress
+from scanner.prune import PruneConfig, plan
+from scanner.repair import REPAIR_KEY, finish_repair
+from scanner.report.html import render_html
+from scanner.report.json_report import report_dict
+from scanner.shapley import ShapleyConfig, Utility, estimate
+
+
+def _plan(game: Game, fraction: float):
+    values = estimate(game, Utility(2), ShapleyConfig(permutations=16), seed=0)
+    return plan(game, game.with_images(clean=True), game.labels, Utility(2), values,
+                PruneConfig(max_channel_fraction=fraction, give_back=False))
+
+
+def test_the_plan_zeroes_on_while_clean_cost_allows_and_records_its_walk():
+    """Four carriers, each enough for the backdoor: a 2 % cap (2 of 100 channels) stops
+    short; a 10 % cap lets the plan go on to all four, and the frontier is what each prefix
+    of its picks measures."""
+    game = Game(100, carriers=[1, 2, 3, 4], useful=[50], clean=False)
+    short, long = _plan(game, 0.02), _plan(game, 0.10)
+    assert not short.target_reached and len(short.frontier) == len(short.channels) + 1
+    assert long.target_reached and sorted(long.channels) == [1, 2, 3, 4]
+    walk = long.frontier
+    assert [p.channels for p in walk] == list(range(len(long.channels) + 1))
+    assert walk[0].reversed_asr == 1.0 and walk[-1].reversed_asr == 0.0
+    # measured independently: the backdoor holds until the last carrier goes
+    for point in walk[1:]:
+        coalition = np.ones((1, 100), np.float32)
+        coalition[0, long.channels[:point.channels]] = 0.0
+        asr = (game.logits(coalition).argmax(-1) == 2).mean()
+        assert point.reversed_asr == pytest.approx(asr)
+    assert all(p.clean_cost == pytest.approx(0.0, abs=1e-9) for p in walk)  # 50 stays on
+
+
+def _context(tmp_path: Path, **options: object) -> api.ScanContext:
+    """The loaded cnn_badnets, as the scan's stages see it after loading."""
+    opts = ScanOptions(data=FEWSHOT, out=tmp_path / "safe.onnx", quiet=True, **options)
+    result = ScanResult(str(zoo_model("cnn_badnets")))
+    return api._load(result, zoo_model("cnn_badnets"), opts, load_policy("default"),
+                     load_catalog(), Progress(enabled=False))
+
+
+def _repair(ctx: api.ScanContext, reached: bool, rescan: Rescan | None = None) -> Repair:
+    layer = ctx.layers[0].name
+    return Repair(target=0, channels_total=416, pruned=[ChannelValue(layer, 3, 0.5, 0.1, True)],
+                  top_channels=[], reversed_asr_before=1.0,
+                  reversed_asr_after=0.0 if reached else 0.4, fewshot_acc_before=1.0,
+                  fewshot_acc_after=1.0, permutations=8, forward_passes=0,
+                  estimator="eps-greedy", target_reached=reached, rescan=rescan)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_a_complete_repair_is_written_marked_complete(tmp_path):
+    ctx = _context(tmp_path)
+    repair = _repair(ctx, reached=True, rescan=Rescan(["few-shot"], [], {}))
+    finish_repair(ctx, repair)
+    assert repair.status == "complete" and not repair.incomplete_reasons
+    assert repair.output_path == str(tmp_path / "safe.onnx") and not repair.withheld
+    assert _metadata(tmp_path / "safe.onnx")[REPAIR_KEY] == "complete"
+    assert "SS305" not in {f.rule_id for f in ctx.result.findings}
+
+
+@pytest.mark.parametrize(("reached", "rescan", "reason"), [
+    (False, None, "still works on 40% of the stamped few-shot images"),
+    (True, Rescan(["few-shot"], [0, 6], {0: 3.1, 6: 2.7}), "still flags class 0, 6")])
+def test_an_incomplete_repair_is_withheld_unless_kept_and_then_marked(tmp_path, reached,
+                                                                      rescan, reason):
+    ctx = _context(tmp_path)
+    repair = _repair(ctx, reached, rescan)
+    finish_repair(ctx, repair)
+    assert repair.status == "incomplete" and reason in repair.incomplete_reasons[0]
+    assert repair.withheld and repair.output_path is None
+    assert not (tmp_path / "safe.onnx").exists()
+    [ss305] = [f for f in ctx.result.findings if f.rule_id == "SS305"]
+    assert "NOT written" in ss305.message and "--keep-incomplete" in ss305.message
+    assert ss305.details["written"] is False
+
+    kept = _context(tmp_path, keep_incomplete=True)
+    repair = _repair(kept, reached, rescan)
+    finish_repair(kept, repair)
+    assert repair.status == "incomplete" and not repair.withheld
+    assert _metadata(tmp_path / "safe.onnx")[REPAIR_KEY] == "incomplete"
+    [ss305] = [f for f in kept.result.findings if f.rule_id == "SS305"]
+    assert "anyway" in ss305.message and ss305.details["written"] is True
+
+
+@pytest.mark.slow
+def test_a_tiny_channel_cap_gives_an_incomplete_repair_that_is_not_written(run_cli,
+                                                                          tmp_path):
+    """A real scan whose policy lets the plan zero one channel of 416: cnn_badnets' patch
+    needs more, so the target is missed, the re-scan still flags class 0, and --out gets
+    nothing (exit 1) until --keep-incomplete, which writes it marked incomplete."""
+    policy = tmp_path / "tiny.toml"
+    policy.write_text("[repair]\nmax_channel_fraction = 0.001\n[shapley]\npermutations = 8\n")
+    out, report, sarif, html = (tmp_path / n for n in ("safe.onnx", "r.json", "r.sarif",
+                                                      "r.html"))
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
+                     "--out", out, "--report", report, "--sarif", sarif, "--html", html)
+    assert result.code == 1, result.err
+    assert not out.exists()
+    [line] = [x for x in result.out.splitlines() if "SS305" in x]
+    assert "NOT written" in line and "--keep-incomplete" in line
+    assert "re-scan of the repaired model (few-shot): still flags class 0" in result.out
+    repair = json.loads(report.read_text())["results"][0]["repair"]
+    assert repair["status"] == "incomplete" and repair["withheld"] is True
+    assert repair["pruned_count"] == 1 and repair["target_reached"] is False
+    assert repair["rescan"]["flagged_targets"] == [0]
+    assert [p["channels"] for p in repair["frontier"]] == [0, 1]
+    rules = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
+    assert "SS305" in rules
+    assert "Repair incomplete" in html.read_text()
+
+    kept = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
+                   "--out", out, "--keep-incomplete", "-q")
+    assert kept.code == 1, kept.err
+    assert _metadata(out)[REPAIR_KEY] == "incomplete"
+
+
+def test_reports_say_the_status_the_rescan_and_show_the_frontier():
+    result = backdoor_result()
+    rep = result.repair
+    rep.frontier = [FrontierPoint(0, 1.0, 0.95, 0.0, 1.0), FrontierPoint(1, 0.6, 0.5, 0.01, 1.0),
+                    FrontierPoint(2, 0.0, 0.01, float("nan"), 0.9)]
+    rep.rescan = Rescan(["few-shot", "synthesised"], [3], {3: 2.9}, 1234)
+    rep.status, rep.incomplete_reasons = "incomplete", ["the re-scan still flags class 3"]
+    rep.withheld, rep.output_path = True, None
+    doc = report_dict([result])
+    schema = json.loads(resources.files("scanner.rules").joinpath(
+        "schemas", "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    out = doc["results"][0]["repair"]
+    assert out["status"] == "incomplete" and out["withheld"] is True
+    assert out["rescan"] == {"views": ["few-shot", "synthesised"], "flagged_targets": [3],
+                             "anomaly_indices": {"3": 2.9}, "forward_passes": 1234}
+    assert [p["channels"] for p in out["frontier"]] == [0, 1, 2]
+    assert out["frontier"][2]["clean_cost"] is None  # not finite: null, as everywhere
+    page = render_html(result)
+    assert "Repair frontier" in page and page.count("<polyline") == 2
+    assert "Repair incomplete" in page and "the re-scan still flags class 3" in page
+    assert "Re-scan of the repaired model (few-shot, synthesised): still flags class 3" in page
+    assert "the repaired model was not written" in page
