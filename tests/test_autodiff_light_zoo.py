@@ -31,6 +31,9 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
           "shufflenet", "squeezenet", "vgg19", "zfnet512"]
 FD_TOL = 1e-3
+# DenseNet's input gradient is ~5e-6 here: at eps 1e-8 the float64 loss's round-off is as
+# large as the difference (relative error 1.3e-2); at 1e-6, 5.7e-4
+EPS = {"densenet121": 1e-6}
 
 
 def _light(name: str) -> onnx.ModelProto:
@@ -103,5 +106,6 @@ def test_light_zoo_gradient_matches_finite_differences(name: str) -> None:
     proto = randomized(_light(name))
     x = np.random.default_rng(0).random((1, 3, 224, 224)).astype(np.float32)
     targets = np.eye(1000, dtype=np.float32)[[3]]
-    err = check_gradients(proto, x, target_weights=targets, eps=1e-8, directions=2)
+    err = check_gradients(proto, x, target_weights=targets, eps=EPS.get(name, 1e-8),
+                          directions=2)
     assert err <= FD_TOL, f"{name}: relative error {err:.2e}"
