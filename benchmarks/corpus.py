@@ -261,6 +261,25 @@ def _on_object(e: dict) -> bool:
 
 # ---------------------------------------------------------------- driver
 
+def round_robin(entries: list[dict]) -> list[dict]:
+    """One model of each family in turn, so that a run cut short has covered every family
+    (clean and backdoored alternating within a family)."""
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for e in sorted(entries, key=lambda e: (e["attack"] is not None, e["name"])):
+        by_family[e["family_label"]].append(e)
+    for family, group in by_family.items():
+        clean = [e for e in group if e["attack"] is None]
+        bad = [e for e in group if e["attack"] is not None]
+        by_family[family] = [e for pair in zip(bad, clean, strict=False) for e in pair] + \
+            bad[len(clean):] + clean[len(bad):]
+    ordered: list[dict] = []
+    while any(by_family.values()):
+        for group in by_family.values():
+            if group:
+                ordered.append(group.pop(0))
+    return ordered
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -285,6 +304,7 @@ def main() -> None:
         entries = [e for e in entries if any(
             e["name"] == w or (w.endswith("*") and e["name"].startswith(w[:-1]))
             for w in wanted)]
+    entries = round_robin(entries)
     modes = args.modes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.table_only:
