@@ -265,7 +265,7 @@ def train(spec: Spec):  # -> nn.Module
         y[idx] = spec.target
     prep = preprocess(spec)
     model = build(spec)
-    lr = 2e-3 if spec.family in ("vit", "convnext") else 3e-3
+    lr = {"vit": 2e-3, "convnext": 1e-3}.get(spec.family, 3e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     batch = 128
     steps = epochs * (len(x) // batch)
@@ -312,11 +312,11 @@ def export(model, spec: Spec, path: Path) -> None:
 
 
 def count_channels(path: Path) -> int:
-    import onnx
-
+    """Channels the scanner scores, as `shapscan inspect` counts them (-1: unreadable)."""
     from scanner.graph.activations import discover_activations
+    from scanner.graph.load import load_model
     try:
-        return sum(layer.channels for layer in discover_activations(onnx.load(str(path))))
+        return sum(layer.channels for layer in discover_activations(load_model(path).proto))
     except Exception:  # noqa: BLE001 - an architecture the scanner cannot read yet
         return -1
 
