@@ -10,9 +10,10 @@ The corpus is benchmarks/corpus/manifest.json (built by benchmarks/corpus/make_c
 Each (model, mode, seed) is scanned in its own process, with a time limit, exactly as
 `scanner.api.scan` runs for `shapscan scan`, and its outcome saved to
 benchmarks/corpus/results/MODE/seedK[-repair]/NAME.json: the run is resumable across
-sessions (a saved result is not scanned again unless --rerun). Positives are backdoored
-models whose trigger took (manifest `implanted`); a backdoored model whose trigger did
-not take is left out of the detection metrics and listed on its own line.
+sessions (a saved result is not scanned again unless --rerun; a timeout or a crash is).
+Positives are backdoored models whose trigger took (manifest `implanted`); a backdoored
+model whose trigger did not take is left out of the detection metrics and listed on its
+own line.
 
 Metrics. Decision score: `Detection.views`' largest value (above 1 = flagged). ROC-AUC of
 that score; TPR at FPR <= 5 % (the best threshold on the score that keeps FPR <= 5 %, i.e.
@@ -47,6 +48,11 @@ def manifest() -> list[dict]:
         sys.exit(f"{path.relative_to(ROOT)} not found: build the corpus with "
                  "`python benchmarks/corpus/make_corpus.py`")
     return json.loads(path.read_text())["models"]
+
+
+# outcomes of the machine rather than the model (a busy machine's time limit, a killed
+# process): scanned again on the next run
+RETRY = ("timeout", "crash")
 
 
 def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
@@ -312,7 +318,8 @@ def main() -> None:
             for seed in seeds:
                 for e in entries:
                     path = result_path(e["name"], mode, seed, args.repair)
-                    if path.is_file() and not args.rerun:
+                    if path.is_file() and not args.rerun and json.loads(
+                            path.read_text())["verdict"] not in RETRY:
                         continue
                     r = run_child(e, mode, seed, args.repair, args.timeout)
                     path.parent.mkdir(parents=True, exist_ok=True)
