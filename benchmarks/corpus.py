@@ -177,7 +177,8 @@ def detection_row(label: str, entries: list[dict], runs: dict[str, list[dict]]) 
         for r in rs:
             seconds.append(r.get("seconds", 0.0))
             if r["verdict"] in ("crash", "timeout", "inconclusive", "error"):
-                failed += 1
+                failed += 1  # no verdict: counted here, never as a score
+                continue
             flagged = r.get("flagged") or []
             if e["attack"]:
                 pos_s.append(_score(r))
