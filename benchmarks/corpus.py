@@ -74,7 +74,8 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
             policy.write_text('extends = "default"\n[repair]\nenabled = false\n')
         options = ScanOptions(data=None if data_free else ROOT / entry["fewshot"],
                               data_free=data_free, policy=policy, seed=seed, out=out,
-                              quiet=True)
+                              # score every repair; the metadata says which were complete
+                              keep_incomplete=repair, quiet=True)
         start = time.perf_counter()
         result = scan(CORPUS / entry["model"], options)
         seconds = time.perf_counter() - start
@@ -100,7 +101,7 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
             if rep is not None:
                 record["channels_zeroed"] = len(rep.pruned)
                 record["channels_total"] = rep.channels_total
-                record["repair_status"] = getattr(rep, "status", None)
+                record["repair_status"] = rep.status
             if written and entry["attack"]:
                 import onnx
                 meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
