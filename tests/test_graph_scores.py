@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from models.make_models import sklearn_images
 from onnx import TensorProto, helper
 
 from scanner.data import Preprocess, resolve_preprocess
@@ -19,16 +20,6 @@ from scanner.graph.load import load_model
 from scanner.graph.scores import ML_DOMAIN, scores_copy
 
 MODELS = Path(__file__).parent / "models"
-
-
-def sklearn_images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_models.sklearn_images: noise and a bright 4x4 block whose place is the class."""
-    y = np.arange(n) % 10
-    x = rng.random((n, 28, 28), dtype=np.float32) * 0.5
-    for i, label in enumerate(y):
-        r, c = divmod(int(label), 5)
-        x[i, 4 + 10 * r:8 + 10 * r, 2 + 5 * c:6 + 5 * c] += 0.5
-    return x.reshape(n, 784), y
 
 
 @pytest.mark.parametrize(("name", "outputs"), [
