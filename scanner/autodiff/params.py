@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import DataError, Inconclusive
+from ..errors import DataError
 from ..runtime import Device, make_session
 from .backward import attach, backprop_many, float_type
 from .context import VJPContext
-from .program import TARGET_INPUT, _logits_of, _with_scatter_add, image_input
+from .program import TARGET_INPUT, _with_scatter_add, classifier_logits, image_input
 
 # Which inputs of which ops are trainable parameters (when they are float initializers).
 TRAINABLE_SLOTS: dict[str, tuple[int, ...]] = {
@@ -89,11 +89,7 @@ def build_parameter_program(proto: onnx.ModelProto, params: Sequence[str],
     dtype = float_type(model, x)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     ctx = VJPContext(model, dtype)
-    logits = _logits_of(model, ctx)
-    shape = ctx.static_shape(logits)
-    if shape is not None and len(shape) != 2:
-        raise Inconclusive(f"model output {logits} is not [N, K] (rank {len(shape)})",
-                           rule_id="SS205", location=logits)
+    logits = classifier_logits(model, ctx)
     model.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, elem, ["N", "K"]))
     model.graph.input.append(helper.make_tensor_value_info(INV_TEMPERATURE_INPUT, elem, []))
     logp = ctx.op("LogSoftmax", [ctx.op("Mul", [logits, INV_TEMPERATURE_INPUT])], axis=1)

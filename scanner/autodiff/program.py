@@ -68,11 +68,7 @@ def build_program(proto: onnx.ModelProto, bn_stats: bool = False) -> ProgramGrap
     dtype = float_type(model, x)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     ctx = VJPContext(model, dtype)
-    logits = _logits_of(model, ctx)
-    logits_shape = ctx.static_shape(logits)
-    if logits_shape is not None and len(logits_shape) != 2:
-        raise Inconclusive(f"model output {logits} is not [N, K] (rank {len(logits_shape)})",
-                           rule_id="SS205", location=logits)
+    logits = classifier_logits(model, ctx)
     model.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, elem, ["N", "K"]))
     model.graph.input.append(helper.make_tensor_value_info(BN_WEIGHT_INPUT, elem, []))
 
@@ -124,6 +120,16 @@ def _with_scatter_add(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 RESHAPING_OPS = ("Flatten", "Reshape", "Squeeze", "Identity")
+
+
+def classifier_logits(model: onnx.ModelProto, ctx: VJPContext) -> str:
+    """`_logits_of`, refused (SS205, inconclusive) unless it is [N, K]."""
+    logits = _logits_of(model, ctx)
+    shape = ctx.static_shape(logits)
+    if shape is not None and len(shape) != 2:
+        raise Inconclusive(f"model output {logits} is not [N, K] (rank {len(shape)})",
+                           rule_id="SS205", location=logits)
+    return logits
 
 
 def _logits_of(model: onnx.ModelProto, ctx: VJPContext) -> str:
