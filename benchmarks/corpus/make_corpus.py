@@ -157,22 +157,15 @@ def plan() -> list[Spec]:
 
 # ---------------------------------------------------------------- data
 
-def _read_idx(name: str) -> np.ndarray:
-    import gzip
-    with gzip.open(FASHION / name, "rb") as f:
-        raw = f.read()
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
-
-
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """Training pixels (float NCHW in [0, 1]) and labels; the few-shot images left out."""
     classes, _, _, n_train, _ = DATASETS[dataset]
     if dataset == "fmnist":
         if not FASHION.is_dir():
             sys.exit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
-        x = _read_idx("train-images-idx3-ubyte.gz").astype(np.float32)[:, None] / 255.0
-        y = _read_idx("train-labels-idx1-ubyte.gz").astype(np.int64)
+        from samples.make_zoo import read_idx
+        x = read_idx("train-images-idx3-ubyte.gz").astype(np.float32)[:, None] / 255.0
+        y = read_idx("train-labels-idx1-ubyte.gz").astype(np.int64)
         # the same few-shot images as samples/make_zoo.py (samples/data/fewshot.npz)
         rng = np.random.default_rng(0)
         fewshot = np.array([rng.choice(np.flatnonzero(y == c)) for c in range(classes)])
