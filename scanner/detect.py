@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .evidence import Evidence
 from .findings import ClassReverse, Detection
 from .reverse import ReversedTrigger, ReverseResult
 
@@ -97,7 +98,8 @@ COMBINED = ("patch", "universal")
 
 def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            isolation_threshold: float = 1.0, data_free: bool = False,
-           bn_layers: int = 0, warp_ratio: float = WARP_RATIO) -> Verdict:
+           bn_layers: int = 0, warp_ratio: float = WARP_RATIO,
+           evidence: Evidence | None = None) -> Verdict:
     """Flag a class when its combined anomaly index exceeds `threshold`, when its patch
     trigger is both anomalous (above `warn_threshold`) and isolated (≥ `isolation_threshold`),
     or when its warp trigger is anomalous (above `threshold`), isolated, and at least
@@ -149,7 +151,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
         strength[t] = max([combined[t]] + [alone[f][t] for f in alone])
         is_flagged = bool(combined[t] > threshold) or by_patch or by_warp
         classes.append(_class_reverse(result, t, index, alone, ratio, float(combined[t]),
-                                      best_fam, is_flagged))
+                                      best_fam, is_flagged, evidence))
         if is_flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
@@ -161,13 +163,15 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     flagged.sort(key=lambda t: -strength[t])
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
-                          forward_passes=result.forward_passes)
+                          forward_passes=result.forward_passes
+                          + (evidence.forward_passes if evidence else 0))
     return Verdict(detection, chosen, reasons, suspicious, families=every)
 
 
 def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
                    alone: dict[str, np.ndarray], ratio: dict[str, np.ndarray],
-                   combined: float, best_fam: str, flagged: bool) -> ClassReverse:
+                   combined: float, best_fam: str, flagged: bool,
+                   evidence: Evidence | None = None) -> ClassReverse:
     def norm(fam: str) -> float | None:
         trig = result.triggers.get((fam, t))
         return float(trig.norm) if trig else None
@@ -189,6 +193,10 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
         warp_anomaly_index=at(index, "warp"),
         warp_isolation=at(alone, "warp"),
         warp_ratio=at(ratio, "warp"),
+        concentration={} if evidence is None else {
+            fam: v for (fam, c), v in evidence.concentration.items() if c == t},
+        max_margin=(None if evidence is None or evidence.max_margin is None
+                    else float(evidence.max_margin[t])),
         flagged=flagged,
     )
 

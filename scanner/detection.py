@@ -13,14 +13,16 @@ from dataclasses import replace
 import numpy as np
 
 from .autodiff import GradientProgram
+from .autodiff.masks import MaskGradientProgram
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
 from .detect import Verdict as DetectVerdict
 from .detect import detect, most_suspicious, score
+from .evidence import Evidence, MarginConfig, concentration, max_margins
 from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
 from .progress import Progress
-from .reverse import reverse_triggers, synthesize
+from .reverse import ReverseResult, reverse_triggers, synthesize
 from .wording import reversed_reach
 
 
@@ -62,8 +64,25 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     cfg = replace(ctx.opts.reverse, steps=steps)
     reversed_ = reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg,
                                  ctx.opts.seed, ctx.progress)
+    found = gather_evidence(ctx, program, images, reversed_) if det.evidence else None
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
-                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio)
+                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found)
+
+
+def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
+                    reversed_: ReverseResult) -> Evidence:
+    """evidence.py's statistics for every class of this view."""
+    ctx.progress.stage("weighing the evidence (channel concentration, max margins)")
+    masks = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device)
+    shares, passes = concentration(masks, ctx.prep, images, reversed_.triggers,
+                                   ctx.n_classes)
+    margins = None
+    steps = ctx.policy.detection.margin_steps
+    if steps:
+        margins, more = max_margins(program, ctx.prep, ctx.n_classes,
+                                    MarginConfig(steps=steps), ctx.opts.seed)
+        passes += more
+    return Evidence(shares, margins, passes)
 
 
 def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:

@@ -77,6 +77,9 @@ class ClassReverse:
     warp_anomaly_index: float | None = None
     warp_isolation: float | None = None  # gap to the next smallest warp (σ units)
     warp_ratio: float | None = None  # median class's warp norm / this class's
+    # evidence.py: share of each family's trigger support held by the top 1 % of channels
+    concentration: dict[str, float] = field(default_factory=dict)
+    max_margin: float | None = None  # MM-BD: the largest logit margin found for the class
     flagged: bool = False
 
 
@@ -153,6 +156,9 @@ class Repair:
     permutations: int
     forward_passes: int
     estimator: str  # "eps-greedy", "truncated-mc", "clp", "fine-pruning"
+    # channels the Shapley estimate played with, the top of a first-order ranking
+    # (repair.narrow_players); None: every channel
+    players: int | None = None
     output_path: str | None = None
     target_reached: bool = True
     # mean target-class probability of the stamped few-shot images (Shapley pruning only)

@@ -144,6 +144,10 @@ class DetectionPolicy:
     # inconclusive (SS207): a class without images skews how easily the others are reached
     # (zoo: one class left out gets a clean model flagged)
     min_class_coverage: float = 1.0
+    # evidence.py beside the norms: how concentrated each reversed trigger's channel support
+    # is, and each class's MM-BD max margin (Adam steps below; 0 leaves it out)
+    evidence: bool = True
+    margin_steps: int = 100
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,9 @@ class ShapleyPolicy:
     epsilon: float = 0.2  # probability of a fully random permutation (else top-k first)
     top_k: int = 20
     truncation: float = 0.1  # stop a permutation when utility < truncation * v(all)
+    # above this many channels the estimate plays only with the top of a first-order
+    # ranking (repair.narrow_players); 0: always every channel
+    max_players: int = 512
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,7 @@ _RANGES: dict[str, _Range] = {
     "detection.min_class_coverage": (0.0, 1.0, True, True),
     "detection.reverse_steps": (1, 100_000, True, True),
     "detection.second_view_steps": (1, 100_000, True, True),
+    "detection.margin_steps": (0, 100_000, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
@@ -261,6 +269,7 @@ _RANGES: dict[str, _Range] = {
     "shapley.permutations": (1, 100_000, True, True),
     "shapley.epsilon": (0.0, 1.0, True, True),
     "shapley.top_k": (1, None, True, True),
+    "shapley.max_players": (0, None, True, True),
     "shapley.truncation": (0.0, 1.0, True, False),
     "load.max_model_bytes": (1, None, True, True),
 }

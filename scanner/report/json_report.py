@@ -96,7 +96,8 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "patch_isolation": _num(c.patch_isolation),
             "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
             "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
-            "flagged": c.flagged}
+            "concentration": {k: _num(v) for k, v in c.concentration.items()},
+            "max_margin": _num(c.max_margin), "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
@@ -114,6 +115,7 @@ def _channel(c: ChannelValue) -> dict[str, Any]:
 def _repair(r: Repair) -> dict[str, Any]:
     return {
         "target": r.target, "estimator": r.estimator, "permutations": r.permutations,
+        "players": r.players,
         "forward_passes": r.forward_passes, "channels_total": r.channels_total,
         "pruned_count": len(r.pruned), "pruned_fraction": _num(r.pruned_fraction),
         "target_reached": r.target_reached, "output_path": r.output_path,

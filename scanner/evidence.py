@@ -1,0 +1,118 @@
+"""Detection evidence beside the trigger norms, for what a norm cannot tell apart: a class
+that is small to reach because of a backdoor, or because it is easy (FINDINGS; issue #21's
+checkerboard on the object, where the bag and shirt classes of the same clean model were
+smaller still).
+
+* Concentration. A backdoor is carried by a few channels (that is what the Shapley stage
+  finds and zeroes); an honest easy class is spread over many. For each class's reversed
+  trigger, the first-order effect of zeroing each channel on the margin of that class over
+  the image's own class (`autodiff.masks`), on stamped minus clean images, is the support
+  each channel gives the trigger; the share of the positive support held by the top 1 % of
+  channels measures how concentrated it is.
+* Max margin (MM-BD, Wang et al., S&P 2024). Without any data: for each class, how far its
+  logit can be pushed above every other class's over the whole input box. A backdoor
+  target's logit has a path that beats every other class for any input; an honest class's
+  margin is bounded by the features it shares with the others.
+
+Both are per class; detect.py turns them into anomaly indices across classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .autodiff import GradientProgram
+from .autodiff.masks import MaskGradientProgram
+from .data import ImageSet, Preprocess
+from .optim import Adam
+from .reverse import ReversedTrigger
+
+TOP_SHARE = 0.01  # the "few channels" of the concentration statistic, as a share of all
+
+
+@dataclass(frozen=True)
+class Evidence:
+    # (family, class) -> share of the trigger's positive channel support in the top 1 %
+    concentration: dict[tuple[str, int], float]
+    max_margin: np.ndarray | None  # [classes]: the largest logit margin reached per class
+    forward_passes: int = 0
+
+
+def top_share(support: np.ndarray, share: float = TOP_SHARE) -> float:
+    """Share of the positive part of `support` held by its largest ceil(share · n) entries;
+    0 when nothing is positive."""
+    pos = np.maximum(np.asarray(support, np.float64), 0.0)
+    total = float(pos.sum())
+    if total <= 0:
+        return 0.0
+    k = max(1, int(np.ceil(share * len(pos))))
+    return float(np.sort(pos)[-k:].sum() / total)
+
+
+def concentration(program: MaskGradientProgram, prep: Preprocess, images: ImageSet,
+                  triggers: dict[tuple[str, int], ReversedTrigger], n_classes: int,
+                  rows_per_target: int = 20) -> tuple[dict[tuple[str, int], float], int]:
+    """Concentration of every reversed trigger's channel support (see the module doc).
+
+    Each trigger is stamped on up to `rows_per_target` images of the other classes; the
+    support of channel c is the mean over those images of d margin / d mask_c on the
+    stamped image minus the same on the clean image, margin = logit_target − logit_label.
+    Returns the statistic per (family, class) and the image passes spent."""
+    out: dict[tuple[str, int], float] = {}
+    passes = 0
+    rng = np.random.default_rng(0)
+    for (family, t), trig in sorted(triggers.items()):
+        others = np.flatnonzero(images.labels != t)
+        if len(others) > rows_per_target:
+            others = np.sort(rng.choice(others, rows_per_target, replace=False))
+        if not len(others):
+            continue
+        clean = images.pixels[others]
+        labels = images.labels[others]
+        weights = np.zeros((len(others), n_classes), np.float32)
+        weights[:, t] = 1.0
+        weights[np.arange(len(others)), labels] -= 1.0
+        x = prep.to_model(np.concatenate([trig.apply(clean), clean]))
+        _, grads = program.run(x, np.concatenate([weights, weights]))
+        passes += len(x)
+        support = grads[:len(others)].mean(0) - grads[len(others):].mean(0)
+        out[(family, t)] = top_share(support)
+    return out, passes
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    steps: int = 100
+    lr: float = 0.1
+    restarts: int = 2
+
+
+def max_margins(program: GradientProgram, prep: Preprocess, n_classes: int,
+                cfg: MarginConfig = MarginConfig(), seed: int = 0) -> tuple[np.ndarray, int]:
+    """MM-BD: for each class, the largest margin logit_t − max_{k≠t} logit_k found by
+    gradient ascent over pixels in [0, 1] (a sigmoid parameterisation) from `restarts`
+    random starts. Returns the margins [classes] and the image passes spent."""
+    rng = np.random.default_rng(seed)
+    c, h, w = prep.channels, prep.height, prep.width
+    targets = np.tile(np.arange(n_classes), cfg.restarts)
+    param = rng.normal(0, 1.0, (len(targets), c, h, w)).astype(np.float32)
+    adam = Adam([param], lr=cfg.lr)
+    best = np.full(n_classes, -np.inf)
+    rows = np.arange(len(targets))
+    own = np.eye(n_classes, dtype=bool)[targets]
+    eye = np.eye(n_classes, dtype=np.float32)
+    rival = None
+    for _ in range(cfg.steps):
+        pixels = 1 / (1 + np.exp(-param))
+        x = prep.to_model(pixels)
+        if rival is None:
+            rival = np.where(own, -np.inf, program.run(x, eye[targets]).logits).argmax(1)
+        # CE weights e_target − e_rival sum to 0: the program's gradient is then exactly
+        # −d (logit_target − logit_rival) / d input, so descending it widens the margin
+        res = program.run(x, eye[targets] - eye[rival])
+        rival = np.where(own, -np.inf, res.logits).argmax(1)
+        np.maximum.at(best, targets, res.logits[rows, targets] - res.logits[rows, rival])
+        adam.step([prep.grad_to_pixels(res.grad) * pixels * (1 - pixels)])
+    return best, (cfg.steps + 1) * len(targets)
