@@ -61,6 +61,17 @@ def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
 
 # ---------------------------------------------------------------- one scan (child process)
 
+CLASS_FIELDS = ("mask_l1", "universal_norm", "warp_norm", "reversed_asr",
+                "patch_concentration", "universal_concentration", "warp_concentration",
+                "max_margin")
+
+
+def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
+    conc = c.concentration
+    return [c.mask_l1, c.universal_norm, c.warp_norm, c.reversed_asr, conc.get("patch"),
+            conc.get("universal"), conc.get("warp"), c.max_margin]
+
+
 def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
     from scanner.api import ScanOptions, evaluate, scan
     from scanner.attacks import Attack
@@ -91,9 +102,9 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
                        "score": max(det.views.values()) if det.views else None,
                        "reasons": {str(k): v for k, v in det.reasons.items()},
                        "families": {str(k): v for k, v in det.families.items()},
-                       # per class: the statistics a new decision rule is fitted from
-                       "classes": [[c.mask_l1, c.universal_norm, c.warp_norm,
-                                    c.reversed_asr] for c in det.classes]}
+                       # per class: the statistics a decision rule is fitted from
+                       "class_fields": list(CLASS_FIELDS),
+                       "classes": [class_row(c) for c in det.classes]}
         if repair:
             written = out is not None and out.is_file()
             record["written"] = written
