@@ -5,6 +5,7 @@ and attack.
     python benchmarks/corpus.py --modes fewshot,datafree --seeds 0,1,2
     python benchmarks/corpus.py --repair --split calibration # scan --out, score the repair
     python benchmarks/corpus.py --table-only                 # tables from saved results
+    SHAPSCAN_THREADS=1 python benchmarks/corpus.py --jobs 2  # two scans at a time
 
 The corpus is benchmarks/corpus/manifest.json (built by benchmarks/corpus/make_corpus.py).
 Each (model, mode, seed) is scanned in its own process, with a time limit, exactly as
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +65,14 @@ def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
 
 CLASS_FIELDS = ("mask_l1", "universal_norm", "warp_norm", "reversed_asr",
                 "patch_concentration", "universal_concentration", "warp_concentration",
-                "max_margin")
+                "max_margin", "patch_selectivity", "universal_selectivity", "warp_selectivity")
 
 
 def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
-    conc = c.concentration
+    conc, sel = c.concentration, c.selectivity
     return [c.mask_l1, c.universal_norm, c.warp_norm, c.reversed_asr, conc.get("patch"),
-            conc.get("universal"), conc.get("warp"), c.max_margin]
+            conc.get("universal"), conc.get("warp"), c.max_margin, sel.get("patch"),
+            sel.get("universal"), sel.get("warp")]
 
 
 def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
@@ -299,6 +302,22 @@ def round_robin(entries: list[dict]) -> list[dict]:
     return ordered
 
 
+def _wanted(path: Path) -> bool:
+    """No result yet, or one the machine spoiled (RETRY)."""
+    return not path.is_file() or json.loads(path.read_text())["verdict"] in RETRY
+
+
+def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float) -> None:
+    r = run_child(e, mode, seed, repair, timeout)
+    path = result_path(e["name"], mode, seed, repair)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=1) + "\n")
+    extra = f" asr_after {r.get('asr_after')}" if repair else ""
+    print(f"{e['name']} {mode} seed {seed}: {r['verdict']} flagged {r.get('flagged')} "
+          f"(target {e['target']}) score {r.get('score')} {r['seconds']:.0f}s{extra}",
+          file=sys.stderr, flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -314,6 +333,8 @@ def main() -> None:
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="scans at a time (each its own process; set SHAPSCAN_THREADS=1)")
     args = ap.parse_args()
     entries = manifest()
     if args.split != "all":
@@ -327,21 +348,13 @@ def main() -> None:
     modes = args.modes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.table_only:
-        for mode in modes:
-            for seed in seeds:
-                for e in entries:
-                    path = result_path(e["name"], mode, seed, args.repair)
-                    if path.is_file() and not args.rerun and json.loads(
-                            path.read_text())["verdict"] not in RETRY:
-                        continue
-                    r = run_child(e, mode, seed, args.repair, args.timeout)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(r, indent=1) + "\n")
-                    extra = (f" asr_after {r.get('asr_after')}" if args.repair else "")
-                    print(f"{e['name']} {mode} seed {seed}: {r['verdict']} "
-                          f"flagged {r.get('flagged')} (target {e['target']}) score "
-                          f"{r.get('score')} {r['seconds']:.0f}s{extra}",
-                          file=sys.stderr, flush=True)
+        todo = [(e, mode, seed) for mode in modes for seed in seeds for e in entries
+                if args.rerun or _wanted(result_path(e["name"], mode, seed, args.repair))]
+        # each scan is its own process; --jobs of them at a time (threads only wait)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for _ in pool.map(lambda job: scan_and_save(*job, args.repair, args.timeout),
+                              todo):
+                pass
     for mode in modes:
         print(tables(entries, mode, seeds, args.repair))
         print()

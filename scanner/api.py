@@ -30,7 +30,7 @@ from .errors import (
     internal_error,
     out_of_memory,
 )
-from .estimate import announce_if_large
+from .estimate import check_time
 from .findings import LayerInfo, ScanResult, Verdict
 from .graph.activations import discover, discovery_findings
 from .graph.batch import any_batch
@@ -206,8 +206,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     if opts.method != "shapley":
         _run_baseline(ctx)
         return
-    _gather_images(ctx)
-    announce_if_large(ctx)  # a large model's forecast, before the long stages
+    _gather_images(ctx)  # with the forecast of the long stages (estimate.check_time)
     ctx.verdict = find_backdoor(ctx)
     if not ctx.verdict.detection.flagged_targets:
         result.verdict = Verdict.CLEAN
@@ -251,8 +250,11 @@ def _gather_images(ctx: ScanContext) -> None:
     synthesised from the model (data-free)."""
     # every reverse runs on a program without the BN-statistics head: with bn_weight 0 the
     # head changes nothing but costs 40 % of each step; synthesis builds its own
-    ctx.program = GradientProgram(ctx.model.runnable, device=ctx.device)
+    ctx.program = GradientProgram(ctx.model.runnable, device=ctx.device,
+                                  max_bytes=ctx.policy.load.max_batch_bytes)
     if ctx.opts.data_free:
+        # the forecast (and SS210's limit) comes before synthesis, the first long stage
+        check_time(ctx, np.repeat(np.arange(ctx.n_classes), ctx.opts.synthesis.per_class))
         with ctx.timed("synthesis"):
             ctx.images, ctx.bn_layers = synthesise_inputs(ctx)
         return
@@ -261,6 +263,7 @@ def _gather_images(ctx: ScanContext) -> None:
                         "or --data-free")
     ctx.images = _clean_images(ctx)
     _check_clean_accuracy(ctx.predict, ctx.images, ctx.policy.detection)
+    check_time(ctx, ctx.images.labels)
 
 
 def _run_baseline(ctx: ScanContext) -> None:

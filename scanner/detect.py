@@ -195,6 +195,8 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
         warp_ratio=at(ratio, "warp"),
         concentration={} if evidence is None else {
             fam: v for (fam, c), v in evidence.concentration.items() if c == t},
+        selectivity={} if evidence is None else {
+            fam: v for (fam, c), v in evidence.selectivity.items() if c == t},
         max_margin=(None if evidence is None or evidence.max_margin is None
                     else float(evidence.max_margin[t])),
         flagged=flagged,

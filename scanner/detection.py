@@ -18,7 +18,7 @@ from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
 from .detect import Verdict as DetectVerdict
 from .detect import detect, most_suspicious, score
-from .evidence import Evidence, MarginConfig, concentration, max_margins
+from .evidence import Evidence, MarginConfig, channel_evidence, max_margins
 from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
 from .progress import Progress
@@ -48,7 +48,8 @@ def synthesise_inputs(ctx: ScanContext, stage: str = "synthesising data (data-fr
                       ) -> tuple[ImageSet, int]:
     """One input per class from the model alone; returns them and the BN layers matched."""
     ctx.progress.stage(stage)
-    program = GradientProgram(ctx.model.runnable, bn_stats=True, device=ctx.device)
+    program = GradientProgram(ctx.model.runnable, bn_stats=True, device=ctx.device,
+                              max_bytes=ctx.policy.load.max_batch_bytes)
     images, bn_layers = synthesize(program, ctx.prep, ctx.n_classes, ctx.opts.synthesis,
                                    ctx.opts.seed, ctx.progress)
     if not bn_layers:
@@ -73,16 +74,17 @@ def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet
                     reversed_: ReverseResult) -> Evidence:
     """evidence.py's statistics for every class of this view."""
     ctx.progress.stage("weighing the evidence (channel concentration, max margins)")
-    masks = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device)
-    shares, passes = concentration(masks, ctx.prep, images, reversed_.triggers,
-                                   ctx.n_classes)
+    masks = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device,
+                                max_bytes=ctx.policy.load.max_batch_bytes)
+    shares, select, passes = channel_evidence(masks, ctx.prep, images, reversed_.triggers,
+                                              ctx.n_classes)
     margins = None
     steps = ctx.policy.detection.margin_steps
     if steps:
         margins, more = max_margins(program, ctx.prep, ctx.n_classes,
                                     MarginConfig(steps=steps), ctx.opts.seed)
         passes += more
-    return Evidence(shares, margins, passes)
+    return Evidence(shares, margins, passes, select)
 
 
 def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:

@@ -11,17 +11,20 @@ scan with its second view on synthesised inputs about 1.5-2 times.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from .autodiff import GradientProgram
 from .context import ScanContext
 from .data import ImageSet, Preprocess
+from .errors import Inconclusive
 from .progress import Progress, duration
 from .reverse import FAMILIES, ReverseConfig
 
 ANNOUNCE_OVER_S = 60.0  # forecast a reverse at least this long: "large"
 PROBE_ROWS = 64  # a quarter of a zoo reverse step: small batches overstate the per-row cost
+SLOW_ROW_S = 0.25  # a single row this slow is timed alone (see row_seconds)
 WHOLE_SCAN = (2.0, 3.0)  # the whole scan / the reverse, on the sample zoo (see above)
 
 
@@ -37,11 +40,21 @@ def reverse_rows(labels: np.ndarray, n_classes: int, cfg: ReverseConfig) -> int:
 def row_seconds(program: GradientProgram, prep: Preprocess, images: ImageSet,
                 n_classes: int) -> float:
     """Seconds one image costs a gradient pass (the second of two timed runs: the first
-    pays for allocations)."""
-    idx = np.resize(np.arange(len(images)), PROBE_ROWS)
+    pays for allocations). A model whose single row takes SLOW_ROW_S or more is timed on
+    that one row: a 64-row probe of a 224x224 VGG-19 would itself take minutes (a batch
+    of one overstates the per-row cost a little, which errs towards the limit)."""
+    one = _probe(program, prep, images, n_classes, 1)
+    if one >= SLOW_ROW_S:
+        return one
+    return _probe(program, prep, images, n_classes, PROBE_ROWS)
+
+
+def _probe(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classes: int,
+           rows: int) -> float:
+    idx = np.resize(np.arange(len(images)), rows)
     x = prep.to_model(images.pixels[idx])
     weights = np.zeros((len(idx), n_classes), np.float32)
-    weights[np.arange(len(idx)), images.labels[idx]] = 1.0 / len(idx)
+    weights[np.arange(len(idx)), images.labels[idx] % n_classes] = 1.0 / len(idx)
     program.run(x, weights)
     start = time.perf_counter()
     program.run(x, weights)
@@ -56,6 +69,59 @@ def forecast_reverse(program: GradientProgram, prep: Preprocess, images: ImageSe
             * reverse_rows(images.labels, n_classes, cfg) * steps)
 
 
+@dataclass(frozen=True)
+class Forecast:
+    synthesis_s: float  # data-free synthesis (0 on a few-shot scan)
+    reverse_s: float  # the first view's trigger reverse
+
+    @property
+    def total_s(self) -> float:
+        return self.synthesis_s + self.reverse_s
+
+
+def forecast(ctx: ScanContext, labels: np.ndarray) -> Forecast:
+    """Seconds of the data-free synthesis (when the scan makes its images) and of the
+    first view's reverse on images with `labels` (at most: the reverse stops early once
+    every trigger has stopped shrinking)."""
+    assert ctx.program is not None
+    images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
+    per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
+    synthesis = 0.0
+    if ctx.opts.data_free:
+        # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
+        synthesis = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
+    reverse = per_row * reverse_rows(labels, ctx.n_classes, ctx.opts.reverse) \
+        * ctx.policy.detection.reverse_steps
+    return Forecast(synthesis, reverse)
+
+
+def _noise(prep: Preprocess, labels: np.ndarray) -> ImageSet:
+    pixels = np.random.default_rng(0).random(
+        (min(len(labels), PROBE_ROWS), prep.channels, prep.height, prep.width))
+    return ImageSet(pixels.astype(np.float32), labels[:len(pixels)])
+
+
+def check_time(ctx: ScanContext, labels: np.ndarray) -> Forecast | None:
+    """Before the long stages: forecast them, stop as inconclusive when the forecast is
+    over the policy's `detection.max_minutes`, say it when it is long. None when neither
+    applies (no limit, and a quiet scan: no probe is run)."""
+    limit = ctx.policy.detection.max_minutes
+    if not limit and not ctx.progress.enabled:
+        return None
+    fc = forecast(ctx, labels)
+    if limit and fc.total_s > 60 * limit:
+        what = (f"data-free synthesis about {duration(fc.synthesis_s)}, then "
+                if fc.synthesis_s else "")
+        raise Inconclusive(
+            f"inconclusive: this scan would take longer than the policy allows: {what}"
+            f"trigger reverse about {duration(fc.reverse_s)} on this machine "
+            f"({ctx.n_classes} classes), over detection.max_minutes = {limit:g}; raise the "
+            "limit in a policy file, or scan on a GPU (--device cuda)", rule_id="SS210")
+    if ctx.progress.enabled:
+        announce(ctx.progress, fc.reverse_s, ctx.model.path.name)
+    return fc
+
+
 def announce(progress: Progress, reverse_s: float, model: str) -> bool:
     """Say the forecast when the model is large; True when it was said."""
     if reverse_s < ANNOUNCE_OVER_S:
@@ -65,13 +131,3 @@ def announce(progress: Progress, reverse_s: float, model: str) -> bool:
                       f"{duration(reverse_s)} on this machine as it is now, the whole scan "
                       f"about {low} to {high} if a backdoor is found and repaired")
     return True
-
-
-def announce_if_large(ctx: ScanContext) -> None:
-    """Before the trigger reverse: time one gradient pass over a few of the scan's images
-    and say how long the scan will take when that is long (a quiet scan skips the probe)."""
-    if not ctx.progress.enabled or ctx.program is None or ctx.images is None:
-        return
-    reverse_s = forecast_reverse(ctx.program, ctx.prep, ctx.images, ctx.n_classes,
-                                 ctx.opts.reverse, ctx.policy.detection.reverse_steps)
-    announce(ctx.progress, reverse_s, ctx.model.path.name)

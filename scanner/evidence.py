@@ -19,17 +19,20 @@ Both are per class; detect.py turns them into anomaly indices across classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .autodiff import GradientProgram
 from .autodiff.masks import MaskGradientProgram
-from .data import ImageSet, Preprocess
+from .data import ImageSet, Preprocess, shifted
 from .optim import Adam
 from .reverse import ReversedTrigger
 
 TOP_SHARE = 0.01  # the "few channels" of the concentration statistic, as a share of all
+PRUNE_SHARE = 0.02  # channels the selectivity test zeroes, as a share of all
+OWN_COPIES = 8  # shifted copies of the class's own images in the selectivity test
+EPS = 1e-4  # probabilities are compared as log ratios; this keeps a 0 finite
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Evidence:
     concentration: dict[tuple[str, int], float]
     max_margin: np.ndarray | None  # [classes]: the largest logit margin reached per class
     forward_passes: int = 0
+    # (family, class) -> `selectivity` of zeroing the trigger's top channels
+    selectivity: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 def top_share(support: np.ndarray, share: float = TOP_SHARE) -> float:
@@ -51,35 +56,63 @@ def top_share(support: np.ndarray, share: float = TOP_SHARE) -> float:
     return float(np.sort(pos)[-k:].sum() / total)
 
 
-def concentration(program: MaskGradientProgram, prep: Preprocess, images: ImageSet,
-                  triggers: dict[tuple[str, int], ReversedTrigger], n_classes: int,
-                  rows_per_target: int = 20) -> tuple[dict[tuple[str, int], float], int]:
-    """Concentration of every reversed trigger's channel support (see the module doc).
+def _probability(logits: np.ndarray, target: int) -> float:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return float((e[:, target] / e.sum(1)).mean())
+
+
+def channel_evidence(program: MaskGradientProgram, prep: Preprocess, images: ImageSet,
+                     triggers: dict[tuple[str, int], ReversedTrigger], n_classes: int,
+                     rows_per_target: int = 20, prune_share: float = PRUNE_SHARE
+                     ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], float], int]:
+    """Concentration and selectivity of every reversed trigger's channel support.
 
     Each trigger is stamped on up to `rows_per_target` images of the other classes; the
     support of channel c is the mean over those images of d margin / d mask_c on the
     stamped image minus the same on the clean image, margin = logit_target − logit_label.
-    Returns the statistic per (family, class) and the image passes spent."""
-    out: dict[tuple[str, int], float] = {}
+
+    Selectivity: zero the trigger's top `prune_share` of channels by that support and
+    compare what is lost. A backdoor's carriers are not what the target class's own
+    images use (the premise of every pruning defence), so the trigger's target probability
+    falls while the target's own images keep theirs; an honest easy class's reversed
+    trigger is made of the class's real features, so both fall together. The statistic is
+    log(own after / own before) − log(stamped after / stamped before), on the class's
+    images with shifted copies. Returns both per (family, class) and the passes spent."""
+    conc: dict[tuple[str, int], float] = {}
+    select: dict[tuple[str, int], float] = {}
     passes = 0
     rng = np.random.default_rng(0)
+    copies = shifted(images, OWN_COPIES)
+    k = max(1, int(np.ceil(prune_share * program.n_channels)))
     for (family, t), trig in sorted(triggers.items()):
         others = np.flatnonzero(images.labels != t)
         if len(others) > rows_per_target:
             others = np.sort(rng.choice(others, rows_per_target, replace=False))
-        if not len(others):
+        own = copies.pixels[copies.labels == t]
+        if not len(others) or not len(own):
             continue
         clean = images.pixels[others]
         labels = images.labels[others]
         weights = np.zeros((len(others), n_classes), np.float32)
         weights[:, t] = 1.0
         weights[np.arange(len(others)), labels] -= 1.0
-        x = prep.to_model(np.concatenate([trig.apply(clean), clean]))
-        _, grads = program.run(x, np.concatenate([weights, weights]))
-        passes += len(x)
-        support = grads[:len(others)].mean(0) - grads[len(others):].mean(0)
-        out[(family, t)] = top_share(support)
-    return out, passes
+        stamped = trig.apply(clean)
+        n = len(others)
+        x = prep.to_model(np.concatenate([stamped, clean, own]))
+        w = np.concatenate([weights, weights, np.zeros((len(own), n_classes), np.float32)])
+        logits, grads = program.run(x, w)
+        support = grads[:n].mean(0) - grads[n:2 * n].mean(0)
+        conc[(family, t)] = top_share(support)
+        coalition = np.ones(program.n_channels, np.float32)
+        coalition[np.argsort(-support, kind="stable")[:k]] = 0.0
+        after, _ = program.run(prep.to_model(np.concatenate([stamped, own])),
+                               w[:n + len(own)] * 0, coalition)
+        passes += len(x) + n + len(own)
+        ratio = [np.log((_probability(a, t) + EPS) / (_probability(b, t) + EPS))
+                 for a, b in ((after[n:], logits[2 * n:]), (after[:n], logits[:n]))]
+        select[(family, t)] = float(ratio[0] - ratio[1])
+    return conc, select, passes
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ class ClassReverse:
     warp_ratio: float | None = None  # median class's warp norm / this class's
     # evidence.py: share of each family's trigger support held by the top 1 % of channels
     concentration: dict[str, float] = field(default_factory=dict)
+    # evidence.py: per family, log ratio of what zeroing the trigger's top channels costs
+    # the class's own images against what it costs the trigger (large: a separate path)
+    selectivity: dict[str, float] = field(default_factory=dict)
     max_margin: float | None = None  # MM-BD: the largest logit margin found for the class
     flagged: bool = False
 

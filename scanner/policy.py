@@ -148,6 +148,9 @@ class DetectionPolicy:
     # is, and each class's MM-BD max margin (Adam steps below; 0 leaves it out)
     evidence: bool = True
     margin_steps: int = 100
+    # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
+    # take longer than this many minutes on this machine (estimate.py); 0: no limit
+    max_minutes: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ class ShapleyPolicy:
 class LoadPolicy:
     allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml")
     max_model_bytes: int = 2_000_000_000
+    # memory one batched run may use, estimated from the graph's tensor sizes (budget.py):
+    # larger batches are cut into runs that fit
+    max_batch_bytes: int = 2_000_000_000
 
 
 def _frozen_overrides() -> Mapping[str, Severity]:
@@ -257,6 +263,7 @@ _RANGES: dict[str, _Range] = {
     "detection.reverse_steps": (1, 100_000, True, True),
     "detection.second_view_steps": (1, 100_000, True, True),
     "detection.margin_steps": (0, 100_000, True, True),
+    "detection.max_minutes": (0.0, None, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
@@ -272,6 +279,7 @@ _RANGES: dict[str, _Range] = {
     "shapley.max_players": (0, None, True, True),
     "shapley.truncation": (0.0, 1.0, True, False),
     "load.max_model_bytes": (1, None, True, True),
+    "load.max_batch_bytes": (1, None, True, True),
 }
 # List-valued keys and the strings they may hold.
 _CHOICES: dict[str, tuple[str, ...]] = {

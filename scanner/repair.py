@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .autodiff.masks import MaskGradientProgram
+from .budget import forward_rows
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess, shifted
 from .errors import Inconclusive
@@ -41,19 +43,24 @@ def repair(ctx: ScanContext) -> None:
         # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
         stamped = _stamped(ctx.images, target, triggers[target], ctx.opts.trigger_gain)
         clean = shifted(ctx.images, CLEAN_COPIES)
-        backdoor_eval = CoalitionEvaluator(ctx.model.runnable, ctx.layers,
-                                           ctx.prep.to_model(stamped), ctx.device)
+        backdoor_eval = CoalitionEvaluator(
+            ctx.model.runnable, ctx.layers, ctx.prep.to_model(stamped), ctx.device,
+            max_batch_rows=forward_rows(ctx.model.runnable, ctx.policy.load.max_batch_bytes))
         clean_eval = backdoor_eval.with_images(ctx.prep.to_model(clean.pixels))
         cfg = _shapley_config(ctx)
+        players = narrow_players(ctx, stamped, target)
         ctx.progress.stage(f"Shapley values towards class {target}")
         utility = Utility(target)
-        values = estimate(backdoor_eval, utility, cfg, ctx.opts.seed, progress=ctx.progress)
+        values = estimate(backdoor_eval, utility, cfg, ctx.opts.seed, players=players,
+                          progress=ctx.progress)
     with ctx.timed("prune"):
         ctx.progress.stage("choosing channels to zero")
         chosen = plan(backdoor_eval, clean_eval, clean.labels, utility, values,
                       _prune_config(ctx), progress=ctx.progress)
         _record_repair(ctx, backdoor_eval, values, chosen, target,
                        backdoor_eval.forward_passes + clean_eval.forward_passes)
+        assert ctx.result.repair is not None
+        ctx.result.repair.players = None if players is None else len(players)
         if others and chosen.channels:
             _check_other_targets(ctx.result, backdoor_eval, ctx.prep, ctx.images,
                                  chosen.channels, target, {t: triggers[t] for t in others},
@@ -99,6 +106,30 @@ def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
                             f"{res.parameters - res.frozen} parameters (zeroed channels held "
                             f"at 0), {res.seconds:.0f} s")
     return Recovered(res.values, describe(cfg))
+
+
+def narrow_players(ctx: ScanContext, stamped: np.ndarray, target: int) -> np.ndarray | None:
+    """The channels the Shapley estimate plays with, when there are more than the policy's
+    `shapley.max_players` (None: all of them).
+
+    A permutation switches channels off one at a time, so its cost grows with the channel
+    count: thousands of batched runs per permutation on a MobileNetV2 (issue #24). A
+    first-order pass ranks every channel at the cost of one backward pass: the gradient of
+    the target's margin over the mean other logit with respect to the channel's mask, on the
+    stamped images (activation × gradient summed over positions, what zeroing the channel
+    takes away to first order). The exact estimator then runs on the top of that ranking.
+    """
+    limit = ctx.policy.shapley.max_players
+    if not limit or sum(la.channels for la in ctx.layers) <= limit:
+        return None
+    ctx.progress.stage(f"ranking channels for the Shapley estimate (first order, top {limit})")
+    program = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device,
+                                  max_bytes=ctx.policy.load.max_batch_bytes)
+    k = ctx.n_classes
+    weights = np.full((len(stamped), k), -1.0 / (k - 1), np.float32)
+    weights[:, target] = 1.0
+    _, grads = program.run(ctx.prep.to_model(stamped), weights)
+    return np.sort(np.argsort(-grads.mean(0), kind="stable")[:limit])
 
 
 def _shapley_config(ctx: ScanContext) -> ShapleyConfig:

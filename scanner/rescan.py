@@ -37,7 +37,8 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
     repaired = sanitize(ctx.model.runnable, zeroed_channels(repair), verify=False)
     if recovered is not None:  # the fine-tuned weights the export will carry
         repaired = write_back(repaired, recovered.values, recovered.description)
-    program = GradientProgram(repaired, device=ctx.device)
+    program = GradientProgram(repaired, device=ctx.device,
+                              max_bytes=ctx.policy.load.max_batch_bytes)
     first = reverse_and_detect(ctx, program, ctx.images, ctx.opts.data_free, ctx.bn_layers,
                                det.reverse_steps)
     views, passes = [ctx.view], first.detection.forward_passes

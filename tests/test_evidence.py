@@ -11,7 +11,7 @@ from scanner.api import model_preprocess
 from scanner.autodiff import GradientProgram
 from scanner.autodiff.masks import MaskGradientProgram
 from scanner.data import load_images
-from scanner.evidence import MarginConfig, concentration, max_margins, top_share
+from scanner.evidence import MarginConfig, channel_evidence, max_margins, top_share
 from scanner.graph.activations import discover_activations
 from scanner.graph.load import load_model
 from scanner.graph.mask import MaskedModel
@@ -61,7 +61,7 @@ def test_top_share(support, expected):
     assert top_share(support) == pytest.approx(expected)
 
 
-def test_concentration_is_a_share_for_every_trigger():
+def test_channel_evidence_for_every_trigger():
     model, prep, layers, images = _loaded("cnn_badnets")
     program = MaskGradientProgram(model.runnable, layers)
     rng = np.random.default_rng(0)
@@ -69,10 +69,12 @@ def test_concentration_is_a_share_for_every_trigger():
     triggers = {("universal", t): ReversedTrigger("universal", t,
                                                   rng.normal(0, 0.1, shape).astype(np.float32),
                                                   None, 1.0, 1.0) for t in range(10)}
-    shares, passes = concentration(program, prep, images, triggers, 10)
-    assert set(shares) == set(triggers)
+    shares, select, passes = channel_evidence(program, prep, images, triggers, 10)
+    assert set(shares) == set(select) == set(triggers)
     assert all(0.0 <= v <= 1.0 for v in shares.values())
-    assert passes == 2 * 10 * 9
+    assert all(np.isfinite(v) for v in select.values())
+    # stamped, clean and own images (9 shifted copies of one), then stamped and own again
+    assert passes == 10 * (2 * 9 + 9 + 9 + 9)
 
 
 def test_max_margin_is_largest_for_the_backdoor_target():

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..budget import row_bytes, rows_per_run
 from ..findings import LayerInfo
 from ..graph.mask import insert_masks, mask_inputs
 from ..runtime import Device, make_session
@@ -32,8 +33,10 @@ class MaskGradientProgram:
     """Logits and d (sum_k W_k logits_k) / d mask for rows of images, one session."""
 
     def __init__(self, proto: onnx.ModelProto, layers: Sequence[LayerInfo],
-                 device: Device | None = None, threads: int | None = None) -> None:
+                 device: Device | None = None, threads: int | None = None,
+                 max_bytes: int | None = None) -> None:
         specs = mask_inputs(proto, layers)
+        self.max_rows = rows_per_run(row_bytes(proto), max_bytes)
         model = _with_scatter_add(insert_masks(proto, layers))
         self.input_name = image_input(model)
         self._masks = [(s.input_name, s.shape, s.layer.channels) for s in specs]
@@ -55,17 +58,24 @@ class MaskGradientProgram:
         self._session = make_session(model, device, threads)
         self.n_channels = sum(c for _, _, c in self._masks)
 
-    def run(self, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, weights: np.ndarray, coalition: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
         """(logits [N, K], d (W · logits) / d channel [N, channels]), channels in `layers`
-        order (the Shapley stage's flat index)."""
+        order (the Shapley stage's flat index); every mask 1, or `coalition` [channels]
+        (0 = zeroed) on every row."""
         x = np.ascontiguousarray(x, self._dtype)
         weights = np.ascontiguousarray(weights, self._dtype)
+        on = np.ones(self.n_channels, self._dtype) if coalition is None else coalition
+        bounds = np.cumsum([0] + [c for _, _, c in self._masks])
         rows = max(1, MAX_RUN_VALUES // max(1, int(np.prod(x.shape[1:]))))
+        rows = min(rows, self.max_rows or rows)
         logits, grads = [], []
         for s in range(0, len(x), rows):
             n = len(x[s:s + rows])
             feeds = {self.input_name: x[s:s + rows], TARGET_INPUT: weights[s:s + rows]}
-            feeds.update({name: np.ones(shape(n), self._dtype) for name, shape, _ in self._masks})
+            feeds.update({name: np.broadcast_to(on[a:b].astype(self._dtype), (n, b - a))
+                          .reshape(shape(n)) for (name, shape, _), a, b
+                          in zip(self._masks, bounds[:-1], bounds[1:], strict=True)})
             out, *per_layer = self._session.run(self._outputs, feeds)
             logits.append(out)
             grads.append(np.concatenate([g.reshape(n, c) for g, (_, _, c)

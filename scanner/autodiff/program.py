@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
+from ..budget import row_bytes, rows_per_run
 from ..errors import DataError, Inconclusive
 from ..graph.load import default_opset
 from ..graph.walk import first_input
@@ -181,8 +182,11 @@ class GradientProgram:
     """Forward + loss + input gradient of a classifier in one onnxruntime session."""
 
     def __init__(self, proto: onnx.ModelProto, *, bn_stats: bool = False,
-                 device: Device | None = None, threads: int | None = None) -> None:
+                 device: Device | None = None, threads: int | None = None,
+                 max_bytes: int | None = None) -> None:
         built = build_program(proto, bn_stats)
+        # rows per run under `max_bytes` (budget.py; None: only MAX_RUN_VALUES bounds it)
+        self.max_rows = rows_per_run(row_bytes(proto), max_bytes)
         self.input_name = built.input_name
         self.bn_layers = built.bn_layers  # inference BN nodes on the input path
         self.bn_stats = bn_stats
@@ -199,10 +203,14 @@ class GradientProgram:
         target_weights = np.ascontiguousarray(target_weights, self._dtype)
         weight = np.asarray(bn_weight, self._dtype)
         # Rows are independent unless the BN-statistics head couples them through batch
-        # statistics: then the batch is one run. Otherwise chunks bound the memory of the
-        # backward pass (a 100-class model reverses thousands of rows a step).
+        # statistics: then the batch is one run, unless the memory budget cuts it (each
+        # part then matches the running statistics on its own, as a smaller batch would).
+        # Otherwise chunks bound the memory of the backward pass (a 100-class model
+        # reverses thousands of rows a step).
         rows = max(1, len(x)) if self.bn_stats else max(
             1, MAX_RUN_VALUES // max(1, int(np.prod(x.shape[1:]))))
+        if self.max_rows:
+            rows = min(rows, self.max_rows)
         parts = [self._session.run(self._outputs, {self.input_name: x[s:s + rows],
                                                    TARGET_INPUT: target_weights[s:s + rows],
                                                    BN_WEIGHT_INPUT: weight})
@@ -210,6 +218,6 @@ class GradientProgram:
         if len(parts) == 1:
             logits, ce, bn_loss, grad = parts[0]
             return GradResult(logits, ce, float(bn_loss), grad)
-        logits, ce, _, grad = zip(*parts, strict=True)  # no BN head: its loss is 0
-        return GradResult(np.concatenate(logits), np.concatenate(ce), 0.0,
-                          np.concatenate(grad))
+        logits, ce, bn_losses, grad = zip(*parts, strict=True)
+        return GradResult(np.concatenate(logits), np.concatenate(ce),
+                          float(np.sum(bn_losses)), np.concatenate(grad))

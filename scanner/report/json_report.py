@@ -97,6 +97,7 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
             "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
             "concentration": {k: _num(v) for k, v in c.concentration.items()},
+            "selectivity": {k: _num(v) for k, v in c.selectivity.items()},
             "max_margin": _num(c.max_margin), "flagged": c.flagged}
 
 

@@ -1,0 +1,68 @@
+"""What a scan may spend (budget.py, estimate.check_time): rows per batched run under the
+memory budget, and a scan forecast to take too long stopped as inconclusive (SS210)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FEWSHOT, zoo_model
+from graph_builders import conv_relu_model
+
+from scanner.api import model_preprocess
+from scanner.autodiff import GradientProgram
+from scanner.budget import GRADIENT_FACTOR, forward_rows, row_bytes, rows_per_run
+from scanner.data import load_images
+from scanner.graph.load import load_model
+
+
+def test_row_bytes_sums_every_per_row_float_tensor():
+    """conv_relu_model: image [N, 3, 8, 8] -> conv [N, 4, 8, 8] -> relu -> GAP [N, 4, 1, 1]
+    -> flatten [N, 4] -> Gemm logits [N, 5]: 4 bytes per value."""
+    values = 3 * 64 + 4 * 64 + 4 * 64 + 4 + 4 + 5
+    assert row_bytes(conv_relu_model()) == 4 * values
+
+
+@pytest.mark.parametrize(("per_row", "budget", "factor", "rows"), [
+    (100, 10_000, 1, 100), (100, 10_000, GRADIENT_FACTOR, 33), (100, 50, 1, 1),
+    (0, 10_000, 1, None), (100, None, 1, None)])
+def test_rows_per_run(per_row, budget, factor, rows):
+    assert rows_per_run(per_row, budget, factor) == rows
+
+
+def test_forward_rows_is_capped():
+    proto = conv_relu_model()
+    assert forward_rows(proto, None) == 1024
+    assert forward_rows(proto, 10 * row_bytes(proto)) == 10
+
+
+@pytest.mark.parametrize("bn_stats", [False, True])
+def test_a_budget_of_one_row_per_run_gives_the_same_gradients(bn_stats):
+    """cnn_badnets, 20 images: one run, or twenty runs of one row each (the budget set to
+    what one row costs); without the BN head the rows are independent, so the results are
+    equal. With it each run matches the statistics on its own rows, so only the logits are."""
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = model_preprocess(model)
+    images = load_images(FEWSHOT, prep)
+    x = prep.to_model(images.pixels[:20])
+    weights = np.eye(10, dtype=np.float32)[images.labels[:20]]
+    whole = GradientProgram(model.runnable, bn_stats=bn_stats).run(x, weights, 1.0)
+    budget = GRADIENT_FACTOR * row_bytes(model.runnable)
+    tight = GradientProgram(model.runnable, bn_stats=bn_stats, max_bytes=budget)
+    assert tight.max_rows == 1
+    cut = tight.run(x, weights, 1.0)
+    np.testing.assert_allclose(cut.logits, whole.logits, rtol=1e-5, atol=1e-5)
+    if not bn_stats:
+        np.testing.assert_allclose(cut.grad, whole.grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(cut.ce, whole.ce, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scan_forecast_over_the_time_limit_is_inconclusive(run_cli, tmp_path):
+    policy = tmp_path / "hurry.toml"
+    policy.write_text("[detection]\nmax_minutes = 0.001\n")
+    for extra in ((), ("--data-free",)):
+        data = () if extra else ("--data", FEWSHOT)
+        result = run_cli("scan", zoo_model("cnn_badnets"), *data, *extra, "--policy", policy)
+        assert result.code == 3
+        assert "SS210" in result.err and "detection.max_minutes = 0.001" in result.err
+        assert "Traceback" not in result.err
+        assert ("data-free synthesis about" in result.err) == bool(extra)
