@@ -13,8 +13,8 @@ Each (model, mode, seed) is scanned in its own process, with a time limit, exact
 benchmarks/corpus/results/MODE/seedK[-repair]/NAME.json: the run is resumable across
 sessions (a saved result is not scanned again unless --rerun; a timeout or a crash is).
 Positives are backdoored models whose trigger took (manifest `implanted`); a backdoored
-model whose trigger did not take is left out of the detection metrics and listed on its
-own line.
+model whose trigger did not take, and a model that did not learn its task (clean accuracy
+below 50 %), are left out of the detection metrics and listed on their own lines.
 
 Metrics. Decision score: `Detection.views`' largest value (above 1 = flagged). ROC-AUC of
 that score; TPR at FPR <= 5 % (the best threshold on the score that keeps FPR <= 5 %, i.e.
@@ -55,6 +55,16 @@ def manifest() -> list[dict]:
 # outcomes of the machine rather than the model (a busy machine's time limit, a killed
 # process): scanned again on the next run
 RETRY = ("timeout", "crash")
+
+
+# a model that did not learn its task (a collapsed net that answers one class) is no test
+# of a detector: left out like a backdoor that did not take
+MIN_CLEAN_ACC = 0.5
+
+
+def usable_model(e: dict) -> bool:
+    """Trained (clean accuracy >= MIN_CLEAN_ACC), and clean or with a trigger that took."""
+    return e["clean_acc"] >= MIN_CLEAN_ACC and (e["attack"] is None or bool(e.get("implanted")))
 
 
 def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
@@ -251,7 +261,7 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> st
             p = result_path(e["name"], mode, s, repair)
             if p.is_file():
                 runs[e["name"]].append(json.loads(p.read_text()))
-    usable = [e for e in entries if e["attack"] is None or e.get("implanted")]
+    usable = [e for e in entries if usable_model(e)]
     lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{', with repair' if repair else ''}",
              "", DET_HEADER]
     for split in ("calibration", "validation"):
@@ -264,7 +274,12 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> st
             lines.append(detection_row(label if label != "None" else "clean", group, runs))
     on_object = [e for e in usable if e["attack"] == "patch" and _on_object(e)]
     lines.append(detection_row("patch on the object", on_object, runs))
-    off = [e["name"] for e in entries if e["attack"] and not e.get("implanted")]
+    off = [e["name"] for e in entries if e["attack"] and not e.get("implanted")
+           and e["clean_acc"] >= MIN_CLEAN_ACC]
+    untrained = [e["name"] for e in entries if e["clean_acc"] < MIN_CLEAN_ACC]
+    if untrained:
+        lines += ["", f"Did not train (clean accuracy < {100 * MIN_CLEAN_ACC:.0f} %, left "
+                  f"out): {', '.join(untrained)}"]
     if off:
         lines += ["", f"Not implanted (true ASR < 80 %, left out): {', '.join(off)}"]
     if repair:
@@ -348,8 +363,10 @@ def main() -> None:
     modes = args.modes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.table_only:
+        # a model that is no test of the detector (usable_model) is not scanned either
         todo = [(e, mode, seed) for mode in modes for seed in seeds for e in entries
-                if args.rerun or _wanted(result_path(e["name"], mode, seed, args.repair))]
+                if usable_model(e) and (args.rerun or _wanted(
+                    result_path(e["name"], mode, seed, args.repair)))]
         # each scan is its own process; --jobs of them at a time (threads only wait)
         with ThreadPoolExecutor(args.jobs) as pool:
             for _ in pool.map(lambda job: scan_and_save(*job, args.repair, args.timeout),

@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from corpus import CLASS_FIELDS, manifest, result_path, roc_auc, tpr_at_fpr  # noqa: E402
+from corpus import (  # noqa: E402
+    CLASS_FIELDS,
+    manifest,
+    result_path,
+    roc_auc,
+    tpr_at_fpr,
+    usable_model,
+)
 
 from scanner.detect import anomaly_indices, isolation  # noqa: E402
 
@@ -53,18 +60,58 @@ def class_stats(record: dict) -> dict[str, np.ndarray]:
            "warp": anomaly_indices(col["warp_norm"]),
            "isolation": isolation(col["mask_l1"])}
     out["combined"] = (out["patch"] + out["universal"]) / 2
+    out["warp_isolation"] = isolation(col["warp_norm"])
+    out["warp_ratio"] = np.median(col["warp_norm"]) / np.maximum(col["warp_norm"], 1e-12)
     if "max_margin" in col and np.isfinite(col["max_margin"]).all():
         out["margin"] = high_index(col["max_margin"])
     for fam in ("patch", "universal", "warp"):
         key = f"{fam}_concentration"
         if key in col and np.isfinite(col[key]).all():
             out[f"conc_{fam}"] = high_index(col[key])
+        key = f"{fam}_selectivity"
+        if key in col and np.isfinite(col[key]).all():
+            out[f"sel_{fam}"] = col[key]  # a log ratio: comparable across models as it is
     return out
 
 
 Rule = Callable[[dict[str, np.ndarray]], np.ndarray]
 
+# statistic sets for logistic rules fitted on the calibration half (class_stats names)
+LOGISTIC = [
+    ["combined", "isolation", "warp"],
+    ["combined", "isolation", "warp", "margin"],
+    ["combined", "isolation", "warp", "sel_patch", "sel_universal"],
+    ["combined", "isolation", "warp", "margin", "sel_patch", "sel_universal",
+     "conc_patch"],
+]
+
+def shipped_tests(s: dict[str, np.ndarray], combined: np.ndarray | None = None,
+                  threshold: float = 2.5, warn: float = 2.0, cut: float = 1.0,
+                  warp_ratio: float = 4.0) -> np.ndarray:
+    """detect.class_scores from the raw statistics: the largest of combined / threshold,
+    the patch test and the warp test, each as a ratio to its cut (above 1 = flagged);
+    `combined` replaces the combined index when given."""
+    comb = s["combined"] if combined is None else combined
+    patch = np.minimum(s["patch"] / warn, s["isolation"] / cut)
+    warp = np.minimum.reduce([s["warp"] / threshold, s["warp_isolation"] / cut,
+                              s["warp_ratio"] / warp_ratio])
+    return np.maximum.reduce([comb / threshold, patch, warp])
+
+
+def with_margin(weight: float) -> Rule:
+    """detect.class_scores with the MM-BD margin term (before the cut)."""
+    return lambda s: shipped_tests(s) + weight * s["margin"]
+
+
+SHIPPED = "shipped tests (norms)"  # the default policy's rule: its cut is 1, not fitted
+
 RULES: dict[str, Rule] = {
+    SHIPPED: shipped_tests,
+    "shipped tests, combined := (combined + margin) / 2":
+        lambda s: shipped_tests(s, (s["combined"] + s["margin"]) / 2),
+    "shipped tests, every test x min(1, margin / 2)":
+        lambda s: shipped_tests(s) * np.clip(s["margin"] / 2, 0, 1),
+    **{f"shipped tests + {w:g} x margin": with_margin(w) for w in (0.1, 0.2, 0.3, 0.4, 0.6)},
     "norms (combined index)": lambda s: s["combined"],
     "norms, best family": lambda s: np.maximum(s["combined"], np.maximum(s["patch"],
                                                                           s["universal"])),
@@ -76,26 +123,93 @@ RULES: dict[str, Rule] = {
     "min(norms, margin)": lambda s: np.minimum(s["combined"], s["margin"]),
     "norms + concentration": lambda s: (s["combined"] + s["conc_patch"]) / 2,
     "norms + margin + conc.": lambda s: (s["combined"] + s["margin"] + s["conc_patch"]) / 3,
+    "selectivity (patch, universal mean)": lambda s: (s["sel_patch"] + s["sel_universal"]) / 2,
+    "norms + selectivity": lambda s: s["combined"] + (s["sel_patch"] + s["sel_universal"]) / 2,
 }
 
 
-def evaluate(rule: Rule, scans: list[tuple[dict, dict]]) -> tuple[str, ...]:
-    pos, neg, right, n_pos = [], [], 0, 0
+def class_rows(scans: list[tuple[dict, dict]], names: list[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class of every scan: the named statistics, and 1 for a backdoor's true target."""
+    xs, ys = [], []
+    for entry, record in scans:
+        stats = class_stats(record)
+        if any(n not in stats for n in names):
+            continue
+        xs.append(np.stack([stats[n] for n in names], 1))
+        y = np.zeros(len(xs[-1]))
+        if entry["attack"]:
+            y[entry["target"]] = 1.0
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 3000
+                 ) -> np.ndarray:
+    """L2-penalised logistic regression by gradient descent (weights, bias last); the
+    positives are weighted up to balance them with the many honest classes."""
+    xb = np.c_[np.clip(x, -20, 20), np.ones(len(x))]
+    w = np.zeros(xb.shape[1])
+    weight = np.where(y > 0, (y == 0).sum() / max(1, (y > 0).sum()), 1.0)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-xb @ w))
+        grad = xb.T @ (weight * (p - y)) / weight.sum() + l2 * np.r_[w[:-1], 0] / len(x)
+        w -= 0.5 * grad
+    return w
+
+
+def logistic_rule(names: list[str], calibration: list[tuple[dict, dict]]) -> Rule:
+    """A rule fitted on the calibration half only: the per-class logit of a logistic
+    regression on `names`."""
+    x, y = class_rows(calibration, names)
+    w = fit_logistic(x, y)
+    return lambda s: np.c_[np.clip(np.stack([s[n] for n in names], 1), -20, 20),
+                           np.ones(len(s[names[0]]))] @ w
+
+
+def scores(rule: Rule, scans: list[tuple[dict, dict]]
+           ) -> tuple[list[float], list[float], int, int] | None:
+    """(backdoored models' scores, clean models' scores, right targets, backdoored) under
+    `rule`; None when a scan lacks a statistic the rule reads."""
+    pos, neg, right = [], [], 0
     for entry, record in scans:
         try:
             values = rule(class_stats(record))
         except KeyError:
-            return ("-",) * 3
-        score = float(np.max(values))
+            return None
         if entry["attack"]:
-            pos.append(score)
-            n_pos += 1
+            pos.append(float(np.max(values)))
             right += int(np.argmax(values)) == entry["target"]
         else:
-            neg.append(score)
-    auc, tpr = roc_auc(pos, neg), tpr_at_fpr(pos, neg)
+            neg.append(float(np.max(values)))
+    return pos, neg, right, len(pos)
+
+
+def choose_threshold(pos: list[float], neg: list[float], max_fpr: float = 0.05) -> float:
+    """The cut a rule gets on the calibration half: the lowest that keeps FPR <= max_fpr
+    (flag score > cut), halfway to the next score below so it is not fitted to a point."""
+    ranked = sorted(set(pos) | set(neg), reverse=True)
+    cut = ranked[0] if ranked else 0.0
+    for i, t in enumerate(ranked):
+        if sum(n >= t for n in neg) / max(1, len(neg)) > max_fpr:
+            break
+        below = ranked[i + 1] if i + 1 < len(ranked) else t - 1.0
+        cut = (t + below) / 2
+    return cut
+
+
+def evaluate(rule: Rule, scans: list[tuple[dict, dict]], cut: float) -> tuple[str, ...]:
+    got = scores(rule, scans)
+    if got is None or not (got[0] or got[1]):
+        return ("-",) * 5
+    pos, neg, right, n_pos = got
+    auc, tpr5 = roc_auc(pos, neg), tpr_at_fpr(pos, neg)
+    tpr = sum(p > cut for p in pos) / len(pos) if pos else None
+    fpr = sum(n > cut for n in neg) / len(neg) if neg else None
     return (f"{auc:.3f}" if auc is not None else "-",
-            f"{100 * tpr:.0f} %" if tpr is not None else "-",
+            f"{100 * tpr5:.0f} %" if tpr5 is not None else "-",
+            "-" if tpr is None else f"{100 * tpr:.0f} %",
+            "-" if fpr is None else f"{100 * fpr:.0f} %",
             f"{right}/{n_pos}" if n_pos else "-")
 
 
@@ -106,7 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     scans: dict[str, list[tuple[dict, dict]]] = {"calibration": [], "validation": []}
     for e in manifest():
-        if e["attack"] and not e.get("implanted"):
+        if not usable_model(e):
             continue
         for seed in (int(s) for s in args.seeds.split(",")):
             path = result_path(e["name"], args.mode, seed, False)
@@ -120,12 +234,25 @@ def main() -> None:
     print(f"### {args.mode}, seeds {args.seeds}: calibration {counts['calibration'][0]} "
           f"backdoored / {counts['calibration'][1]} clean scans, validation "
           f"{counts['validation'][0]} / {counts['validation'][1]}\n")
-    print("| rule | cal. ROC-AUC | cal. TPR @ FPR<=5 % | cal. right target (top class) "
-          "| val. ROC-AUC | val. TPR @ FPR<=5 % | val. right target |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, rule in RULES.items():
-        print(f"| {name} | " + " | ".join(evaluate(rule, scans["calibration"])
-                                         + evaluate(rule, scans["validation"])) + " |")
+    print("| rule | cut (from cal.) | cal. ROC-AUC | cal. TPR @ FPR<=5 % | cal. TPR at the "
+          "cut | cal. FPR at the cut | cal. right target | val. ROC-AUC | val. TPR @ FPR<=5 % "
+          "| val. TPR at the cut | val. FPR at the cut | val. right target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rules = dict(RULES)
+    for names in LOGISTIC:
+        try:
+            rules["logistic: " + ", ".join(names)] = logistic_rule(names,
+                                                                   scans["calibration"])
+        except ValueError:  # no scan has every statistic yet
+            continue
+    for name, rule in rules.items():
+        got = scores(rule, scans["calibration"])
+        if got is None:
+            continue
+        cut = 1.0 if name == SHIPPED else choose_threshold(got[0], got[1])
+        print(f"| {name} | {cut:.2f} | " + " | ".join(
+            evaluate(rule, scans["calibration"], cut)
+            + evaluate(rule, scans["validation"], cut)) + " |")
 
 
 if __name__ == "__main__":

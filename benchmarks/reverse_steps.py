@@ -66,7 +66,8 @@ def views(path: Path, seed: int, steps: tuple[int, ...]) -> dict:
             out[k] = (v.detection.flagged_targets,
                       most_suspicious(v.detection, det.warn_threshold,
                                       det.isolation_threshold, det.warp_ratio),
-                      class_scores(v.detection, det.warn_threshold, det.isolation_threshold,
+                      class_scores(v.detection.classes, det.anomaly_threshold,
+                                   det.warn_threshold, det.isolation_threshold,
                                    det.warp_ratio))
         return out, seconds
 

@@ -14,7 +14,7 @@ classes keep their spread.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,11 +71,13 @@ WARP_RATIO = 4.0
 
 
 def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
-                    warp_ratio: float = WARP_RATIO) -> int | None:
+                    warp_ratio: float = WARP_RATIO, margin_weight: float = 0.0,
+                    cut: float = 1.0) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
     (`class_scores`; None when no class has a finite one)."""
-    finite = {t: v for t, v in class_scores(detection, warn_threshold, isolation_threshold,
-                                            warp_ratio).items() if np.isfinite(v)}
+    finite = {t: v for t, v in class_scores(
+        detection.classes, detection.threshold, warn_threshold, isolation_threshold,
+        warp_ratio, margin_weight, cut).items() if np.isfinite(v)}
     return max(finite, key=finite.__getitem__) if finite else None
 
 
@@ -99,7 +101,8 @@ COMBINED = ("patch", "universal")
 def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            isolation_threshold: float = 1.0, data_free: bool = False,
            bn_layers: int = 0, warp_ratio: float = WARP_RATIO,
-           evidence: Evidence | None = None) -> Verdict:
+           evidence: Evidence | None = None, margin_weight: float = 0.0,
+           cut: float = 1.0) -> Verdict:
     """Flag a class when its combined anomaly index exceeds `threshold`, when its patch
     trigger is both anomalous (above `warn_threshold`) and isolated (≥ `isolation_threshold`),
     or when its warp trigger is anomalous (above `threshold`), isolated, and at least
@@ -125,6 +128,11 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     WaNet targets sit 9-23 times below the median, honest classes at most 2.0.
     These cuts were calibrated on the 12-model sample zoo, only 3 of them clean: a small
     sample, see README.
+
+    With `evidence`, each class's MM-BD max margin enters as a high-side robust index
+    (`margin_index`), and a class is flagged when its largest test ratio plus
+    `margin_weight` times that index exceeds `cut` (`class_scores`; weight 0 and cut 1 are
+    the norm tests alone).
     """
     n = result.classes
     families = sorted({fam for fam, _ in result.triggers})
@@ -136,10 +144,16 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     alone = {fam: isolation(norms[fam]) for fam in ("patch", "warp") if fam in norms}
     ratio = ({"warp": np.median(norms["warp"]) / np.maximum(norms["warp"], 1e-12)}
              if "warp" in norms else {})
-    classes, flagged, suspicious, chosen, reasons = [], [], [], {}, {}
+    margins = (margin_index(evidence.max_margin)
+               if evidence is not None and evidence.max_margin is not None else None)
+    classes = [_class_reverse(result, t, index, alone, ratio, float(combined[t]), evidence,
+                              None if margins is None else float(margins[t]))
+               for t in range(n)]
+    decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
+                            warp_ratio, margin_weight, cut)
+    flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
-    strength = combined.copy()  # orders the flagged classes: the strongest is repaired first
-    for t in range(n):
+    for t, c in enumerate(classes):
         by_patch = "patch" in index and bool(
             index["patch"][t] > warn_threshold and alone["patch"][t] >= isolation_threshold)
         by_warp = "warp" in index and bool(
@@ -148,19 +162,17 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
         # the family that stands out most supplies the trigger for the Shapley stage
         best_fam = ("patch" if by_patch else "warp" if by_warp
                     else max(families, key=lambda f: index[f][t]))
-        strength[t] = max([combined[t]] + [alone[f][t] for f in alone])
-        is_flagged = bool(combined[t] > threshold) or by_patch or by_warp
-        classes.append(_class_reverse(result, t, index, alone, ratio, float(combined[t]),
-                                      best_fam, is_flagged, evidence))
-        if is_flagged:
+        c.flagged = decision[t] > 1.0
+        c.reversed_asr = float(result.triggers[(best_fam, t)].asr)
+        if c.flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
             every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
-            reasons[t] = ("combined" if combined[t] > threshold
-                          else "patch" if by_patch else "warp")
+            reasons[t] = ("combined" if combined[t] > threshold else "patch" if by_patch
+                          else "warp" if by_warp else "margin")
         elif combined[t] > warn_threshold:
             suspicious.append(t)
-    flagged.sort(key=lambda t: -strength[t])
+    flagged.sort(key=lambda t: -decision[t])  # the strongest is repaired first
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes
@@ -168,10 +180,19 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     return Verdict(detection, chosen, reasons, suspicious, families=every)
 
 
+def margin_index(margins: np.ndarray) -> np.ndarray:
+    """High-side robust index of each class's MM-BD max margin, on the raw scale (margins
+    can be 0 or negative): (m − median) / (1.4826 · MAD); 0 where the spread is degenerate."""
+    m = np.asarray(margins, np.float64)
+    median = float(np.median(m))
+    mad = MAD_TO_SIGMA * float(np.median(np.abs(m - median)))
+    return np.zeros_like(m) if mad <= 1e-12 else (m - median) / mad
+
+
 def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
                    alone: dict[str, np.ndarray], ratio: dict[str, np.ndarray],
-                   combined: float, best_fam: str, flagged: bool,
-                   evidence: Evidence | None = None) -> ClassReverse:
+                   combined: float, evidence: Evidence | None,
+                   margin: float | None) -> ClassReverse:
     def norm(fam: str) -> float | None:
         trig = result.triggers.get((fam, t))
         return float(trig.norm) if trig else None
@@ -184,7 +205,7 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
         target=t,
         mask_l1=float("nan") if mask_l1 is None else mask_l1,
         anomaly_index=combined,
-        reversed_asr=float(result.triggers[(best_fam, t)].asr),
+        reversed_asr=0.0,  # of the family that supplies the trigger: set by `detect`
         universal_norm=norm("universal"),
         universal_anomaly_index=at(index, "universal"),
         patch_anomaly_index=at(index, "patch"),
@@ -199,32 +220,39 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
             fam: v for (fam, c), v in evidence.selectivity.items() if c == t},
         max_margin=(None if evidence is None or evidence.max_margin is None
                     else float(evidence.max_margin[t])),
-        flagged=flagged,
+        margin_index=margin,
     )
 
 
-def class_scores(detection: Detection, warn_threshold: float, isolation_threshold: float,
-                 warp_ratio: float = WARP_RATIO) -> dict[int, float]:
-    """How far each class goes past the decision rule of `detect`, as a ratio (above 1 =
-    flagged): the largest of combined / threshold, the patch test
-    min(patch index / warn, isolation / cut) and the warp test
-    min(warp index / threshold, isolation / cut, median ratio / warp_ratio)."""
-    def ratio(value: float | None, cut: float) -> float:
-        return -np.inf if value is None or not np.isfinite(value) else value / cut
+def class_scores(classes: Sequence[ClassReverse], threshold: float, warn_threshold: float,
+                 isolation_threshold: float, warp_ratio: float = WARP_RATIO,
+                 margin_weight: float = 0.0, cut: float = 1.0) -> dict[int, float]:
+    """How far each class goes past the decision rule of `detect` (above 1 = flagged):
+    (the largest test ratio + margin_weight · margin index) / cut. The test ratios:
+    combined / threshold, the patch test min(patch index / warn, isolation / cut) and the
+    warp test min(warp index / threshold, isolation / cut, median ratio / warp_ratio)."""
+    def ratio(value: float | None, bound: float) -> float:
+        return -np.inf if value is None or not np.isfinite(value) else value / bound
 
-    return {c.target: float(max(
-        ratio(c.anomaly_index, detection.threshold),
+    def margin(c: ClassReverse) -> float:
+        value = c.margin_index
+        return 0.0 if value is None or not np.isfinite(value) else margin_weight * value
+
+    return {c.target: float((max(
+        ratio(c.anomaly_index, threshold),
         min(ratio(c.patch_anomaly_index, warn_threshold),
             ratio(c.patch_isolation, isolation_threshold)),
-        min(ratio(c.warp_anomaly_index, detection.threshold),
+        min(ratio(c.warp_anomaly_index, threshold),
             ratio(c.warp_isolation, isolation_threshold),
-            ratio(c.warp_ratio, warp_ratio)))) for c in detection.classes}
+            ratio(c.warp_ratio, warp_ratio))) + margin(c)) / cut) for c in classes}
 
 
 def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
-          classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO) -> float:
+          classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO,
+          margin_weight: float = 0.0, cut: float = 1.0) -> float:
     """One number per model for ROC analysis: the largest `class_scores` entry among
     `classes` (default all), -inf when there is none."""
-    per_class = class_scores(detection, warn_threshold, isolation_threshold, warp_ratio)
+    per_class = class_scores(detection.classes, detection.threshold, warn_threshold,
+                             isolation_threshold, warp_ratio, margin_weight, cut)
     return max((v for t, v in per_class.items() if classes is None or t in classes),
                default=-np.inf)

@@ -17,7 +17,7 @@ from .autodiff.masks import MaskGradientProgram
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
 from .detect import Verdict as DetectVerdict
-from .detect import detect, most_suspicious, score
+from .detect import class_scores, detect, most_suspicious, score
 from .evidence import Evidence, MarginConfig, channel_evidence, max_margins
 from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
@@ -67,7 +67,8 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
                                  ctx.opts.seed, ctx.progress)
     found = gather_evidence(ctx, program, images, reversed_) if det.evidence else None
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
-                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found)
+                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
+                  det.margin_weight, det.decision_cut)
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
@@ -110,7 +111,7 @@ def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
         second = reverse_and_detect(ctx, ctx.program, synthetic, True, bn_layers,
                                     det.second_view_steps)
         top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
-                              det.warp_ratio)
+                              det.warp_ratio, det.margin_weight, det.decision_cut)
         views = {**first.detection.views,
                  "synthesised": _decision_score(second, det, [] if top is None else [top])}
         passes = first.detection.forward_passes + second.detection.forward_passes
@@ -151,14 +152,27 @@ def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgra
 def _decision_score(verdict: DetectVerdict, det: DetectionPolicy,
                     classes: list[int] | None = None) -> float:
     return score(verdict.detection, det.warn_threshold, det.isolation_threshold, classes,
-                 det.warp_ratio)
+                 det.warp_ratio, det.margin_weight, det.decision_cut)
 
 
 _KIND = {"patch": "a patch-like", "universal": "a full-image", "warp": "an image-warping"}
 
 
-def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
-    """The test that flagged the class, with the numbers it compared."""
+def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy,
+                 decision: float) -> str:
+    """The test that flagged the class, with the numbers it compared; with the MM-BD
+    margin in the rule, the decision score it reached too."""
+    text = _test_passed(c, reason, policy)
+    if policy.margin_weight and c.margin_index is not None:
+        text += (f"; with its MM-BD max-margin index {c.margin_index:.2f} (weight "
+                 f"{policy.margin_weight:g}) its decision score is {decision:.2f} > 1")
+    return text
+
+
+def _test_passed(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
+    if reason == "margin":
+        return (f"norm tests below their cuts (anomaly index {c.anomaly_index:.2f}), "
+                "lifted over the decision cut by its max margin")
     if reason == "combined":
         return f"anomaly index {c.anomaly_index:.2f} > {policy.anomaly_threshold:g}"
     fam, cut = (("patch", policy.warn_threshold) if reason == "patch"
@@ -177,6 +191,9 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
                         images: ImageSet, policy: DetectionPolicy) -> None:
     det = verdict.detection
     by_class = {c.target: c for c in det.classes}
+    decision = class_scores(det.classes, det.threshold, policy.warn_threshold,
+                            policy.isolation_threshold, policy.warp_ratio,
+                            policy.margin_weight, policy.decision_cut)
     second = ("; found on inputs synthesised from the model, on the class the few-shot "
               "images came closest to flagging"
               if list(det.views) == ["few-shot", "synthesised"] and det.data_free else "")
@@ -188,7 +205,8 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
         result.findings.append(catalog.make(
             "SS201", f"backdoor towards class {t}: {_KIND[trig.family]} reversed trigger "
             f"{reversed_reach(trig, det.data_free)} "
-            f"({_why_flagged(by_class[t], verdict.reasons[t], policy)}){second}{refined}",
+            f"({_why_flagged(by_class[t], verdict.reasons[t], policy, decision[t])})"
+            f"{second}{refined}",
             location=f"class {t}", target=t, anomaly_index=index, family=trig.family,
             test=verdict.reasons[t], reversed_asr=trig.asr))
         det.families[t] = trig.family

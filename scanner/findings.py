@@ -83,6 +83,7 @@ class ClassReverse:
     # the class's own images against what it costs the trigger (large: a separate path)
     selectivity: dict[str, float] = field(default_factory=dict)
     max_margin: float | None = None  # MM-BD: the largest logit margin found for the class
+    margin_index: float | None = None  # its high-side robust index across classes
     flagged: bool = False
 
 

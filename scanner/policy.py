@@ -148,6 +148,10 @@ class DetectionPolicy:
     # is, and each class's MM-BD max margin (Adam steps below; 0 leaves it out)
     evidence: bool = True
     margin_steps: int = 100
+    # the decision (detect.class_scores): a class is flagged when its largest norm-test
+    # ratio plus margin_weight x its MM-BD margin index exceeds decision_cut
+    margin_weight: float = 0.0
+    decision_cut: float = 1.0
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
     # take longer than this many minutes on this machine (estimate.py); 0: no limit
     max_minutes: float = 120.0
@@ -264,6 +268,8 @@ _RANGES: dict[str, _Range] = {
     "detection.second_view_steps": (1, 100_000, True, True),
     "detection.margin_steps": (0, 100_000, True, True),
     "detection.max_minutes": (0.0, None, True, True),
+    "detection.margin_weight": (0.0, None, True, True),
+    "detection.decision_cut": (0.0, None, False, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.detect import anomaly_indices, detect, score
+from scanner.detect import anomaly_indices, detect, margin_index, score
+from scanner.evidence import Evidence
 from scanner.reverse import ReversedTrigger, ReverseResult
 
 
@@ -128,11 +129,43 @@ def test_the_finding_quotes_the_test_that_flagged_the_class():
 
     policy = DetectionPolicy()
     wanet = detect(_result(*CNN_WANET), policy.anomaly_threshold, policy.warn_threshold)
-    text = _why_flagged(wanet.detection.classes[6], wanet.reasons[6], policy)
+    text = _why_flagged(wanet.detection.classes[6], wanet.reasons[6], policy, 1.5)
     assert text.startswith("warp anomaly index ") and "> 2.5" in text and "≥ 1" in text
     badnets = detect(_result(*RESNET_BADNETS), policy.anomaly_threshold, policy.warn_threshold)
-    text = _why_flagged(badnets.detection.classes[1], badnets.reasons[1], policy)
+    text = _why_flagged(badnets.detection.classes[1], badnets.reasons[1], policy, 1.5)
     assert text.startswith("patch anomaly index ") and "> 2" in text
+
+
+def _margins(values: list[float]) -> Evidence:
+    return Evidence(concentration={}, max_margin=np.array(values))
+
+
+def test_the_max_margin_lifts_a_class_the_norms_alone_leave_below_the_cut():
+    """CNN_CLEAN's norms flag nothing; with class 3's max margin far above the others'
+    (index 10) and weight 0.1, its decision score passes 1 by the margin term, and the
+    finding says so. The same margins at weight 0 change nothing."""
+    margins = [10.0, 11.0, 9.0, 40.0, 10.5, 9.5, 10.0, 11.5, 10.0, 9.0]
+    plain = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_margins(margins))
+    assert plain.detection.flagged_targets == []
+    lifted = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_margins(margins),
+                    margin_weight=0.1)
+    assert lifted.detection.flagged_targets == [3] and lifted.reasons[3] == "margin"
+    c = lifted.detection.classes[3]
+    assert c.margin_index == pytest.approx(margin_index(np.array(margins))[3])
+    assert c.margin_index > 10
+    from scanner.api import _why_flagged
+    from scanner.policy import DetectionPolicy
+    text = _why_flagged(c, "margin", DetectionPolicy(margin_weight=0.1), 1.2)
+    assert "max-margin index" in text and "decision score is 1.20 > 1" in text
+
+
+def test_a_higher_cut_withdraws_a_weak_flag():
+    flagged = detect(_result(*RESNET_BADNETS), 2.5, 2.0)
+    assert flagged.detection.flagged_targets == [1]
+    ratio = score(flagged.detection, 2.0, 1.0)
+    assert ratio > 1
+    assert detect(_result(*RESNET_BADNETS), 2.5, 2.0,
+                  cut=ratio + 0.01).detection.flagged_targets == []
 
 
 def test_second_view_helpers_pick_withdraw_and_score_one_class():

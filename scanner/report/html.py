@@ -151,7 +151,11 @@ def _detection(d: Detection) -> str:
         f"<td class=num>{_num(c.warp_norm, 2)}</td>"
         f"<td class=num>{_num(c.warp_anomaly_index, 2)}</td>"
         f"<td class=num>{_num(c.anomaly_index, 2)}</td>"
-        f"<td class=num>{_pct(c.reversed_asr)}</td><td>{'yes' if c.flagged else ''}</td></tr>"
+        f"<td class=num>{_pct(c.reversed_asr)}</td>"
+        f"<td class=num>{_num(c.max_margin, 1)}</td>"
+        f"<td class=num>{_num(c.selectivity.get('patch'), 2)} / "
+        f"{_num(c.selectivity.get('universal'), 2)}</td>"
+        f"<td>{'yes' if c.flagged else ''}</td></tr>"
         for c in d.classes)
     parts.append("<details><summary>Per-class table</summary><table><tr>"
                  "<th class=num>Class</th><th class=num>Mask L1</th>"
@@ -159,6 +163,8 @@ def _detection(d: Detection) -> str:
                  "<th class=num>Full-image index</th><th class=num>Warp RMS (px)</th>"
                  "<th class=num>Warp index</th>"
                  "<th class=num>Anomaly index</th><th class=num>Reversed trigger success</th>"
+                 "<th class=num>Max margin (MM-BD)</th>"
+                 "<th class=num>Selectivity, patch / full-image</th>"
                  f"<th>Flagged</th></tr>{rows}</table></details>")
     for t in d.flagged_targets:
         if t not in d.masks:

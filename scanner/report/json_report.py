@@ -98,7 +98,8 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
             "concentration": {k: _num(v) for k, v in c.concentration.items()},
             "selectivity": {k: _num(v) for k, v in c.selectivity.items()},
-            "max_margin": _num(c.max_margin), "flagged": c.flagged}
+            "max_margin": _num(c.max_margin), "margin_index": _num(c.margin_index),
+            "flagged": c.flagged}
 
 
 def _detection(d: Detection) -> dict[str, Any]:
