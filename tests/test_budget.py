@@ -3,7 +3,10 @@ memory budget, and a scan forecast to take too long stopped as inconclusive (SS2
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 from conftest import FEWSHOT, zoo_model
 from graph_builders import conv_relu_model
@@ -66,3 +69,15 @@ def test_a_scan_forecast_over_the_time_limit_is_inconclusive(run_cli, tmp_path):
         assert "SS210" in result.err and "detection.max_minutes = 0.001" in result.err
         assert "Traceback" not in result.err
         assert ("data-free synthesis about" in result.err) == bool(extra)
+
+
+@pytest.mark.slow
+def test_a_classic_1000_class_zoo_model_stops_at_the_time_limit_not_in_memory(run_cli):
+    """SqueezeNet from the onnx wheel (1,000 classes, 224x224): data-free synthesis alone
+    would take hours on a CPU, so the default policy stops it before it starts (SS210),
+    instead of the 10-23 GB synthesis that used to end out of memory."""
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    result = run_cli("scan", light / "light_squeezenet.onnx", "--data-free")
+    assert result.code == 3
+    assert "SS210" in result.err and "1000 classes" in result.err
+    assert "Traceback" not in result.err
