@@ -103,6 +103,20 @@ def with_margin(weight: float) -> Rule:
     return lambda s: shipped_tests(s) + weight * s["margin"]
 
 
+def selectivity(s: dict[str, np.ndarray]) -> np.ndarray:
+    """Mean of the patch and full-image triggers' selectivity (a log ratio)."""
+    return (s["sel_patch"] + s["sel_universal"]) / 2
+
+
+def with_selectivity(weight: float) -> Rule:
+    return lambda s: shipped_tests(s) + weight * selectivity(s)
+
+
+def vetoed(floor: float) -> Rule:
+    """The norm tests, with a class whose selectivity is below `floor` never flagged."""
+    return lambda s: np.where(selectivity(s) < floor, 0.0, shipped_tests(s))
+
+
 SHIPPED = "shipped tests (norms)"  # the default policy's rule: its cut is 1, not fitted
 
 RULES: dict[str, Rule] = {
@@ -112,6 +126,9 @@ RULES: dict[str, Rule] = {
     "shipped tests, every test x min(1, margin / 2)":
         lambda s: shipped_tests(s) * np.clip(s["margin"] / 2, 0, 1),
     **{f"shipped tests + {w:g} x margin": with_margin(w) for w in (0.1, 0.2, 0.3, 0.4, 0.6)},
+    **{f"shipped tests + {w:g} x selectivity": with_selectivity(w)
+       for w in (0.1, 0.2, 0.3, 0.5)},
+    **{f"shipped tests, 0 where selectivity < {v:g}": vetoed(v) for v in (-1.0, -0.5, -0.3, 0.0)},
     "norms (combined index)": lambda s: s["combined"],
     "norms, best family": lambda s: np.maximum(s["combined"], np.maximum(s["patch"],
                                                                           s["universal"])),

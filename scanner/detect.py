@@ -72,12 +72,12 @@ WARP_RATIO = 4.0
 
 def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
                     warp_ratio: float = WARP_RATIO, margin_weight: float = 0.0,
-                    cut: float = 1.0) -> int | None:
+                    cut: float = 1.0, selectivity_weight: float = 0.0) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
     (`class_scores`; None when no class has a finite one)."""
     finite = {t: v for t, v in class_scores(
         detection.classes, detection.threshold, warn_threshold, isolation_threshold,
-        warp_ratio, margin_weight, cut).items() if np.isfinite(v)}
+        warp_ratio, margin_weight, cut, selectivity_weight).items() if np.isfinite(v)}
     return max(finite, key=finite.__getitem__) if finite else None
 
 
@@ -102,7 +102,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            isolation_threshold: float = 1.0, data_free: bool = False,
            bn_layers: int = 0, warp_ratio: float = WARP_RATIO,
            evidence: Evidence | None = None, margin_weight: float = 0.0,
-           cut: float = 1.0) -> Verdict:
+           cut: float = 1.0, selectivity_weight: float = 0.0) -> Verdict:
     """Flag a class when its combined anomaly index exceeds `threshold`, when its patch
     trigger is both anomalous (above `warn_threshold`) and isolated (≥ `isolation_threshold`),
     or when its warp trigger is anomalous (above `threshold`), isolated, and at least
@@ -130,9 +130,10 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     sample, see README.
 
     With `evidence`, each class's MM-BD max margin enters as a high-side robust index
-    (`margin_index`), and a class is flagged when its largest test ratio plus
-    `margin_weight` times that index exceeds `cut` (`class_scores`; weight 0 and cut 1 are
-    the norm tests alone).
+    (`margin_index`) and its triggers' selectivity as it is (a log ratio, `selectivity`):
+    a class is flagged when its largest test ratio plus `margin_weight` times the margin
+    index plus `selectivity_weight` times the selectivity exceeds `cut` (`class_scores`;
+    weights 0 and cut 1 are the norm tests alone).
     """
     n = result.classes
     families = sorted({fam for fam, _ in result.triggers})
@@ -150,7 +151,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
                               None if margins is None else float(margins[t]))
                for t in range(n)]
     decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
-                            warp_ratio, margin_weight, cut)
+                            warp_ratio, margin_weight, cut, selectivity_weight)
     flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
     for t, c in enumerate(classes):
@@ -169,7 +170,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
             chosen[t] = result.triggers[(best_fam, t)]
             every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
             reasons[t] = ("combined" if combined[t] > threshold else "patch" if by_patch
-                          else "warp" if by_warp else "margin")
+                          else "warp" if by_warp else "evidence")
         elif combined[t] > warn_threshold:
             suspicious.append(t)
     flagged.sort(key=lambda t: -decision[t])  # the strongest is repaired first
@@ -224,19 +225,31 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
     )
 
 
+def selectivity(c: ClassReverse) -> float | None:
+    """Mean selectivity of the class's patch and full-image triggers (evidence.py), the
+    families whose anomaly indices the combined index averages; None without evidence."""
+    values = [c.selectivity[f] for f in COMBINED if f in c.selectivity]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
 def class_scores(classes: Sequence[ClassReverse], threshold: float, warn_threshold: float,
                  isolation_threshold: float, warp_ratio: float = WARP_RATIO,
-                 margin_weight: float = 0.0, cut: float = 1.0) -> dict[int, float]:
+                 margin_weight: float = 0.0, cut: float = 1.0,
+                 selectivity_weight: float = 0.0) -> dict[int, float]:
     """How far each class goes past the decision rule of `detect` (above 1 = flagged):
-    (the largest test ratio + margin_weight · margin index) / cut. The test ratios:
-    combined / threshold, the patch test min(patch index / warn, isolation / cut) and the
-    warp test min(warp index / threshold, isolation / cut, median ratio / warp_ratio)."""
+    (the largest test ratio + margin_weight · margin index + selectivity_weight ·
+    selectivity) / cut. The test ratios: combined / threshold, the patch test
+    min(patch index / warn, isolation / cut) and the warp test min(warp index / threshold,
+    isolation / cut, median ratio / warp_ratio)."""
     def ratio(value: float | None, bound: float) -> float:
         return -np.inf if value is None or not np.isfinite(value) else value / bound
 
     def margin(c: ClassReverse) -> float:
         value = c.margin_index
-        return 0.0 if value is None or not np.isfinite(value) else margin_weight * value
+        m = 0.0 if value is None or not np.isfinite(value) else margin_weight * value
+        sel = selectivity(c)
+        return m + (0.0 if sel is None else selectivity_weight * sel)
 
     return {c.target: float((max(
         ratio(c.anomaly_index, threshold),
@@ -249,10 +262,12 @@ def class_scores(classes: Sequence[ClassReverse], threshold: float, warn_thresho
 
 def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
           classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO,
-          margin_weight: float = 0.0, cut: float = 1.0) -> float:
+          margin_weight: float = 0.0, cut: float = 1.0,
+          selectivity_weight: float = 0.0) -> float:
     """One number per model for ROC analysis: the largest `class_scores` entry among
     `classes` (default all), -inf when there is none."""
     per_class = class_scores(detection.classes, detection.threshold, warn_threshold,
-                             isolation_threshold, warp_ratio, margin_weight, cut)
+                             isolation_threshold, warp_ratio, margin_weight, cut,
+                             selectivity_weight)
     return max((v for t, v in per_class.items() if classes is None or t in classes),
                default=-np.inf)

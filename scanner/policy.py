@@ -152,6 +152,7 @@ class DetectionPolicy:
     # ratio plus margin_weight x its MM-BD margin index exceeds decision_cut
     margin_weight: float = 0.0
     decision_cut: float = 1.0
+    selectivity_weight: float = 0.0  # ... plus this x its triggers' selectivity
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
     # take longer than this many minutes on this machine (estimate.py); 0: no limit
     max_minutes: float = 120.0
@@ -270,6 +271,7 @@ _RANGES: dict[str, _Range] = {
     "detection.max_minutes": (0.0, None, True, True),
     "detection.margin_weight": (0.0, None, True, True),
     "detection.decision_cut": (0.0, None, False, True),
+    "detection.selectivity_weight": (0.0, None, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

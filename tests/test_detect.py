@@ -149,13 +149,13 @@ def test_the_max_margin_lifts_a_class_the_norms_alone_leave_below_the_cut():
     assert plain.detection.flagged_targets == []
     lifted = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_margins(margins),
                     margin_weight=0.1)
-    assert lifted.detection.flagged_targets == [3] and lifted.reasons[3] == "margin"
+    assert lifted.detection.flagged_targets == [3] and lifted.reasons[3] == "evidence"
     c = lifted.detection.classes[3]
     assert c.margin_index == pytest.approx(margin_index(np.array(margins))[3])
     assert c.margin_index > 10
     from scanner.api import _why_flagged
     from scanner.policy import DetectionPolicy
-    text = _why_flagged(c, "margin", DetectionPolicy(margin_weight=0.1), 1.2)
+    text = _why_flagged(c, "evidence", DetectionPolicy(margin_weight=0.1), 1.2)
     assert "max-margin index" in text and "decision score is 1.20 > 1" in text
 
 
@@ -226,3 +226,18 @@ def test_most_suspicious_is_the_class_closest_to_a_flag():
     assert max(det.classes, key=lambda c: c.anomaly_index).target == 6
     assert most_suspicious(det, 2.0, 1.0) == 5
     assert score(det, 2.0, 1.0, [5]) == pytest.approx(score(det, 2.0, 1.0))
+
+
+def test_a_class_whose_trigger_rides_on_its_own_features_is_withdrawn():
+    """Selectivity (evidence.py): zeroing the channels of class 1's reversed triggers
+    costs its own images far more than the triggers (log ratio -5): an honest easy class.
+    At weight 0.2 that takes 1.0 off its decision score, below the cut; at weight 0 it
+    stays flagged."""
+    sel = {("patch", 1): -5.0, ("universal", 1): -5.0}
+    evidence = Evidence(concentration={}, max_margin=None, selectivity=sel)
+    kept = detect(_result(*RESNET_BADNETS), 2.5, 2.0, evidence=evidence)
+    assert kept.detection.flagged_targets == [1]
+    withdrawn = detect(_result(*RESNET_BADNETS), 2.5, 2.0, evidence=evidence,
+                       selectivity_weight=0.2)
+    assert withdrawn.detection.flagged_targets == []
+    assert withdrawn.detection.classes[1].selectivity == {"patch": -5.0, "universal": -5.0}
