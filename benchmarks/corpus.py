@@ -179,6 +179,47 @@ def tpr_at_fpr(pos: list[float], neg: list[float], max_fpr: float = 0.05) -> flo
     return best
 
 
+def redecide(record: dict) -> dict:
+    """The record with its flags and score decided again from its saved per-class
+    statistics by the scanner's own `detect`, at today's default policy: scans saved before
+    a rule changed are judged by the rule the tables describe. (A flag the second view
+    raised keeps its view's statistics, which is what the record saved.)"""
+    if not record.get("classes") or "class_fields" not in record:
+        return record
+    import numpy as np
+
+    from scanner.detect import class_scores, detect
+    from scanner.detection import evidence_rule
+    from scanner.evidence import Evidence
+    from scanner.policy import load_policy
+    from scanner.reverse import ReversedTrigger, ReverseResult
+
+    det = load_policy("default").detection
+    rows = [dict(zip(record["class_fields"], row, strict=True)) for row in record["classes"]]
+    triggers, select = {}, {}
+    for t, row in enumerate(rows):
+        for fam, key in (("patch", "mask_l1"), ("universal", "universal_norm"),
+                         ("warp", "warp_norm")):
+            if row.get(key) is not None:
+                triggers[(fam, t)] = ReversedTrigger(fam, t, np.zeros(1), None, row[key],
+                                                     row["reversed_asr"])
+            if row.get(f"{fam}_selectivity") is not None:
+                select[(fam, t)] = row[f"{fam}_selectivity"]
+    margins = [row.get("max_margin") for row in rows]
+    evidence = Evidence({}, None if None in margins else np.array(margins, float),
+                        selectivity=select)
+    result = ReverseResult(triggers, steps=0, forward_passes=0, seconds=0.0,
+                           classes=len(rows))
+    verdict = detect(result, det.anomaly_threshold, det.warn_threshold,
+                     det.isolation_threshold, warp_ratio=det.warp_ratio, evidence=evidence,
+                     evidence_rule=evidence_rule(det))
+    scores = class_scores(verdict.detection.classes, det.anomaly_threshold,
+                          det.warn_threshold, det.isolation_threshold, det.warp_ratio,
+                          evidence_rule(det))
+    return {**record, "flagged": verdict.detection.flagged_targets,
+            "score": max(scores.values())}
+
+
 def _score(r: dict) -> float:
     s = r.get("score")
     return float(s) if s is not None else 0.0
@@ -260,7 +301,7 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> st
         for s in seeds:
             p = result_path(e["name"], mode, s, repair)
             if p.is_file():
-                runs[e["name"]].append(json.loads(p.read_text()))
+                runs[e["name"]].append(redecide(json.loads(p.read_text())))
     usable = [e for e in entries if usable_model(e)]
     lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{', with repair' if repair else ''}",
              "", DET_HEADER]

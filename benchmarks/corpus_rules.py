@@ -117,6 +117,43 @@ def vetoed(floor: float) -> Rule:
     return lambda s: np.where(selectivity(s) < floor, 0.0, shipped_tests(s))
 
 
+def gated_margin(s: dict[str, np.ndarray], gate: float) -> np.ndarray:
+    """The MM-BD margin index where the class's triggers are selective (> gate), else 0:
+    an honest class that is easy to push far above the others (a big margin) is also one
+    whose triggers are made of its own features (negative selectivity)."""
+    return np.where(selectivity(s) > gate, np.maximum(s["margin"], 0.0), 0.0)
+
+
+def veto_and_margin_rule(floor: float, gate: float, calibration: list[tuple[dict, dict]]
+                         ) -> Rule:
+    """max(norm tests vetoed below selectivity `floor`, gated margin / M), M fitted on the
+    calibration half: the largest gated margin of any class of a clean calibration model
+    (so the margin term alone flags none of them), plus 10 %."""
+    scale = margin_scale(gate, calibration)
+    return lambda s: np.maximum(vetoed(floor)(s), gated_margin(s, gate) / scale)
+
+
+def leave_one_out_fpr(floor: float, gate: float, calibration: list[tuple[dict, dict]]
+                      ) -> float:
+    """The margin scale is fitted to the largest clean calibration margin, so its FPR on
+    calibration is 0 by construction. Fitted without each clean model in turn, how often
+    is that model flagged? (Calibration data only: this is how the margin test is judged
+    before the validation half is looked at.)"""
+    clean = [(e, r) for e, r in calibration if not e["attack"]]
+    hits = 0
+    for i, (_, record) in enumerate(clean):
+        rule = veto_and_margin_rule(floor, gate, [p for j, p in enumerate(clean) if j != i])
+        hits += float(np.max(rule(class_stats(record)))) > 1.0
+    return hits / max(1, len(clean))
+
+
+def margin_scale(gate: float, calibration: list[tuple[dict, dict]]) -> float:
+    """1.1 x the largest gated margin index of any class of a clean calibration model."""
+    clean = [gated_margin(class_stats(r), gate).max() for e, r in calibration
+             if not e["attack"]]
+    return 1.1 * max(clean, default=1.0)
+
+
 SHIPPED = "shipped tests (norms)"  # the default policy's rule: its cut is 1, not fitted
 
 RULES: dict[str, Rule] = {
@@ -262,11 +299,27 @@ def main() -> None:
                                                                    scans["calibration"])
         except ValueError:  # no scan has every statistic yet
             continue
+    fixed_cut = {SHIPPED}
+    for floor in (-1.0, -0.5, -0.3, 0.0):  # the norm tests at their own cut, vetoed
+        name = f"shipped tests at cut 1, 0 where selectivity < {floor:g}"
+        rules[name] = vetoed(floor)
+        fixed_cut.add(name)
+    for floor in (-0.5, -0.3, 0.0):
+        for gate in (0.0, 0.5):
+            name = (f"veto below selectivity {floor:g}, margin gated at selectivity > "
+                    f"{gate:g} (scale {margin_scale(gate, scans['calibration']):.2f}; "
+                    f"cal. leave-one-out FPR "
+                    f"{100 * leave_one_out_fpr(floor, gate, scans['calibration']):.0f} %)")
+            try:
+                rules[name] = veto_and_margin_rule(floor, gate, scans["calibration"])
+            except KeyError:
+                continue
+            fixed_cut.add(name)
     for name, rule in rules.items():
         got = scores(rule, scans["calibration"])
         if got is None:
             continue
-        cut = 1.0 if name == SHIPPED else choose_threshold(got[0], got[1])
+        cut = 1.0 if name in fixed_cut else choose_threshold(got[0], got[1])
         print(f"| {name} | {cut:.2f} | " + " | ".join(
             evaluate(rule, scans["calibration"], cut)
             + evaluate(rule, scans["validation"], cut)) + " |")

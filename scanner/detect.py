@@ -71,13 +71,13 @@ WARP_RATIO = 4.0
 
 
 def most_suspicious(detection: Detection, warn_threshold: float, isolation_threshold: float,
-                    warp_ratio: float = WARP_RATIO, margin_weight: float = 0.0,
-                    cut: float = 1.0, selectivity_weight: float = 0.0) -> int | None:
+                    warp_ratio: float = WARP_RATIO, evidence_rule: EvidenceRule | None = None
+                    ) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
     (`class_scores`; None when no class has a finite one)."""
     finite = {t: v for t, v in class_scores(
         detection.classes, detection.threshold, warn_threshold, isolation_threshold,
-        warp_ratio, margin_weight, cut, selectivity_weight).items() if np.isfinite(v)}
+        warp_ratio, evidence_rule).items() if np.isfinite(v)}
     return max(finite, key=finite.__getitem__) if finite else None
 
 
@@ -101,8 +101,8 @@ COMBINED = ("patch", "universal")
 def detect(result: ReverseResult, threshold: float, warn_threshold: float,
            isolation_threshold: float = 1.0, data_free: bool = False,
            bn_layers: int = 0, warp_ratio: float = WARP_RATIO,
-           evidence: Evidence | None = None, margin_weight: float = 0.0,
-           cut: float = 1.0, selectivity_weight: float = 0.0) -> Verdict:
+           evidence: Evidence | None = None, evidence_rule: EvidenceRule | None = None
+           ) -> Verdict:
     """Flag a class when its combined anomaly index exceeds `threshold`, when its patch
     trigger is both anomalous (above `warn_threshold`) and isolated (≥ `isolation_threshold`),
     or when its warp trigger is anomalous (above `threshold`), isolated, and at least
@@ -129,11 +129,8 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     These cuts were calibrated on the 12-model sample zoo, only 3 of them clean: a small
     sample, see README.
 
-    With `evidence`, each class's MM-BD max margin enters as a high-side robust index
-    (`margin_index`) and its triggers' selectivity as it is (a log ratio, `selectivity`):
-    a class is flagged when its largest test ratio plus `margin_weight` times the margin
-    index plus `selectivity_weight` times the selectivity exceeds `cut` (`class_scores`;
-    weights 0 and cut 1 are the norm tests alone).
+    With `evidence` and an `evidence_rule`, the evidence beside the norms enters the
+    decision (`class_scores`, `EvidenceRule`).
     """
     n = result.classes
     families = sorted({fam for fam, _ in result.triggers})
@@ -151,7 +148,7 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
                               None if margins is None else float(margins[t]))
                for t in range(n)]
     decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
-                            warp_ratio, margin_weight, cut, selectivity_weight)
+                            warp_ratio, evidence_rule)
     flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
     for t, c in enumerate(classes):
@@ -233,41 +230,68 @@ def selectivity(c: ClassReverse) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+@dataclass(frozen=True)
+class EvidenceRule:
+    """How the evidence beside the norms (evidence.py) enters the decision.
+
+    * Veto: a class whose patch and full-image triggers have a mean selectivity below
+      `selectivity_floor` is an honest easy class (its triggers are made of its own
+      features: zeroing their channels costs its own images more than the triggers), and
+      the norm tests do not flag it.
+    * Margin: a class whose triggers are selective (above `margin_gate`) is also flagged
+      by its MM-BD max-margin index alone, as a ratio to `margin_scale` (above 1 =
+      flagged). The gate keeps out the honest classes that are easy to push far above the
+      others: their triggers ride on their own features too.
+
+    None switches a part off. Both were chosen on the development corpus's calibration
+    half (benchmarks/corpus_rules.py; README "Detection, measured").
+    """
+
+    selectivity_floor: float | None = None
+    margin_scale: float | None = None
+    margin_gate: float = 0.0
+
+
 def class_scores(classes: Sequence[ClassReverse], threshold: float, warn_threshold: float,
                  isolation_threshold: float, warp_ratio: float = WARP_RATIO,
-                 margin_weight: float = 0.0, cut: float = 1.0,
-                 selectivity_weight: float = 0.0) -> dict[int, float]:
-    """How far each class goes past the decision rule of `detect` (above 1 = flagged):
-    (the largest test ratio + margin_weight · margin index + selectivity_weight ·
-    selectivity) / cut. The test ratios: combined / threshold, the patch test
-    min(patch index / warn, isolation / cut) and the warp test min(warp index / threshold,
-    isolation / cut, median ratio / warp_ratio)."""
+                 evidence_rule: EvidenceRule | None = None) -> dict[int, float]:
+    """How far each class goes past the decision rule of `detect` (above 1 = flagged).
+
+    The norm tests, each as a ratio to its cut: combined / threshold, the patch test
+    min(patch index / warn, isolation / cut) and the warp test min(warp index /
+    threshold, isolation / cut, median ratio / warp_ratio); their largest, unless the
+    evidence rule vetoes the class; and the largest of that and the gated margin ratio
+    (`EvidenceRule`)."""
+    rule = evidence_rule or EvidenceRule()
+
     def ratio(value: float | None, bound: float) -> float:
         return -np.inf if value is None or not np.isfinite(value) else value / bound
 
-    def margin(c: ClassReverse) -> float:
-        value = c.margin_index
-        m = 0.0 if value is None or not np.isfinite(value) else margin_weight * value
+    def decide(c: ClassReverse) -> float:
+        tests = max(ratio(c.anomaly_index, threshold),
+                    min(ratio(c.patch_anomaly_index, warn_threshold),
+                        ratio(c.patch_isolation, isolation_threshold)),
+                    min(ratio(c.warp_anomaly_index, threshold),
+                        ratio(c.warp_isolation, isolation_threshold),
+                        ratio(c.warp_ratio, warp_ratio)))
         sel = selectivity(c)
-        return m + (0.0 if sel is None else selectivity_weight * sel)
+        if rule.selectivity_floor is not None and sel is not None \
+                and sel < rule.selectivity_floor:
+            tests = min(tests, 0.0)
+        if rule.margin_scale and sel is not None and sel > rule.margin_gate \
+                and c.margin_index is not None and np.isfinite(c.margin_index):
+            tests = max(tests, c.margin_index / rule.margin_scale)
+        return float(tests)
 
-    return {c.target: float((max(
-        ratio(c.anomaly_index, threshold),
-        min(ratio(c.patch_anomaly_index, warn_threshold),
-            ratio(c.patch_isolation, isolation_threshold)),
-        min(ratio(c.warp_anomaly_index, threshold),
-            ratio(c.warp_isolation, isolation_threshold),
-            ratio(c.warp_ratio, warp_ratio))) + margin(c)) / cut) for c in classes}
+    return {c.target: decide(c) for c in classes}
 
 
 def score(detection: Detection, warn_threshold: float, isolation_threshold: float,
           classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO,
-          margin_weight: float = 0.0, cut: float = 1.0,
-          selectivity_weight: float = 0.0) -> float:
+          evidence_rule: EvidenceRule | None = None) -> float:
     """One number per model for ROC analysis: the largest `class_scores` entry among
     `classes` (default all), -inf when there is none."""
     per_class = class_scores(detection.classes, detection.threshold, warn_threshold,
-                             isolation_threshold, warp_ratio, margin_weight, cut,
-                             selectivity_weight)
+                             isolation_threshold, warp_ratio, evidence_rule)
     return max((v for t, v in per_class.items() if classes is None or t in classes),
                default=-np.inf)

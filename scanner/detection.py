@@ -16,8 +16,8 @@ from .autodiff import GradientProgram
 from .autodiff.masks import MaskGradientProgram
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
+from .detect import EvidenceRule, class_scores, detect, most_suspicious, score, selectivity
 from .detect import Verdict as DetectVerdict
-from .detect import class_scores, detect, most_suspicious, score, selectivity
 from .evidence import Evidence, MarginConfig, channel_evidence, max_margins
 from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
@@ -68,7 +68,7 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     found = gather_evidence(ctx, program, images, reversed_) if det.evidence else None
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
                   det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
-                  det.margin_weight, det.decision_cut, det.selectivity_weight)
+                  evidence_rule(det))
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
@@ -111,8 +111,7 @@ def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
         second = reverse_and_detect(ctx, ctx.program, synthetic, True, bn_layers,
                                     det.second_view_steps)
         top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
-                              det.warp_ratio, det.margin_weight, det.decision_cut,
-                              det.selectivity_weight)
+                              det.warp_ratio, evidence_rule(det))
         views = {**first.detection.views,
                  "synthesised": _decision_score(second, det, [] if top is None else [top])}
         passes = first.detection.forward_passes + second.detection.forward_passes
@@ -153,34 +152,35 @@ def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgra
 def _decision_score(verdict: DetectVerdict, det: DetectionPolicy,
                     classes: list[int] | None = None) -> float:
     return score(verdict.detection, det.warn_threshold, det.isolation_threshold, classes,
-                 det.warp_ratio, det.margin_weight, det.decision_cut,
-                 det.selectivity_weight)
+                 det.warp_ratio, evidence_rule(det))
 
 
 _KIND = {"patch": "a patch-like", "universal": "a full-image", "warp": "an image-warping"}
 
 
+def evidence_rule(det: DetectionPolicy) -> EvidenceRule | None:
+    """The policy's use of the evidence beside the norms; None when it is not gathered."""
+    if not det.evidence:
+        return None
+    return EvidenceRule(det.selectivity_floor, det.margin_scale or None, det.margin_gate)
+
+
 def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy,
                  decision: float) -> str:
-    """The test that flagged the class, with the numbers it compared; with the MM-BD
-    margin in the rule, the decision score it reached too."""
-    text = _test_passed(c, reason, policy)
-    terms = []
-    if policy.margin_weight and c.margin_index is not None:
-        terms.append(f"MM-BD max-margin index {c.margin_index:.2f} (weight "
-                     f"{policy.margin_weight:g})")
+    """The test that flagged the class, with the numbers it compared."""
+    text = _test_passed(c, reason, policy, decision)
     sel = selectivity(c)
-    if policy.selectivity_weight and sel is not None:
-        terms.append(f"selectivity {sel:.2f} (weight {policy.selectivity_weight:g})")
-    if terms:
-        text += f"; with its {' and '.join(terms)} its decision score is {decision:.2f} > 1"
+    if reason != "evidence" and sel is not None and policy.evidence:
+        text += f"; selectivity {sel:.2f} ≥ {policy.selectivity_floor:g}"
     return text
 
 
-def _test_passed(c: ClassReverse, reason: str, policy: DetectionPolicy) -> str:
+def _test_passed(c: ClassReverse, reason: str, policy: DetectionPolicy,
+                 decision: float) -> str:
     if reason == "evidence":
-        return (f"norm tests below their cuts (anomaly index {c.anomaly_index:.2f}), "
-                "lifted over the decision cut by the evidence beside the norms")
+        return (f"MM-BD max-margin index {c.margin_index:.2f} > {policy.margin_scale:g} "
+                f"(ratio {decision:.2f}), its triggers selective ({selectivity(c):.2f} > "
+                f"{policy.margin_gate:g}); the norm tests alone did not flag it")
     if reason == "combined":
         return f"anomaly index {c.anomaly_index:.2f} > {policy.anomaly_threshold:g}"
     fam, cut = (("patch", policy.warn_threshold) if reason == "patch"
@@ -201,8 +201,7 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
     by_class = {c.target: c for c in det.classes}
     decision = class_scores(det.classes, det.threshold, policy.warn_threshold,
                             policy.isolation_threshold, policy.warp_ratio,
-                            policy.margin_weight, policy.decision_cut,
-                            policy.selectivity_weight)
+                            evidence_rule(policy))
     second = ("; found on inputs synthesised from the model, on the class the few-shot "
               "images came closest to flagging"
               if list(det.views) == ["few-shot", "synthesised"] and det.data_free else "")

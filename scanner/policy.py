@@ -148,11 +148,13 @@ class DetectionPolicy:
     # is, and each class's MM-BD max margin (Adam steps below; 0 leaves it out)
     evidence: bool = True
     margin_steps: int = 100
-    # the decision (detect.class_scores): a class is flagged when its largest norm-test
-    # ratio plus margin_weight x its MM-BD margin index exceeds decision_cut
-    margin_weight: float = 0.0
-    decision_cut: float = 1.0
-    selectivity_weight: float = 0.0  # ... plus this x its triggers' selectivity
+    # the evidence in the decision (detect.EvidenceRule): the norm tests do not flag a
+    # class whose triggers' selectivity is below selectivity_floor; a class whose
+    # selectivity is above margin_gate is flagged by its MM-BD margin index over
+    # margin_scale (0: no margin test)
+    selectivity_floor: float = -0.3
+    margin_scale: float = 0.0
+    margin_gate: float = 0.0
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
     # take longer than this many minutes on this machine (estimate.py); 0: no limit
     max_minutes: float = 120.0
@@ -269,9 +271,9 @@ _RANGES: dict[str, _Range] = {
     "detection.second_view_steps": (1, 100_000, True, True),
     "detection.margin_steps": (0, 100_000, True, True),
     "detection.max_minutes": (0.0, None, True, True),
-    "detection.margin_weight": (0.0, None, True, True),
-    "detection.decision_cut": (0.0, None, False, True),
-    "detection.selectivity_weight": (0.0, None, True, True),
+    "detection.selectivity_floor": (None, None, True, True),
+    "detection.margin_scale": (0.0, None, True, True),
+    "detection.margin_gate": (None, None, True, True),
     "repair.target_asr": (0.0, 1.0, True, True),
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.detect import anomaly_indices, detect, margin_index, score
+from scanner.detect import EvidenceRule, anomaly_indices, detect, margin_index, score
 from scanner.evidence import Evidence
 from scanner.reverse import ReversedTrigger, ReverseResult
 
@@ -136,108 +136,51 @@ def test_the_finding_quotes_the_test_that_flagged_the_class():
     assert text.startswith("patch anomaly index ") and "> 2" in text
 
 
-def _margins(values: list[float]) -> Evidence:
-    return Evidence(concentration={}, max_margin=np.array(values))
+def _evidence(margins: list[float], selectivity: float | dict[int, float] = 1.0) -> Evidence:
+    sel = selectivity if isinstance(selectivity, dict) else {t: selectivity for t in range(10)}
+    return Evidence(concentration={}, max_margin=np.array(margins),
+                    selectivity={(f, t): v for t, v in sel.items()
+                                 for f in ("patch", "universal")})
 
 
-def test_the_max_margin_lifts_a_class_the_norms_alone_leave_below_the_cut():
-    """CNN_CLEAN's norms flag nothing; with class 3's max margin far above the others'
-    (index 10) and weight 0.1, its decision score passes 1 by the margin term, and the
-    finding says so. The same margins at weight 0 change nothing."""
-    margins = [10.0, 11.0, 9.0, 40.0, 10.5, 9.5, 10.0, 11.5, 10.0, 9.0]
-    plain = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_margins(margins))
+MARGINS = [10.0, 11.0, 9.0, 40.0, 10.5, 9.5, 10.0, 11.5, 10.0, 9.0]  # class 3 stands out
+
+
+def test_a_selective_class_with_a_far_larger_max_margin_is_flagged_by_it():
+    """CNN_CLEAN's norms flag nothing. Class 3's max margin is far above the others'
+    (index > 10): with the margin test on (scale 5) and its triggers selective it is
+    flagged by the margin alone, and the finding says so; off, or with its triggers
+    riding on its own features (selectivity -1 below the gate 0), it is not."""
+    plain = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_evidence(MARGINS))
     assert plain.detection.flagged_targets == []
-    lifted = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_margins(margins),
-                    margin_weight=0.1)
+    rule = EvidenceRule(margin_scale=5.0)
+    lifted = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_evidence(MARGINS),
+                    evidence_rule=rule)
     assert lifted.detection.flagged_targets == [3] and lifted.reasons[3] == "evidence"
     c = lifted.detection.classes[3]
-    assert c.margin_index == pytest.approx(margin_index(np.array(margins))[3])
+    assert c.margin_index == pytest.approx(margin_index(np.array(MARGINS))[3])
     assert c.margin_index > 10
+    gated = detect(_result(*CNN_CLEAN), 2.5, 2.0, evidence=_evidence(MARGINS, {3: -1.0}),
+                   evidence_rule=rule)
+    assert gated.detection.flagged_targets == []
     from scanner.api import _why_flagged
     from scanner.policy import DetectionPolicy
-    text = _why_flagged(c, "evidence", DetectionPolicy(margin_weight=0.1), 1.2)
-    assert "max-margin index" in text and "decision score is 1.20 > 1" in text
-
-
-def test_a_higher_cut_withdraws_a_weak_flag():
-    flagged = detect(_result(*RESNET_BADNETS), 2.5, 2.0)
-    assert flagged.detection.flagged_targets == [1]
-    ratio = score(flagged.detection, 2.0, 1.0)
-    assert ratio > 1
-    assert detect(_result(*RESNET_BADNETS), 2.5, 2.0,
-                  cut=ratio + 0.01).detection.flagged_targets == []
-
-
-def test_second_view_helpers_pick_withdraw_and_score_one_class():
-    from scanner.detect import most_suspicious
-
-    patch = [40, 42, 39, 41, 40, 43, 38, 40, 41, 40]
-    universal = [3.0, 0.4, 2.9, 3.2, 3.0, 3.1, 0.5, 3.0, 2.9, 3.1]  # classes 1 and 6 stand out
-    verdict = detect(_result(patch, universal), threshold=2.0, warn_threshold=1.5)
-    assert sorted(verdict.detection.flagged_targets) == [1, 6]
-    assert most_suspicious(verdict.detection, 1.5, 1.0) == 1  # the smaller universal norm
-    both = score(verdict.detection, 1.5, 1.0)
-    only_6 = score(verdict.detection, 1.5, 1.0, classes=[6])
-    assert 1.0 < only_6 < both
-    assert score(verdict.detection, 1.5, 1.0, classes=[0]) < 1.0
-    kept = verdict.keep_only(6)
-    assert kept.detection.flagged_targets == [6]
-    assert [c.target for c in kept.detection.classes if c.flagged] == [6]
-    assert set(kept.triggers) == set(kept.reasons) == {6}
-
-
-# cnn_clean, few-shot, seed 1: the ankle boot's warp (2.17 px) has index 3.98 and stands
-# 1.52 σ apart because the honest warps cluster, yet it is only 1.6 times below the median
-CNN_CLEAN_SEED1 = ([48.2, 36.7, 37.8, 43.0, 35.0, 43.7, 21.3, 56.3, 17.5, 50.9],
-                   [3.84, 2.65, 2.29, 2.72, 2.09, 3.75, 1.62, 4.53, 2.15, 3.40],
-                   [3.34, 4.95, 3.95, 3.52, 3.68, 2.62, 3.56, 6.28, 3.56, 2.17])
-
-
-def test_a_clustered_honest_warp_needs_the_median_ratio_too():
-    verdict = detect(_result(*CNN_CLEAN_SEED1), threshold=2.5, warn_threshold=2.0,
-                     isolation_threshold=1.0)
-    boot = verdict.detection.classes[9]
-    assert boot.warp_anomaly_index > 2.5 and boot.warp_isolation >= 1.0
-    assert boot.warp_ratio == pytest.approx(3.56 / 2.17, rel=1e-6)
-    assert verdict.detection.flagged_targets == []
-    assert score(verdict.detection, 2.0, 1.0) < 1.0
-    # without the ratio (warp_ratio 1) the old rule flags it
-    loose = detect(_result(*CNN_CLEAN_SEED1), threshold=2.5, warn_threshold=2.0,
-                   isolation_threshold=1.0, warp_ratio=1.0)
-    assert loose.detection.flagged_targets == [9]
-    assert score(loose.detection, 2.0, 1.0, warp_ratio=1.0) > 1.0
-
-
-# silunet_trojan, few-shot, seed 1: nothing is flagged; the shirt (6) has the largest
-# combined index, but the trojan target (5) comes closest to a flag (patch index 2.00,
-# isolation 0.93): the second view's flag must agree with 5, not with 6
-SILUNET_TROJAN_SEED1 = ([38.2, 54.7, 29.7, 52.8, 30.2, 10.6, 18.7, 39.7, 18.3, 48.0],
-                        [4.90, 4.84, 3.75, 4.64, 3.05, 3.17, 2.14, 3.90, 3.43, 4.03],
-                        [3.17, 5.44, 5.25, 5.90, 5.68, 3.39, 3.52, 6.34, 5.55, 2.84])
-
-
-def test_most_suspicious_is_the_class_closest_to_a_flag():
-    from scanner.detect import most_suspicious
-
-    verdict = detect(_result(*SILUNET_TROJAN_SEED1), threshold=2.5, warn_threshold=2.0,
-                     isolation_threshold=1.0)
-    det = verdict.detection
-    assert det.flagged_targets == []
-    assert max(det.classes, key=lambda c: c.anomaly_index).target == 6
-    assert most_suspicious(det, 2.0, 1.0) == 5
-    assert score(det, 2.0, 1.0, [5]) == pytest.approx(score(det, 2.0, 1.0))
+    text = _why_flagged(c, "evidence", DetectionPolicy(margin_scale=5.0),
+                        c.margin_index / 5.0)
+    assert text.startswith("MM-BD max-margin index") and "> 5" in text
+    assert "norm tests alone did not flag it" in text
 
 
 def test_a_class_whose_trigger_rides_on_its_own_features_is_withdrawn():
     """Selectivity (evidence.py): zeroing the channels of class 1's reversed triggers
-    costs its own images far more than the triggers (log ratio -5): an honest easy class.
-    At weight 0.2 that takes 1.0 off its decision score, below the cut; at weight 0 it
-    stays flagged."""
-    sel = {("patch", 1): -5.0, ("universal", 1): -5.0}
-    evidence = Evidence(concentration={}, max_margin=None, selectivity=sel)
+    costs its own images far more than the triggers (log ratio -2): an honest easy class.
+    Below the floor -0.5 the norm tests do not flag it; without the rule they do."""
+    evidence = _evidence([1.0] * 10, {1: -2.0})
     kept = detect(_result(*RESNET_BADNETS), 2.5, 2.0, evidence=evidence)
     assert kept.detection.flagged_targets == [1]
     withdrawn = detect(_result(*RESNET_BADNETS), 2.5, 2.0, evidence=evidence,
-                       selectivity_weight=0.2)
+                       evidence_rule=EvidenceRule(selectivity_floor=-0.5))
     assert withdrawn.detection.flagged_targets == []
-    assert withdrawn.detection.classes[1].selectivity == {"patch": -5.0, "universal": -5.0}
+    assert withdrawn.detection.classes[1].selectivity == {"patch": -2.0, "universal": -2.0}
+    assert score(withdrawn.detection, 2.0, 1.0,
+                 evidence_rule=EvidenceRule(selectivity_floor=-0.5)) <= 1.0
