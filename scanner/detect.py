@@ -212,8 +212,6 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
         warp_anomaly_index=at(index, "warp"),
         warp_isolation=at(alone, "warp"),
         warp_ratio=at(ratio, "warp"),
-        concentration={} if evidence is None else {
-            fam: v for (fam, c), v in evidence.concentration.items() if c == t},
         selectivity={} if evidence is None else {
             fam: v for (fam, c), v in evidence.selectivity.items() if c == t},
         max_margin=(None if evidence is None or evidence.max_margin is None

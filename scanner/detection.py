@@ -18,7 +18,7 @@ from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
 from .detect import EvidenceRule, class_scores, detect, most_suspicious, score, selectivity
 from .detect import Verdict as DetectVerdict
-from .evidence import Evidence, MarginConfig, channel_evidence, max_margins
+from .evidence import Evidence, MarginConfig, max_margins, selectivities
 from .findings import ClassReverse, ScanResult
 from .policy import Catalog, DetectionPolicy
 from .progress import Progress
@@ -74,18 +74,18 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
                     reversed_: ReverseResult) -> Evidence:
     """evidence.py's statistics for every class of this view."""
-    ctx.progress.stage("weighing the evidence (channel concentration, max margins)")
+    ctx.progress.stage("weighing the evidence (selectivity, max margins)")
     masks = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device,
                                 max_bytes=ctx.policy.load.max_batch_bytes)
-    shares, select, passes = channel_evidence(masks, ctx.prep, images, reversed_.triggers,
-                                              ctx.n_classes)
+    select, passes = selectivities(masks, ctx.prep, images, reversed_.triggers,
+                                   ctx.n_classes)
     margins = None
     steps = ctx.policy.detection.margin_steps
     if steps:
         margins, more = max_margins(program, ctx.prep, ctx.n_classes,
                                     MarginConfig(steps=steps), ctx.opts.seed)
         passes += more
-    return Evidence(shares, margins, passes, select)
+    return Evidence(margins, passes, select)
 
 
 def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:

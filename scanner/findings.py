@@ -77,8 +77,6 @@ class ClassReverse:
     warp_anomaly_index: float | None = None
     warp_isolation: float | None = None  # gap to the next smallest warp (σ units)
     warp_ratio: float | None = None  # median class's warp norm / this class's
-    # evidence.py: share of each family's trigger support held by the top 1 % of channels
-    concentration: dict[str, float] = field(default_factory=dict)
     # evidence.py: per family, log ratio of what zeroing the trigger's top channels costs
     # the class's own images against what it costs the trigger (large: a separate path)
     selectivity: dict[str, float] = field(default_factory=dict)

@@ -138,7 +138,7 @@ def test_the_finding_quotes_the_test_that_flagged_the_class():
 
 def _evidence(margins: list[float], selectivity: float | dict[int, float] = 1.0) -> Evidence:
     sel = selectivity if isinstance(selectivity, dict) else {t: selectivity for t in range(10)}
-    return Evidence(concentration={}, max_margin=np.array(margins),
+    return Evidence(max_margin=np.array(margins),
                     selectivity={(f, t): v for t, v in sel.items()
                                  for f in ("patch", "universal")})
 

@@ -4,14 +4,13 @@ and the Shapley stage's first-order ranking run on."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from conftest import FEWSHOT, zoo_model
 
 from scanner.api import model_preprocess
 from scanner.autodiff import GradientProgram
 from scanner.autodiff.masks import MaskGradientProgram
 from scanner.data import load_images
-from scanner.evidence import MarginConfig, channel_evidence, max_margins, top_share
+from scanner.evidence import MarginConfig, max_margins, selectivities
 from scanner.graph.activations import discover_activations
 from scanner.graph.load import load_model
 from scanner.graph.mask import MaskedModel
@@ -51,17 +50,7 @@ def test_mask_gradients_match_finite_differences_on_a_zoo_model():
                                    atol=FD_RTOL * np.abs(grads).max())
 
 
-@pytest.mark.parametrize(("support", "expected"), [
-    (np.r_[10.0, np.zeros(99)], 1.0),  # one channel carries everything
-    (np.ones(100), 0.01),  # spread evenly: the top 1 % holds 1 %
-    (-np.ones(100), 0.0),  # nothing supports the trigger
-    (np.r_[3.0, 1.0, -5.0, np.zeros(97)], 0.75),  # negative support is not counted
-])
-def test_top_share(support, expected):
-    assert top_share(support) == pytest.approx(expected)
-
-
-def test_channel_evidence_for_every_trigger():
+def test_selectivity_for_every_trigger():
     model, prep, layers, images = _loaded("cnn_badnets")
     program = MaskGradientProgram(model.runnable, layers)
     rng = np.random.default_rng(0)
@@ -69,9 +58,8 @@ def test_channel_evidence_for_every_trigger():
     triggers = {("universal", t): ReversedTrigger("universal", t,
                                                   rng.normal(0, 0.1, shape).astype(np.float32),
                                                   None, 1.0, 1.0) for t in range(10)}
-    shares, select, passes = channel_evidence(program, prep, images, triggers, 10)
-    assert set(shares) == set(select) == set(triggers)
-    assert all(0.0 <= v <= 1.0 for v in shares.values())
+    select, passes = selectivities(program, prep, images, triggers, 10)
+    assert set(select) == set(triggers)
     assert all(np.isfinite(v) for v in select.values())
     # stamped, clean and own images (9 shifted copies of one), then stamped and own again
     assert passes == 10 * (2 * 9 + 9 + 9 + 9)
@@ -86,3 +74,19 @@ def test_max_margin_is_largest_for_the_backdoor_target():
     assert margins.shape == (10,) and np.isfinite(margins).all()
     assert int(np.argmax(margins)) == 0
     assert passes == 61 * 20
+
+
+def test_the_real_backdoor_is_selective():
+    """cnn_badnets' own trigger (a 3x3 white patch, bottom right, target 0) as a reversed
+    trigger: zeroing its top channels takes the trigger's effect away and leaves the
+    target's own images theirs, a clearly positive log ratio (the default rule vetoes
+    below -0.3)."""
+    from scanner.attacks import _corner
+
+    model, prep, layers, images = _loaded("cnn_badnets")
+    mask = np.zeros((28, 28), np.float32)
+    mask[_corner(28, 28, 3, "br")] = 1.0
+    real = ReversedTrigger("patch", 0, np.ones((1, 28, 28), np.float32), mask, 9.0, 1.0)
+    select, _ = selectivities(MaskGradientProgram(model.runnable, layers), prep, images,
+                              {("patch", 0): real}, 10)
+    assert select[("patch", 0)] > 1.0

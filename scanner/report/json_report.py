@@ -96,7 +96,6 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "patch_isolation": _num(c.patch_isolation),
             "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
             "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
-            "concentration": {k: _num(v) for k, v in c.concentration.items()},
             "selectivity": {k: _num(v) for k, v in c.selectivity.items()},
             "max_margin": _num(c.max_margin), "margin_index": _num(c.margin_index),
             "flagged": c.flagged}
