@@ -206,7 +206,7 @@ def redecide(record: dict) -> dict:
             if row.get(f"{fam}_selectivity") is not None:
                 select[(fam, t)] = row[f"{fam}_selectivity"]
     margins = [row.get("max_margin") for row in rows]
-    evidence = Evidence({}, None if None in margins else np.array(margins, float),
+    evidence = Evidence(None if None in margins else np.array(margins, float),
                         selectivity=select)
     result = ReverseResult(triggers, steps=0, forward_passes=0, seconds=0.0,
                            classes=len(rows))
@@ -315,6 +315,8 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> st
             lines.append(detection_row(label if label != "None" else "clean", group, runs))
     on_object = [e for e in usable if e["attack"] == "patch" and _on_object(e)]
     lines.append(detection_row("patch on the object", on_object, runs))
+    patterned = [e for e in on_object if e["params"].get("pattern") in ("checker", "random")]
+    lines.append(detection_row("checkerboard or random patch on the object", patterned, runs))
     off = [e["name"] for e in entries if e["attack"] and not e.get("implanted")
            and e["clean_acc"] >= MIN_CLEAN_ACC]
     untrained = [e["name"] for e in entries if e["clean_acc"] < MIN_CLEAN_ACC]
