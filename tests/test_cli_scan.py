@@ -296,8 +296,9 @@ def test_the_policy_sets_each_views_step_budget(tmp_path):
     from scanner.api import ScanOptions, scan
 
     policy = tmp_path / "short.toml"
+    # evidence off: its passes (selectivity, MM-BD) are counted too, and are not steps
     policy.write_text("[detection]\nreverse_steps = 3\nsecond_view_steps = 2\n"
-                      "[repair]\nenabled = false\n")
+                      "evidence = false\n[repair]\nenabled = false\n")
     result = scan(zoo_model("cnn_clean"), ScanOptions(data=FEWSHOT, policy=policy, quiet=True))
     assert list(result.detection.views) == ["few-shot", "synthesised"]
     rows = 3 * 10 * 9  # families x targets x images of the other classes

@@ -59,13 +59,14 @@ def colour_images(path: Path, classes: int = 3) -> Path:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> tuple[Path, Path]:
-    """Three colour models (at the scan's seed 0, seeds 0 and 1 are flagged and get
-    channels zeroed, 2 is clean) and one file that is no model: exit 1 and 2 at once, so
-    the gate's precedence is part of what must match."""
+    """Three colour models (at the scan's seed 0, model seeds 0 and 8 are flagged and get
+    channels zeroed, 2 is clean; seed 1's flag is withdrawn by the selectivity veto) and
+    one file that is no model: exit 1 and 2 at once, so the gate's precedence is part of
+    what must match."""
     folder = tmp_path / "models"
     folder.mkdir()
-    for seed in range(3):
-        (folder / f"colour{seed}.onnx").write_bytes(colour_model(seed).SerializeToString())
+    for i, seed in enumerate((0, 8, 2)):
+        (folder / f"colour{i}.onnx").write_bytes(colour_model(seed).SerializeToString())
     (folder / "broken.onnx").write_bytes(b"not a model")
     return folder, colour_images(tmp_path / "few.npz")
 
