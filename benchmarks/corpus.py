@@ -73,16 +73,16 @@ def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
 
 # ---------------------------------------------------------------- one scan (child process)
 
-CLASS_FIELDS = ("mask_l1", "universal_norm", "warp_norm", "reversed_asr",
-                "patch_concentration", "universal_concentration", "warp_concentration",
-                "max_margin", "patch_selectivity", "universal_selectivity", "warp_selectivity")
+# (scans saved before the concentration statistic was dropped also list
+# patch/universal/warp_concentration: every reader goes by the record's class_fields)
+CLASS_FIELDS = ("mask_l1", "universal_norm", "warp_norm", "reversed_asr", "max_margin",
+                "patch_selectivity", "universal_selectivity", "warp_selectivity")
 
 
 def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
-    conc, sel = c.concentration, c.selectivity
-    return [c.mask_l1, c.universal_norm, c.warp_norm, c.reversed_asr, conc.get("patch"),
-            conc.get("universal"), conc.get("warp"), c.max_margin, sel.get("patch"),
-            sel.get("universal"), sel.get("warp")]
+    sel = c.selectivity
+    return [c.mask_l1, c.universal_norm, c.warp_norm, c.reversed_asr, c.max_margin,
+            sel.get("patch"), sel.get("universal"), sel.get("warp")]
 
 
 def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
