@@ -152,7 +152,7 @@ class DetectionPolicy:
     # class whose triggers' selectivity is below selectivity_floor; a class whose
     # selectivity is above margin_gate is flagged by its MM-BD margin index over
     # margin_scale (0: no margin test)
-    selectivity_floor: float = -0.3
+    selectivity_floor: float = -1.0
     margin_scale: float = 0.0
     margin_gate: float = 0.0
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to

@@ -80,7 +80,7 @@ def test_the_real_backdoor_is_selective():
     """cnn_badnets' own trigger (a 3x3 white patch, bottom right, target 0) as a reversed
     trigger: zeroing its top channels takes the trigger's effect away and leaves the
     target's own images theirs, a clearly positive log ratio (the default rule vetoes
-    below -0.3)."""
+    below -1)."""
     from scanner.attacks import _corner
 
     model, prep, layers, images = _loaded("cnn_badnets")
