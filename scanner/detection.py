@@ -8,6 +8,7 @@ second view flagged, and the SS201/SS202 findings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -170,7 +171,8 @@ def _why_flagged(c: ClassReverse, reason: str, policy: DetectionPolicy,
     """The test that flagged the class, with the numbers it compared."""
     text = _test_passed(c, reason, policy, decision)
     sel = selectivity(c)
-    if reason != "evidence" and sel is not None and policy.evidence:
+    if reason != "evidence" and sel is not None and policy.evidence \
+            and math.isfinite(policy.selectivity_floor):
         text += f"; selectivity {sel:.2f} ≥ {policy.selectivity_floor:g}"
     return text
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import types
 from collections.abc import Iterator, Mapping
@@ -152,7 +153,7 @@ class DetectionPolicy:
     # class whose triggers' selectivity is below selectivity_floor; a class whose
     # selectivity is above margin_gate is flagged by its MM-BD margin index over
     # margin_scale (0: no margin test)
-    selectivity_floor: float = -1.0
+    selectivity_floor: float = -math.inf  # off: see default.toml
     margin_scale: float = 0.0
     margin_gate: float = 0.0
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
@@ -250,7 +251,9 @@ class Policy:
             "fail_on": self.fail_on.name.lower(),
             "suppress": sorted(self.suppress),
             "overrides": {k: v.name.lower() for k, v in sorted(self.overrides.items())},
-            "detection": dataclasses.asdict(self.detection),
+            # JSON has no infinity: an unbounded value (selectivity_floor = -inf) is null
+            "detection": {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                          for k, v in dataclasses.asdict(self.detection).items()},
             "repair": dataclasses.asdict(self.repair),
             "shapley": dataclasses.asdict(self.shapley),
             "load": {**dataclasses.asdict(self.load),
