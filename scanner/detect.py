@@ -170,7 +170,9 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
                           else "warp" if by_warp else "evidence")
         elif combined[t] > warn_threshold:
             suspicious.append(t)
-    flagged.sort(key=lambda t: -decision[t])  # the strongest is repaired first
+    # the strongest is repaired first: the largest of its combined index and isolations
+    strength = {t: max([combined[t]] + [alone[f][t] for f in alone]) for t in flagged}
+    flagged.sort(key=lambda t: -strength[t])
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes
