@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import onnx
 
 from .autodiff import GradientProgram
 from .autodiff.masks import MaskGradientProgram
@@ -61,22 +62,28 @@ def synthesise_inputs(ctx: ScanContext, stage: str = "synthesising data (data-fr
 
 
 def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: ImageSet,
-                       synthetic: bool, bn_layers: int, steps: int) -> DetectVerdict:
+                       synthetic: bool, bn_layers: int, steps: int,
+                       model: onnx.ModelProto | None = None) -> DetectVerdict:
+    """Reverse, gather the evidence and decide, on `program`; `model` is the graph it was
+    built from (the scanned model's, unless the re-scan passes the repaired one)."""
     det = ctx.policy.detection
     cfg = replace(ctx.opts.reverse, steps=steps)
     reversed_ = reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg,
                                  ctx.opts.seed, ctx.progress)
-    found = gather_evidence(ctx, program, images, reversed_) if det.evidence else None
+    found = (gather_evidence(ctx, program, images, reversed_, model) if det.evidence
+             else None)
     return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
                   det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
                   evidence_rule(det))
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
-                    reversed_: ReverseResult) -> Evidence:
-    """evidence.py's statistics for every class of this view."""
+                    reversed_: ReverseResult, model: onnx.ModelProto | None = None
+                    ) -> Evidence:
+    """evidence.py's statistics for every class of this view, on `model` (default: the
+    scanned model's runnable graph)."""
     ctx.progress.stage("weighing the evidence (selectivity, max margins)")
-    masks = MaskGradientProgram(ctx.model.runnable, ctx.layers, ctx.device,
+    masks = MaskGradientProgram(model or ctx.model.runnable, ctx.layers, ctx.device,
                                 max_bytes=ctx.policy.load.max_batch_bytes)
     select, passes = selectivities(masks, ctx.prep, images, reversed_.triggers,
                                    ctx.n_classes)

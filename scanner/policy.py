@@ -198,7 +198,7 @@ class ShapleyPolicy:
     truncation: float = 0.1  # stop a permutation when utility < truncation * v(all)
     # above this many channels the estimate plays only with the top of a first-order
     # ranking (repair.narrow_players); 0: always every channel
-    max_players: int = 512
+    max_players: int = 1500
 
 
 @dataclass(frozen=True)

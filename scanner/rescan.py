@@ -40,14 +40,14 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
     program = GradientProgram(repaired, device=ctx.device,
                               max_bytes=ctx.policy.load.max_batch_bytes)
     first = reverse_and_detect(ctx, program, ctx.images, ctx.opts.data_free, ctx.bn_layers,
-                               det.reverse_steps)
+                               det.reverse_steps, repaired)
     views, passes = [ctx.view], first.detection.forward_passes
     anomaly = {c.target: c.anomaly_index for c in first.detection.classes}
     flagged = list(first.detection.flagged_targets)
     if "synthesised" in ctx.result.detection.views and ctx.second_images is not None:
         ctx.progress.stage("re-scanning the repaired model on synthesised inputs")
         second = reverse_and_detect(ctx, program, ctx.second_images, True,
-                                    ctx.second_bn_layers, det.second_view_steps)
+                                    ctx.second_bn_layers, det.second_view_steps, repaired)
         views.append("synthesised")
         passes += second.detection.forward_passes
         if repair.target in second.detection.flagged_targets and repair.target not in flagged:
