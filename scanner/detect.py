@@ -144,30 +144,31 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
              if "warp" in norms else {})
     margins = (margin_index(evidence.max_margin)
                if evidence is not None and evidence.max_margin is not None else None)
-    classes = [_class_reverse(result, t, index, alone, ratio, float(combined[t]), evidence,
-                              None if margins is None else float(margins[t]))
+    by_patch = [("patch" in index and bool(
+        index["patch"][t] > warn_threshold and alone["patch"][t] >= isolation_threshold))
+        for t in range(n)]
+    by_warp = [("warp" in index and bool(
+        index["warp"][t] > threshold and alone["warp"][t] >= isolation_threshold
+        and ratio["warp"][t] >= warp_ratio)) for t in range(n)]
+    # the family that stands out most supplies the trigger for the Shapley stage
+    best = ["patch" if by_patch[t] else "warp" if by_warp[t]
+            else max(families, key=lambda f: index[f][t]) for t in range(n)]
+    classes = [_class_reverse(result, t, index, alone, ratio, float(combined[t]), best[t],
+                              evidence, None if margins is None else float(margins[t]))
                for t in range(n)]
     decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
                             warp_ratio, evidence_rule)
     flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
     for t, c in enumerate(classes):
-        by_patch = "patch" in index and bool(
-            index["patch"][t] > warn_threshold and alone["patch"][t] >= isolation_threshold)
-        by_warp = "warp" in index and bool(
-            index["warp"][t] > threshold and alone["warp"][t] >= isolation_threshold
-            and ratio["warp"][t] >= warp_ratio)
-        # the family that stands out most supplies the trigger for the Shapley stage
-        best_fam = ("patch" if by_patch else "warp" if by_warp
-                    else max(families, key=lambda f: index[f][t]))
+        best_fam = best[t]
         c.flagged = decision[t] > 1.0
-        c.reversed_asr = float(result.triggers[(best_fam, t)].asr)
         if c.flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
             every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
-            reasons[t] = ("combined" if combined[t] > threshold else "patch" if by_patch
-                          else "warp" if by_warp else "evidence")
+            reasons[t] = ("combined" if combined[t] > threshold else "patch" if by_patch[t]
+                          else "warp" if by_warp[t] else "evidence")
         elif combined[t] > warn_threshold:
             suspicious.append(t)
     # the strongest is repaired first: the largest of its combined index and isolations
@@ -191,7 +192,7 @@ def margin_index(margins: np.ndarray) -> np.ndarray:
 
 def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
                    alone: dict[str, np.ndarray], ratio: dict[str, np.ndarray],
-                   combined: float, evidence: Evidence | None,
+                   combined: float, best_fam: str, evidence: Evidence | None,
                    margin: float | None) -> ClassReverse:
     def norm(fam: str) -> float | None:
         trig = result.triggers.get((fam, t))
@@ -205,7 +206,7 @@ def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
         target=t,
         mask_l1=float("nan") if mask_l1 is None else mask_l1,
         anomaly_index=combined,
-        reversed_asr=0.0,  # of the family that supplies the trigger: set by `detect`
+        reversed_asr=float(result.triggers[(best_fam, t)].asr),
         universal_norm=norm("universal"),
         universal_anomaly_index=at(index, "universal"),
         patch_anomaly_index=at(index, "patch"),

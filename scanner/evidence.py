@@ -36,6 +36,7 @@ from .autodiff.masks import MaskGradientProgram
 from .data import ImageSet, Preprocess, shifted
 from .optim import Adam
 from .reverse import ReversedTrigger
+from .shapley import softmax
 
 PRUNE_SHARE = 0.02  # channels the selectivity test zeroes, as a share of all
 OWN_COPIES = 8  # shifted copies of the class's own images in the selectivity test
@@ -48,12 +49,6 @@ class Evidence:
     forward_passes: int = 0
     # (family, class) -> `selectivities` of zeroing the trigger's top channels
     selectivity: dict[tuple[str, int], float] = field(default_factory=dict)
-
-
-def _probability(logits: np.ndarray, target: int) -> float:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return float((e[:, target] / e.sum(1)).mean())
 
 
 def selectivities(program: MaskGradientProgram, prep: Preprocess, images: ImageSet,
@@ -97,7 +92,7 @@ def selectivities(program: MaskGradientProgram, prep: Preprocess, images: ImageS
         after, _ = program.run(prep.to_model(np.concatenate([stamped, own])),
                                w[:n + len(own)] * 0, coalition)
         passes += len(x) + n + len(own)
-        ratio = [np.log((_probability(a, t) + EPS) / (_probability(b, t) + EPS))
+        ratio = [np.log((softmax(a)[:, t].mean() + EPS) / (softmax(b)[:, t].mean() + EPS))
                  for a, b in ((after[n:], logits[2 * n:]), (after[:n], logits[:n]))]
         select[(family, t)] = float(ratio[0] - ratio[1])
     return select, passes

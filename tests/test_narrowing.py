@@ -16,6 +16,7 @@ from scanner.graph.mask import MaskedModel
 from scanner.policy import load_catalog, load_policy
 from scanner.progress import Progress
 from scanner.repair import narrow_players
+from scanner.shapley import softmax
 
 
 def _context(max_players: int) -> api.ScanContext:
@@ -44,11 +45,11 @@ def test_the_narrowed_players_hold_the_channels_whose_removal_stops_the_trigger_
     x = ctx.prep.to_model(stamped)
     n = sum(layer.channels for layer in ctx.layers)
     drops = np.empty(n)
-    base = _target_probability(masked.run_ones(x), entry["target"])
+    base = softmax(masked.run_ones(x))[:, entry["target"]].mean()
     for ch in range(n):
         coalition = np.ones((len(x), n), np.float32)
         coalition[:, ch] = 0.0
-        drops[ch] = base - _target_probability(masked.run_flat(x, coalition), entry["target"])
+        drops[ch] = base - softmax(masked.run_flat(x, coalition))[:, entry["target"]].mean()
     assert set(np.argsort(-drops)[:10].tolist()) <= set(players.tolist())
 
 
@@ -57,9 +58,3 @@ def test_no_narrowing_at_or_below_the_limit_or_when_switched_off():
     stamped = load_images(FEWSHOT, ctx.prep).pixels[:4]
     assert narrow_players(ctx, stamped, 0) is None
     assert narrow_players(_context(0), stamped, 0) is None
-
-
-def _target_probability(logits: np.ndarray, target: int) -> float:
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    return float(p[:, target].mean())

@@ -23,10 +23,15 @@ from ..graph.mask import insert_masks, mask_inputs
 from ..runtime import Device, make_session
 from .backward import attach, backprop_many, float_type
 from .context import VJPContext
-from .program import TARGET_INPUT, _with_scatter_add, classifier_logits, image_input
+from .program import (
+    MAX_RUN_VALUES,
+    TARGET_INPUT,
+    _with_scatter_add,
+    classifier_logits,
+    image_input,
+)
 
 MASK_GRAD_SUFFIX = "__mask_grad"
-MAX_RUN_VALUES = 1 << 22  # input values per session run (16 MiB of float32)
 
 
 class MaskGradientProgram:
