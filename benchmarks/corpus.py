@@ -4,14 +4,21 @@ and attack.
     python benchmarks/corpus.py                              # few-shot, seed 0, detection
     python benchmarks/corpus.py --modes fewshot,datafree --seeds 0,1,2
     python benchmarks/corpus.py --repair --split calibration # scan --out, score the repair
+    python benchmarks/corpus.py --repair --policy benchmarks/corpus/policies/cap10.toml
     python benchmarks/corpus.py --table-only                 # tables from saved results
     SHAPSCAN_THREADS=1 python benchmarks/corpus.py --jobs 2  # two scans at a time
 
 The corpus is benchmarks/corpus/manifest.json (built by benchmarks/corpus/make_corpus.py).
 Each (model, mode, seed) is scanned in its own process, with a time limit, exactly as
 `scanner.api.scan` runs for `shapscan scan`, and its outcome saved to
-benchmarks/corpus/results/MODE/seedK[-repair]/NAME.json: the run is resumable across
-sessions (a saved result is not scanned again unless --rerun; a timeout or a crash is).
+benchmarks/corpus/results/MODE/seedK[-repair[-POLICY]]/NAME.json: the run is resumable
+across sessions (a saved result is not scanned again unless --rerun; a timeout or a crash
+is). A repair pass scans only the models the detection pass at the same mode and seed
+flagged (or has not scanned yet): the scan is deterministic for a seed, so a model it
+called clean would be called clean again and left unmodified; its record is the detection
+record marked `reused_detection` (--scan-clean scans them anyway). `--policy FILE` repairs
+at a policy that extends the default in its [repair] section only (detection must stay
+the default's for that reuse to hold), its results under a folder named after the file.
 Positives are backdoored models whose trigger took (manifest `implanted`); a backdoored
 model whose trigger did not take, and a model that did not learn its task (clean accuracy
 below 50 %), are left out of the detection metrics and listed on their own lines.
@@ -67,8 +74,9 @@ def usable_model(e: dict) -> bool:
     return e["clean_acc"] >= MIN_CLEAN_ACC and (e["attack"] is None or bool(e.get("implanted")))
 
 
-def result_path(name: str, mode: str, seed: int, repair: bool) -> Path:
-    return RESULTS / mode / f"seed{seed}{'-repair' if repair else ''}" / f"{name}.json"
+def result_path(name: str, mode: str, seed: int, repair: bool, tag: str = "") -> Path:
+    folder = f"seed{seed}" + ("-repair" if repair else "") + (f"-{tag}" if tag else "")
+    return RESULTS / mode / folder / f"{name}.json"
 
 
 # ---------------------------------------------------------------- one scan (child process)
@@ -85,14 +93,14 @@ def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
             sel.get("patch"), sel.get("universal"), sel.get("warp")]
 
 
-def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
+def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str = "") -> dict:
     from scanner.api import ScanOptions, evaluate, scan
     from scanner.attacks import Attack
 
     data_free = mode == "datafree"
     with tempfile.TemporaryDirectory(prefix="shapscan-corpus-") as tmp:
         out = Path(tmp) / "repaired.onnx" if repair else None
-        policy: str | Path = "default"
+        policy: str | Path = Path(policy_file) if policy_file else "default"
         if not repair:
             policy = Path(tmp) / "detect-only.toml"
             policy.write_text('extends = "default"\n[repair]\nenabled = false\n')
@@ -137,10 +145,11 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool) -> dict:
     return record
 
 
-def run_child(entry: dict, mode: str, seed: int, repair: bool, timeout: float) -> dict:
+def run_child(entry: dict, mode: str, seed: int, repair: bool, timeout: float,
+              policy_file: str = "") -> dict:
     """One scan in its own process: a crash, a hang or a memory blow-up is one row."""
     cmd = [sys.executable, __file__, "--job", entry["name"], mode, str(seed),
-           "1" if repair else "0"]
+           "1" if repair else "0", policy_file]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -295,15 +304,17 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> l
     return lines
 
 
-def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool) -> str:
+def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = ""
+           ) -> str:
     runs: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
         for s in seeds:
-            p = result_path(e["name"], mode, s, repair)
+            p = result_path(e["name"], mode, s, repair, tag)
             if p.is_file():
                 runs[e["name"]].append(redecide(json.loads(p.read_text())))
     usable = [e for e in entries if usable_model(e)]
-    lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{', with repair' if repair else ''}",
+    title = (", with repair" if repair else "") + (f" (policy {tag})" if tag else "")
+    lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{title}",
              "", DET_HEADER]
     for split in ("calibration", "validation"):
         lines.append(detection_row(f"**{split}**",
@@ -365,9 +376,26 @@ def _wanted(path: Path) -> bool:
     return not path.is_file() or json.loads(path.read_text())["verdict"] in RETRY
 
 
-def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float) -> None:
-    r = run_child(e, mode, seed, repair, timeout)
-    path = result_path(e["name"], mode, seed, repair)
+def detected_clean(e: dict, mode: str, seed: int) -> dict | None:
+    """The detection pass's record of a model it called clean (None: flagged, failed or
+    not scanned yet)."""
+    path = result_path(e["name"], mode, seed, False)
+    if not path.is_file():
+        return None
+    record = redecide(json.loads(path.read_text()))
+    if record["verdict"] in ("clean", "backdoor") and not record.get("flagged"):
+        return record
+    return None
+
+
+def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float,
+                  policy_file: str = "", tag: str = "", scan_clean: bool = False) -> None:
+    reused = None if not repair or scan_clean else detected_clean(e, mode, seed)
+    if reused is not None:
+        r = {**reused, "written": False, "reused_detection": True}
+    else:
+        r = run_child(e, mode, seed, repair, timeout, policy_file)
+    path = result_path(e["name"], mode, seed, repair, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(r, indent=1) + "\n")
     extra = f" asr_after {r.get('asr_after')}" if repair else ""
@@ -380,7 +408,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
         entry = next(e for e in manifest() if e["name"] == name)
-        print(json.dumps(scan_one(entry, mode, seed, repair == "1")))
+        print(json.dumps(scan_one(entry, mode, seed, repair == "1", sys.argv[6])))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fewshot", help="fewshot,datafree")
@@ -388,12 +416,20 @@ def main() -> None:
     ap.add_argument("--split", default="all", choices=("all", "calibration", "validation"))
     ap.add_argument("--models", default=None, help="comma-separated names, or a prefix*")
     ap.add_argument("--repair", action="store_true", help="scan with --out and score it")
+    ap.add_argument("--policy", default="", help="repair at this policy file (extends the "
+                    "default in [repair] only); results in a folder named after it")
+    ap.add_argument("--scan-clean", action="store_true", help="with --repair, scan the "
+                    "models the detection pass called clean too")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
     ap.add_argument("--jobs", type=int, default=1,
                     help="scans at a time (each its own process; set SHAPSCAN_THREADS=1)")
     args = ap.parse_args()
+    if args.policy and not args.repair:
+        ap.error("--policy is for repair passes (--repair)")
+    policy_file = str(Path(args.policy).resolve()) if args.policy else ""
+    tag = Path(args.policy).stem if args.policy else ""
     entries = manifest()
     if args.split != "all":
         entries = [e for e in entries if e["split"] == args.split]
@@ -409,14 +445,15 @@ def main() -> None:
         # a model that is no test of the detector (usable_model) is not scanned either
         todo = [(e, mode, seed) for mode in modes for seed in seeds for e in entries
                 if usable_model(e) and (args.rerun or _wanted(
-                    result_path(e["name"], mode, seed, args.repair)))]
+                    result_path(e["name"], mode, seed, args.repair, tag)))]
         # each scan is its own process; --jobs of them at a time (threads only wait)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for _ in pool.map(lambda job: scan_and_save(*job, args.repair, args.timeout),
+            for _ in pool.map(lambda job: scan_and_save(*job, args.repair, args.timeout,
+                                                        policy_file, tag, args.scan_clean),
                               todo):
                 pass
     for mode in modes:
-        print(tables(entries, mode, seeds, args.repair))
+        print(tables(entries, mode, seeds, args.repair, tag))
         print()
 
 
