@@ -5,6 +5,7 @@ and attack.
     python benchmarks/corpus.py --modes fewshot,datafree --seeds 0,1,2
     python benchmarks/corpus.py --repair --split calibration # scan --out, score the repair
     python benchmarks/corpus.py --repair --policy benchmarks/corpus/policies/cap10.toml
+    python benchmarks/corpus.py --repair --method clp        # a baseline on every backdoor
     python benchmarks/corpus.py --table-only                 # tables from saved results
     SHAPSCAN_THREADS=1 python benchmarks/corpus.py --jobs 2  # two scans at a time
 
@@ -19,6 +20,8 @@ called clean would be called clean again and left unmodified; its record is the 
 record marked `reused_detection` (--scan-clean scans them anyway). `--policy FILE` repairs
 at a policy that extends the default in its [repair] section only (detection must stay
 the default's for that reuse to hold), its results under a folder named after the file.
+`--method clp|fp` runs a baseline instead (`shapscan scan --method`): it detects nothing
+and prunes every model, so it runs on every usable backdoored model.
 Positives are backdoored models whose trigger took (manifest `implanted`); a backdoored
 model whose trigger did not take, and a model that did not learn its task (clean accuracy
 below 50 %), are left out of the detection metrics and listed on their own lines.
@@ -93,7 +96,8 @@ def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
             sel.get("patch"), sel.get("universal"), sel.get("warp")]
 
 
-def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str = "") -> dict:
+def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str = "",
+             method: str = "shapley") -> dict:
     from scanner.api import ScanOptions, evaluate, scan
     from scanner.attacks import Attack
 
@@ -107,7 +111,7 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
         options = ScanOptions(data=None if data_free else ROOT / entry["fewshot"],
                               data_free=data_free, policy=policy, seed=seed, out=out,
                               # score every repair; the metadata says which were complete
-                              keep_incomplete=repair, quiet=True)
+                              keep_incomplete=repair, quiet=True, method=method)
         start = time.perf_counter()
         result = scan(CORPUS / entry["model"], options)
         seconds = time.perf_counter() - start
@@ -134,6 +138,10 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                 record["channels_zeroed"] = len(rep.pruned)
                 record["channels_total"] = rep.channels_total
                 record["repair_status"] = rep.status
+                record["incomplete_reasons"] = list(rep.incomplete_reasons)
+                record["target_reached"] = rep.target_reached
+                if rep.rescan is not None:
+                    record["rescan_flagged"] = rep.rescan.flagged_targets
             if written and entry["attack"]:
                 import onnx
                 meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -146,10 +154,10 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
 
 
 def run_child(entry: dict, mode: str, seed: int, repair: bool, timeout: float,
-              policy_file: str = "") -> dict:
+              policy_file: str = "", method: str = "shapley") -> dict:
     """One scan in its own process: a crash, a hang or a memory blow-up is one row."""
     cmd = [sys.executable, __file__, "--job", entry["name"], mode, str(seed),
-           "1" if repair else "0", policy_file]
+           "1" if repair else "0", policy_file, method]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -285,9 +293,10 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> l
     for e in entries:
         for r in runs.get(e["name"], []):
             groups[e[key] if key != "all" else "all"].append((e, r))
-    lines = [f"| {key} | backdoored | repaired (written) | ASR after median / worst | "
-             "drop median / worst (points) | written with ASR > 10 % unmarked | "
-             "clean models modified |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {key} | backdoored | repaired (written) | complete | re-scan clean | "
+             "ASR after median / worst | drop median / worst (points) | "
+             "written with ASR > 10 % unmarked | clean models modified |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, pairs in sorted(groups.items()):
         bd = [(e, r) for e, r in pairs if e["attack"]]
         done = [(e, r) for e, r in bd if r.get("asr_after") is not None]
@@ -297,15 +306,21 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> l
                      and r.get("repair_metadata") != "incomplete")
         modified = sum(1 for e, r in pairs if not e["attack"] and r.get("written")
                        and r.get("verdict") != "clean")
+        complete = sum(1 for _, r in done if r.get("repair_metadata") == "complete")
+        rescanned = [r for _, r in done if "rescan_flagged" in r]
+        clean_again = sum(1 for r in rescanned if not r["rescan_flagged"])
         med = (f"{100 * statistics.median(asr):.1f} / {100 * max(asr):.1f} %" if asr else "-")
         dd = f"{statistics.median(drop):.1f} / {max(drop):.1f}" if drop else "-"
-        lines.append(f"| {label} | {len(bd)} | {len(done)} | {med} | {dd} | {unsafe} | "
+        lines.append(f"| {label} | {len(bd)} | {len(done)} | {complete} | "
+                     f"{clean_again}/{len(rescanned)} | {med} | {dd} | {unsafe} | "
                      f"{modified} |")
     return lines
 
 
-def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = ""
-           ) -> str:
+def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = "",
+           baseline: bool = False) -> str:
+    """The detection tables (none for a baseline: it detects nothing), then with `repair`
+    the repair tables."""
     runs: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
         for s in seeds:
@@ -314,8 +329,10 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
                 runs[e["name"]].append(redecide(json.loads(p.read_text())))
     usable = [e for e in entries if usable_model(e)]
     title = (", with repair" if repair else "") + (f" (policy {tag})" if tag else "")
-    lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{title}",
-             "", DET_HEADER]
+    lines = [f"### {mode}, seeds {','.join(map(str, seeds))}{title}"]
+    if baseline:
+        return "\n".join(lines + repair_tables(entries, runs))
+    lines += ["", DET_HEADER]
     for split in ("calibration", "validation"):
         lines.append(detection_row(f"**{split}**",
                                    [e for e in usable if e["split"] == split], runs))
@@ -337,9 +354,15 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
     if off:
         lines += ["", f"Not implanted (true ASR < 80 %, left out): {', '.join(off)}"]
     if repair:
-        for key in ("split", "family_label", "attack"):
-            lines += ["", *repair_rows(entries, runs, key)]
+        lines += repair_tables(entries, runs)
     return "\n".join(lines)
+
+
+def repair_tables(entries: list[dict], runs: dict[str, list[dict]]) -> list[str]:
+    lines: list[str] = []
+    for key in ("split", "family_label", "attack"):
+        lines += ["", *repair_rows(entries, runs, key)]
+    return lines
 
 
 def _on_object(e: dict) -> bool:
@@ -389,12 +412,14 @@ def detected_clean(e: dict, mode: str, seed: int) -> dict | None:
 
 
 def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float,
-                  policy_file: str = "", tag: str = "", scan_clean: bool = False) -> None:
-    reused = None if not repair or scan_clean else detected_clean(e, mode, seed)
+                  policy_file: str = "", tag: str = "", scan_clean: bool = False,
+                  method: str = "shapley") -> None:
+    reused = (None if not repair or scan_clean or method != "shapley"
+              else detected_clean(e, mode, seed))
     if reused is not None:
         r = {**reused, "written": False, "reused_detection": True}
     else:
-        r = run_child(e, mode, seed, repair, timeout, policy_file)
+        r = run_child(e, mode, seed, repair, timeout, policy_file, method)
     path = result_path(e["name"], mode, seed, repair, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(r, indent=1) + "\n")
@@ -408,7 +433,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
         entry = next(e for e in manifest() if e["name"] == name)
-        print(json.dumps(scan_one(entry, mode, seed, repair == "1", sys.argv[6])))
+        print(json.dumps(scan_one(entry, mode, seed, repair == "1", *sys.argv[6:8])))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fewshot", help="fewshot,datafree")
@@ -418,6 +443,8 @@ def main() -> None:
     ap.add_argument("--repair", action="store_true", help="scan with --out and score it")
     ap.add_argument("--policy", default="", help="repair at this policy file (extends the "
                     "default in [repair] only); results in a folder named after it")
+    ap.add_argument("--method", default="shapley", choices=("shapley", "clp", "fp"),
+                    help="with --repair: a baseline instead of the scan, on every backdoor")
     ap.add_argument("--scan-clean", action="store_true", help="with --repair, scan the "
                     "models the detection pass called clean too")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
@@ -426,10 +453,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="scans at a time (each its own process; set SHAPSCAN_THREADS=1)")
     args = ap.parse_args()
-    if args.policy and not args.repair:
-        ap.error("--policy is for repair passes (--repair)")
+    if (args.policy or args.method != "shapley") and not args.repair:
+        ap.error("--policy and --method are for repair passes (--repair)")
     policy_file = str(Path(args.policy).resolve()) if args.policy else ""
-    tag = Path(args.policy).stem if args.policy else ""
+    tag = "-".join(t for t in (Path(args.policy).stem if args.policy else "",
+                               "" if args.method == "shapley" else args.method) if t)
     entries = manifest()
     if args.split != "all":
         entries = [e for e in entries if e["split"] == args.split]
@@ -444,16 +472,18 @@ def main() -> None:
     if not args.table_only:
         # a model that is no test of the detector (usable_model) is not scanned either
         todo = [(e, mode, seed) for mode in modes for seed in seeds for e in entries
-                if usable_model(e) and (args.rerun or _wanted(
+                if usable_model(e) and (args.method == "shapley" or e["attack"])
+                and (args.rerun or _wanted(
                     result_path(e["name"], mode, seed, args.repair, tag)))]
         # each scan is its own process; --jobs of them at a time (threads only wait)
         with ThreadPoolExecutor(args.jobs) as pool:
             for _ in pool.map(lambda job: scan_and_save(*job, args.repair, args.timeout,
-                                                        policy_file, tag, args.scan_clean),
+                                                        policy_file, tag, args.scan_clean,
+                                                        args.method),
                               todo):
                 pass
     for mode in modes:
-        print(tables(entries, mode, seeds, args.repair, tag))
+        print(tables(entries, mode, seeds, args.repair, tag, args.method != "shapley"))
         print()
 
 
