@@ -292,28 +292,37 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> l
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for e in entries:
         for r in runs.get(e["name"], []):
-            groups[e[key] if key != "all" else "all"].append((e, r))
+            groups[str(e[key] or "clean")].append((e, r))
     lines = [f"| {key} | backdoored | repaired (written) | complete | re-scan clean | "
              "ASR after median / worst | drop median / worst (points) | "
-             "written with ASR > 10 % unmarked | clean models modified |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ASR after median, every backdoor | "
+             "written with ASR > 10 % unmarked | clean models modified (complete / kept "
+             "incomplete) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, pairs in sorted(groups.items()):
         bd = [(e, r) for e, r in pairs if e["attack"]]
         done = [(e, r) for e, r in bd if r.get("asr_after") is not None]
         asr = [r["asr_after"] for _, r in done]
         drop = [100 * (e["clean_acc"] - r["acc_after"]) for e, r in done]
+        # every backdoored model, one not repaired (missed, refused, pruned nothing) as it was
+        every = [r["asr_after"] if r.get("asr_after") is not None else e["asr"]
+                 for e, r in bd]
         unsafe = sum(1 for _, r in done if r["asr_after"] > 0.10
                      and r.get("repair_metadata") != "incomplete")
-        modified = sum(1 for e, r in pairs if not e["attack"] and r.get("written")
-                       and r.get("verdict") != "clean")
+        # a clean model the scan changed: written as a complete repair (what the default
+        # delivers), or as an incomplete one only because the pass keeps every repair
+        touched = [r for e, r in pairs if not e["attack"] and r.get("written")]
+        modified = (f"{sum(r.get('repair_status') == 'complete' for r in touched)} / "
+                    f"{sum(r.get('repair_status') != 'complete' for r in touched)}")
         complete = sum(1 for _, r in done if r.get("repair_metadata") == "complete")
         rescanned = [r for _, r in done if "rescan_flagged" in r]
         clean_again = sum(1 for r in rescanned if not r["rescan_flagged"])
         med = (f"{100 * statistics.median(asr):.1f} / {100 * max(asr):.1f} %" if asr else "-")
         dd = f"{statistics.median(drop):.1f} / {max(drop):.1f}" if drop else "-"
+        med_every = f"{100 * statistics.median(every):.1f} %" if every else "-"
         lines.append(f"| {label} | {len(bd)} | {len(done)} | {complete} | "
-                     f"{clean_again}/{len(rescanned)} | {med} | {dd} | {unsafe} | "
-                     f"{modified} |")
+                     f"{clean_again}/{len(rescanned)} | {med} | {dd} | {med_every} | "
+                     f"{unsafe} | {modified} |")
     return lines
 
 
