@@ -20,7 +20,7 @@ called clean would be called clean again and left unmodified; its record is the 
 record marked `reused_detection` (--scan-clean scans them anyway). `--policy FILE` repairs
 at a policy that extends the default in its [repair] section only (detection must stay
 the default's for that reuse to hold), its results under a folder named after the file.
-`--method clp|fp` runs a baseline instead (`shapscan scan --method`): it detects nothing
+`--method clp|fp|ft` runs a baseline instead (`shapscan scan --method`): it detects nothing
 and prunes every model, so it runs on every usable backdoored model.
 Positives are backdoored models whose trigger took (manifest `implanted`); a backdoored
 model whose trigger did not take, and a model that did not learn its task (clean accuracy
@@ -452,7 +452,7 @@ def main() -> None:
     ap.add_argument("--repair", action="store_true", help="scan with --out and score it")
     ap.add_argument("--policy", default="", help="repair at this policy file (extends the "
                     "default in [repair] only); results in a folder named after it")
-    ap.add_argument("--method", default="shapley", choices=("shapley", "clp", "fp"),
+    ap.add_argument("--method", default="shapley", choices=("shapley", "clp", "fp", "ft"),
                     help="with --repair: a baseline instead of the scan, on every backdoor")
     ap.add_argument("--scan-clean", action="store_true", help="with --repair, scan the "
                     "models the detection pass called clean too")

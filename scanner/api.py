@@ -268,18 +268,26 @@ def _gather_images(ctx: ScanContext) -> None:
 
 def _run_baseline(ctx: ScanContext) -> None:
     from .baselines import run_baseline
+    from .baselines.finetune import finetune_repair
 
     with ctx.timed("baseline"):
         ctx.progress.stage(f"baseline {ctx.opts.method}")
         images = None
         if ctx.opts.data is not None:
             images = _clean_images(ctx)
-        repair = run_baseline(ctx.opts.method, ctx.model, ctx.layers, ctx.prep, images,
-                              ctx.policy, ctx.device)
+        recovered = None
+        if ctx.opts.method == "ft":
+            if images is None:
+                raise DataError("fine-tuning trains on clean images: give --data")
+            repair, recovered = finetune_repair(ctx.model, ctx.layers, ctx.prep, images,
+                                                ctx.policy, ctx.device, ctx.opts.seed)
+        else:
+            repair = run_baseline(ctx.opts.method, ctx.model, ctx.layers, ctx.prep, images,
+                                  ctx.policy, ctx.device)
     ctx.result.repair = repair
     ctx.result.verdict = Verdict.REPAIR_ONLY
-    if repair.pruned:
-        finish_repair(ctx, repair)
+    if repair.pruned or recovered is not None:
+        finish_repair(ctx, repair, recovered)
 
 
 def _select_layers(layers: list[LayerInfo], wanted: tuple[str, ...] | None) -> list[LayerInfo]:

@@ -33,7 +33,7 @@ class ScanOptions:
     data_free: bool = False
     out: Path | None = None  # write the sanitized model here when a backdoor is repaired
     policy: str | Path = "default"
-    method: str = "shapley"  # shapley | clp | fp
+    method: str = "shapley"  # shapley | clp | fp | ft (baselines: scanner/baselines)
     device: str = "auto"
     seed: int = 0
     layers: tuple[str, ...] | None = None  # activation tensors (or node names) to score

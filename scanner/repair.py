@@ -209,7 +209,7 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
     """Findings for the repair and the sanitized export (shared by every method), with the
     recovered weights written into it when there are some."""
     result, catalog, rp, opts = ctx.result, ctx.catalog, ctx.policy.repair, ctx.opts
-    if not repair.pruned:
+    if not repair.pruned and recovered is None:
         result.findings.append(catalog.make(
             "SS302", f"no channel set within budget removes the backdoor towards class "
             f"{repair.target}; model not repaired", location=f"class {repair.target}"))
@@ -246,8 +246,9 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
             if repair.stamped_images else "")
     result.findings.append(catalog.make(
         "SS301", f"zeroed {len(repair.pruned)} of {repair.channels_total} channels "
-        f"({100 * repair.pruned_fraction:.2f}%); reversed trigger success {rows}"
-        f"{100 * repair.reversed_asr_before:.0f}% -> {100 * repair.reversed_asr_after:.0f}%"
+        f"({100 * repair.pruned_fraction:.2f}%)"
+        + (f"; reversed trigger success {rows}{100 * repair.reversed_asr_before:.0f}% -> "
+           f"{100 * repair.reversed_asr_after:.0f}%" if repair.target >= 0 else "")
         + (f"; {repair.recovery_note}" if repair.recovery_note else "")
         + (f"; sanitized model written to {opts.out}" if repair.output_path else "")
         + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "

@@ -236,3 +236,35 @@ def test_scan_cli_clp_runs_without_data(run_cli, tmp_path):
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         x = np.zeros((2, 1, 28, 28), np.float32)
         assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (2, 10)
+
+
+def test_scan_cli_ft_fine_tunes_every_weight_and_zeroes_nothing(run_cli, tmp_path):
+    policy = tmp_path / "short.toml"  # a short run: what is checked is the plumbing
+    policy.write_text('extends = "default"\n[repair.recover]\nsteps = 8\nlr = 1e-3\n')
+    path = zoo_model("cnn_badnets")
+    out, report = tmp_path / "ft.onnx", tmp_path / "r.json"
+    result = run_cli("scan", path, "--method", "ft", "--data", FEWSHOT, "--policy", policy,
+                     "--out", out, "--report", report)
+    assert result.code == 0, result.err
+    rep = json.loads(report.read_text())["results"][0]
+    assert rep["verdict"] == "repair-only" and rep["repair"]["pruned"] == []
+    assert "fine-tuned: 8 steps" in result.out
+    original, tuned = onnx.load(path), onnx.load(out)
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in original.graph.node]
+    before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    changed = [t.name for t in tuned.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(t), before[t.name])]
+    assert changed, "fine-tuning wrote the original weights back"
+    assert "shapscan.recover" in {p.key for p in tuned.metadata_props}
+    prep = model_preprocess(load_model(path))
+    images = load_images(FEWSHOT, prep)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: prep.to_model(images.pixels)})[0]
+    assert float((logits.argmax(1) == images.labels).mean()) == pytest.approx(
+        rep["repair"]["after"]["fewshot_acc"], abs=1e-9)
+
+
+def test_scan_cli_ft_needs_clean_images(run_cli):
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--method", "ft")
+    assert result.code == 4
+    assert "--method ft trains on clean images" in result.err

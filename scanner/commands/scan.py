@@ -134,8 +134,9 @@ def check_outputs(inputs: dict[Path, str], folders: dict[str, Path | None],
                    "(see Outputs).")
 @click.option("--policy", default="default", show_default=True,
               help="default | strict | permissive | path to a policy .toml")
-@click.option("--method", type=click.Choice(["shapley", "clp", "fp"]), default="shapley",
-              show_default=True, help="Repair method (clp/fp: baselines for comparison).")
+@click.option("--method", type=click.Choice(["shapley", "clp", "fp", "ft"]),
+              default="shapley", show_default=True,
+              help="Repair method (clp, fp, ft = fine-tuning alone: baselines for comparison).")
 @click.option("--fail-on", type=click.Choice(SEVERITIES, case_sensitive=False), default=None,
               help="Fail the gate (exit 1) on findings at or above this severity "
                    "(default: the policy's).")
@@ -187,6 +188,8 @@ def scan_cmd(models: tuple[Path, ...], data: Path | None, data_free: bool, out: 
     --executor ray scans each model as a Ray task (a local cluster, or --ray-address's):
     the same outputs, reports and exit code; a task whose worker is lost is re-run.
     """
+    if method == "ft" and data is None:
+        raise UsageError("--method ft trains on clean images: give --data")
     if data is None and not data_free and method != "clp":
         raise UsageError("give --data DIR|FILE.npz (1 clean image per class) or --data-free")
     if data is not None and data_free:
@@ -320,9 +323,12 @@ def print_summary(result: ScanResult) -> None:
                        f"{rep.target_probability_after:.3f})")
         # say which rows each figure is on: the scan's own images and shifted copies, with
         # the trigger at its gain, not a test set (a reader compares them with test figures)
-        lines.append(f"  reversed trigger success: {100 * rep.reversed_asr_before:.0f}% -> "
-                     f"{100 * rep.reversed_asr_after:.0f}%{probability}")
-        lines.append(f"    on {rep.stamped_rows()}")
+        if rep.target >= 0:  # a baseline has no target and no reversed trigger
+            lines.append(f"  reversed trigger success: {100 * rep.reversed_asr_before:.0f}% "
+                         f"-> {100 * rep.reversed_asr_after:.0f}%{probability}")
+            lines.append(f"    on {rep.stamped_rows()}")
+        if rep.recovery_note:
+            lines.append(f"  {rep.recovery_note}")
         lines.append(f"  clean accuracy: {100 * rep.fewshot_acc_before:.0f}% -> "
                      f"{100 * rep.fewshot_acc_after:.0f}% on {rep.clean_rows()} (not a test set)")
         if rep.output_path:
