@@ -142,6 +142,11 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                 record["target_reached"] = rep.target_reached
                 if rep.rescan is not None:
                     record["rescan_flagged"] = rep.rescan.flagged_targets
+                    record["rescan_growth"] = rep.rescan.growth
+                    record["rescan_target"] = [rep.rescan.target_family,
+                                               rep.rescan.target_size_before,
+                                               rep.rescan.target_size_after,
+                                               rep.rescan.others_median_after]
             if written and entry["attack"]:
                 import onnx
                 meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -288,7 +293,18 @@ DET_HEADER = ("| group | runs +/- | ROC-AUC | TPR @ FPR<=5 % | TPR (rule) | FPR 
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> list[str]:
+def complete(r: dict, min_growth: float = 0.0) -> bool:
+    """Whether a repair record counts as complete, judged again with
+    `repair.min_trigger_growth` = min_growth from its saved re-scan (as redecide does for
+    detection): complete as scanned, and its target's trigger grew at least that much."""
+    if r.get("repair_status") != "complete":
+        return False
+    growth = r.get("rescan_growth")
+    return not min_growth or growth is None or growth >= min_growth
+
+
+def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
+                min_growth: float = 0.0) -> list[str]:
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for e in entries:
         for r in runs.get(e["name"], []):
@@ -307,27 +323,26 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str) -> l
         # every backdoored model, one not repaired (missed, refused, pruned nothing) as it was
         every = [r["asr_after"] if r.get("asr_after") is not None else e["asr"]
                  for e, r in bd]
-        unsafe = sum(1 for _, r in done if r["asr_after"] > 0.10
-                     and r.get("repair_metadata") != "incomplete")
+        unsafe = sum(1 for _, r in done if r["asr_after"] > 0.10 and complete(r, min_growth))
         # a clean model the scan changed: written as a complete repair (what the default
         # delivers), or as an incomplete one only because the pass keeps every repair
         touched = [r for e, r in pairs if not e["attack"] and r.get("written")]
-        modified = (f"{sum(r.get('repair_status') == 'complete' for r in touched)} / "
-                    f"{sum(r.get('repair_status') != 'complete' for r in touched)}")
-        complete = sum(1 for _, r in done if r.get("repair_metadata") == "complete")
+        modified = (f"{sum(complete(r, min_growth) for r in touched)} / "
+                    f"{sum(not complete(r, min_growth) for r in touched)}")
+        n_complete = sum(1 for _, r in done if complete(r, min_growth))
         rescanned = [r for _, r in done if "rescan_flagged" in r]
         clean_again = sum(1 for r in rescanned if not r["rescan_flagged"])
         med = (f"{100 * statistics.median(asr):.1f} / {100 * max(asr):.1f} %" if asr else "-")
         dd = f"{statistics.median(drop):.1f} / {max(drop):.1f}" if drop else "-"
         med_every = f"{100 * statistics.median(every):.1f} %" if every else "-"
-        lines.append(f"| {label} | {len(bd)} | {len(done)} | {complete} | "
+        lines.append(f"| {label} | {len(bd)} | {len(done)} | {n_complete} | "
                      f"{clean_again}/{len(rescanned)} | {med} | {dd} | {med_every} | "
                      f"{unsafe} | {modified} |")
     return lines
 
 
 def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = "",
-           baseline: bool = False) -> str:
+           baseline: bool = False, min_growth: float = 0.0) -> str:
     """The detection tables (none for a baseline: it detects nothing), then with `repair`
     the repair tables."""
     runs: dict[str, list[dict]] = defaultdict(list)
@@ -363,14 +378,17 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
     if off:
         lines += ["", f"Not implanted (true ASR < 80 %, left out): {', '.join(off)}"]
     if repair:
-        lines += repair_tables(entries, runs)
+        lines += repair_tables(entries, runs, min_growth)
     return "\n".join(lines)
 
 
-def repair_tables(entries: list[dict], runs: dict[str, list[dict]]) -> list[str]:
+def repair_tables(entries: list[dict], runs: dict[str, list[dict]], min_growth: float = 0.0
+                  ) -> list[str]:
     lines: list[str] = []
+    if min_growth:
+        lines += ["", f"(complete: judged again with repair.min_trigger_growth = {min_growth:g})"]
     for key in ("split", "family_label", "attack"):
-        lines += ["", *repair_rows(entries, runs, key)]
+        lines += ["", *repair_rows(entries, runs, key, min_growth)]
     return lines
 
 
@@ -456,6 +474,8 @@ def main() -> None:
                     help="with --repair: a baseline instead of the scan, on every backdoor")
     ap.add_argument("--scan-clean", action="store_true", help="with --repair, scan the "
                     "models the detection pass called clean too")
+    ap.add_argument("--min-growth", type=float, default=0.0, help="tables: judge repairs "
+                    "complete again at this repair.min_trigger_growth (no rescanning)")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
@@ -492,7 +512,8 @@ def main() -> None:
                               todo):
                 pass
     for mode in modes:
-        print(tables(entries, mode, seeds, args.repair, tag, args.method != "shapley"))
+        print(tables(entries, mode, seeds, args.repair, tag, args.method != "shapley",
+                     args.min_growth))
         print()
 
 

@@ -130,6 +130,22 @@ class Rescan:
     flagged_targets: list[int]
     anomaly_indices: dict[int, float]  # flagged class -> its anomaly index on the repaired model
     forward_passes: int = 0
+    # the repair's target, in the trigger family the scan flagged it with, on the view that
+    # flagged it: the reversed trigger's size (mask L1, perturbation L2, warp RMS) on the
+    # original and on the repaired model, and the median size of the other classes' on the
+    # repaired model. A repair that removed the backdoor makes the target as hard to reach
+    # as any class; one that blocked only the reversed pattern leaves it about as cheap.
+    target_family: str | None = None
+    target_size_before: float | None = None
+    target_size_after: float | None = None
+    others_median_after: float | None = None
+
+    @property
+    def growth(self) -> float | None:
+        """The target's trigger size on the repaired model over its size before."""
+        if self.target_size_before is None or self.target_size_after is None:
+            return None
+        return self.target_size_after / max(self.target_size_before, 1e-12)
 
     @property
     def clean(self) -> bool:

@@ -187,6 +187,9 @@ class RepairPolicy:
     # run the detector again on the repaired model; a class it still flags makes the
     # repair incomplete
     rescan: bool = True
+    # ... and so does a target whose reversed trigger (the family it was flagged with) on
+    # the repaired model is less than this many times its size before (0: no such test)
+    min_trigger_growth: float = 0.0
     recover: RecoverPolicy = RecoverPolicy()
 
 
@@ -281,6 +284,7 @@ _RANGES: dict[str, _Range] = {
     "repair.target_probability": (0.0, 1.0, True, True),
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),
+    "repair.min_trigger_growth": (0.0, None, True, True),
     "repair.recover.steps": (1, 100_000, True, True),
     "repair.recover.lr": (0.0, 1.0, False, True),
     "repair.recover.temperature": (0.0, None, False, True),

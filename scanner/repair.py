@@ -224,7 +224,7 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
-    repair.incomplete_reasons = _incomplete_reasons(result, repair)
+    repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.min_trigger_growth)
     repair.status = "incomplete" if repair.incomplete_reasons else "complete"
     if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
         model = ctx.model
@@ -257,7 +257,8 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         location=f"class {repair.target}", repair_status=repair.status))
 
 
-def _incomplete_reasons(result: ScanResult, repair: Repair) -> list[str]:
+def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 0.0
+                        ) -> list[str]:
     """Why the repaired model may still obey a trigger; empty when nothing says so."""
     reasons = []
     if not repair.target_reached:
@@ -271,6 +272,12 @@ def _incomplete_reasons(result: ScanResult, repair: Repair) -> list[str]:
     if repair.rescan is not None and not repair.rescan.clean:
         reasons.append(f"the re-scan of the repaired model still flags class "
                        f"{', '.join(map(str, repair.rescan.flagged_targets))}")
+    growth = None if repair.rescan is None else repair.rescan.growth
+    if growth is not None and growth < min_growth:
+        reasons.append(f"on the repaired model class {repair.target}'s reversed "
+                       f"{repair.rescan.target_family} trigger is {growth:.2f}x its size "
+                       f"before (at least {min_growth:g}x asked): the repair may block only "
+                       "the reversed pattern, not the backdoor")
     return reasons
 
 

@@ -9,10 +9,12 @@ flagged again makes the repair incomplete (repair.py), so it is never written as
 
 from __future__ import annotations
 
+import numpy as np
+
 from .autodiff import GradientProgram
 from .context import ScanContext
 from .detection import reverse_and_detect
-from .findings import Repair, Rescan
+from .findings import ClassReverse, Repair, Rescan
 from .graph.export import sanitize
 from .recover import Recovered, write_back
 
@@ -44,6 +46,7 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
     views, passes = [ctx.view], first.detection.forward_passes
     anomaly = {c.target: c.anomaly_index for c in first.detection.classes}
     flagged = list(first.detection.flagged_targets)
+    flagging_view = first  # the view the scan's flags came from, on the repaired model
     if "synthesised" in ctx.result.detection.views and ctx.second_images is not None:
         ctx.progress.stage("re-scanning the repaired model on synthesised inputs")
         second = reverse_and_detect(ctx, program, ctx.second_images, True,
@@ -54,6 +57,25 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
             flagged.append(repair.target)
             anomaly[repair.target] = next(c.anomaly_index for c in second.detection.classes
                                           if c.target == repair.target)
+        flagging_view = second  # the first view flagged nothing: the flags came from here
+    assert ctx.verdict is not None
+    family = ctx.verdict.triggers[repair.target].family
+    before = _sizes(ctx.result.detection.classes, family)
+    after = _sizes(flagging_view.detection.classes, family)
+    others = [s for t, s in after.items() if t != repair.target and s is not None]
     return Rescan(views=views, flagged_targets=flagged,
                   anomaly_indices={t: float(anomaly[t]) for t in flagged},
-                  forward_passes=passes)
+                  forward_passes=passes, target_family=family,
+                  target_size_before=before.get(repair.target),
+                  target_size_after=after.get(repair.target),
+                  others_median_after=float(np.median(others)) if others else None)
+
+
+SIZE_FIELD = {"patch": "mask_l1", "universal": "universal_norm", "warp": "warp_norm"}
+
+
+def _sizes(classes: list[ClassReverse], family: str) -> dict[int, float | None]:
+    """Each class's reversed trigger size in `family` (None where it was not reversed)."""
+    field = SIZE_FIELD.get(family)
+    return {c.target: None if field is None or getattr(c, field) is None
+            else float(getattr(c, field)) for c in classes}

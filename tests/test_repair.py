@@ -4,6 +4,7 @@ and how it is marked), and the re-scan of the repaired model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def test_a_complete_repair_is_written_marked_complete(tmp_path):
     assert "SS305" not in {f.rule_id for f in ctx.result.findings}
 
 
+@pytest.mark.parametrize(("after", "complete"), [(12.0, False), (30.0, True)])
+def test_a_target_whose_trigger_stays_cheap_after_repair_is_incomplete(tmp_path, after,
+                                                                        complete):
+    ctx = _context(tmp_path)
+    ctx.policy = replace(ctx.policy, repair=replace(ctx.policy.repair,
+                                                    min_trigger_growth=2.0))
+    rescan = Rescan(["few-shot"], [], {}, 0, "patch", 10.0, after, 40.0)
+    repair = _repair(ctx, reached=True, rescan=rescan)
+    finish_repair(ctx, repair)
+    assert (repair.status == "complete") is complete
+    assert (tmp_path / "safe.onnx").exists() is complete
+    if not complete:
+        [reason] = repair.incomplete_reasons
+        assert "class 0's reversed patch trigger is 1.20x its size before" in reason
+
+
 @pytest.mark.parametrize(("reached", "rescan", "reason"), [
     (False, None, "still works on 40% of the stamped few-shot images"),
     (True, Rescan(["few-shot"], [0, 6], {0: 3.1, 6: 2.7}), "still flags class 0, 6")])
@@ -145,7 +162,8 @@ def test_reports_say_the_status_the_rescan_and_show_the_frontier():
     rep = result.repair
     rep.frontier = [FrontierPoint(0, 1.0, 0.95, 0.0, 1.0), FrontierPoint(1, 0.6, 0.5, 0.01, 1.0),
                     FrontierPoint(2, 0.0, 0.01, float("nan"), 0.9)]
-    rep.rescan = Rescan(["few-shot", "synthesised"], [3], {3: 2.9}, 1234)
+    rep.rescan = Rescan(["few-shot", "synthesised"], [3], {3: 2.9}, 1234, "patch", 10.0, 15.0,
+                        40.0)
     rep.status, rep.incomplete_reasons = "incomplete", ["the re-scan still flags class 3"]
     rep.withheld, rep.output_path = True, None
     doc = report_dict([result])
@@ -155,11 +173,15 @@ def test_reports_say_the_status_the_rescan_and_show_the_frontier():
     out = doc["results"][0]["repair"]
     assert out["status"] == "incomplete" and out["withheld"] is True
     assert out["rescan"] == {"views": ["few-shot", "synthesised"], "flagged_targets": [3],
-                             "anomaly_indices": {"3": 2.9}, "forward_passes": 1234}
+                             "anomaly_indices": {"3": 2.9}, "forward_passes": 1234,
+                             "target_family": "patch", "target_size_before": 10.0,
+                             "target_size_after": 15.0, "target_growth": 1.5,
+                             "others_median_after": 40.0}
     assert [p["channels"] for p in out["frontier"]] == [0, 1, 2]
     assert out["frontier"][2]["clean_cost"] is None  # not finite: null, as everywhere
     page = render_html(result)
     assert "Repair frontier" in page and page.count("<polyline") == 2
     assert "Repair incomplete" in page and "the re-scan still flags class 3" in page
     assert "Re-scan of the repaired model (few-shot, synthesised): still flags class 3" in page
+    assert "reversed patch trigger: 10.000 before, 15.000 after the repair (1.50x" in page
     assert "the repaired model was not written" in page

@@ -223,8 +223,14 @@ def _repair(r: Repair) -> str:
         found = ("no class flagged" if r.rescan.clean else "still flags class " + ", ".join(
             f"{esc(t)} (anomaly index {_num(r.rescan.anomaly_indices[t])})"
             for t in r.rescan.flagged_targets))
+        growth = r.rescan.growth
+        size = ("" if growth is None else
+                f" Class {esc(r.target)}'s reversed {esc(r.rescan.target_family)} trigger: "
+                f"{_num(r.rescan.target_size_before)} before, "
+                f"{_num(r.rescan.target_size_after)} after the repair ({growth:.2f}x; other "
+                f"classes' median {_num(r.rescan.others_median_after)}).")
         parts.append(f"<p>Re-scan of the repaired model "
-                     f"({esc(', '.join(r.rescan.views))}): {found}.</p>")
+                     f"({esc(', '.join(r.rescan.views))}): {found}.{size}</p>")
     if r.frontier:
         parts.append('<h3>Repair frontier</h3><p class="note">Each step of the plan: the '
                      "reversed trigger's success on the stamped images (red, left) and the "

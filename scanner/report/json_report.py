@@ -138,7 +138,12 @@ def _repair(r: Repair) -> dict[str, Any]:
         "rescan": None if r.rescan is None else {
             "views": list(r.rescan.views), "flagged_targets": list(r.rescan.flagged_targets),
             "anomaly_indices": {str(t): _num(v) for t, v in r.rescan.anomaly_indices.items()},
-            "forward_passes": r.rescan.forward_passes},
+            "forward_passes": r.rescan.forward_passes,
+            "target_family": r.rescan.target_family,
+            "target_size_before": _num(r.rescan.target_size_before),
+            "target_size_after": _num(r.rescan.target_size_after),
+            "target_growth": _num(r.rescan.growth),
+            "others_median_after": _num(r.rescan.others_median_after)},
     }
 
 
