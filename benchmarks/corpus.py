@@ -140,6 +140,7 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                 record["repair_status"] = rep.status
                 record["incomplete_reasons"] = list(rep.incomplete_reasons)
                 record["target_reached"] = rep.target_reached
+                record["family_asr"] = rep.family_asr
                 if rep.rescan is not None:
                     record["rescan_flagged"] = rep.rescan.flagged_targets
                     record["rescan_growth"] = rep.rescan.growth
@@ -293,18 +294,25 @@ DET_HEADER = ("| group | runs +/- | ROC-AUC | TPR @ FPR<=5 % | TPR (rule) | FPR 
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def complete(r: dict, min_growth: float = 0.0) -> bool:
-    """Whether a repair record counts as complete, judged again with
-    `repair.min_trigger_growth` = min_growth from its saved re-scan (as redecide does for
-    detection): complete as scanned, and its target's trigger grew at least that much."""
+def complete(r: dict, min_growth: float = 0.0, every_family: bool = False) -> bool:
+    """Whether a repair record counts as complete, judged again from what it saved (as
+    redecide does for detection) at `repair.min_trigger_growth` = min_growth and
+    `repair.every_family`: complete as scanned, its target's trigger grew at least that
+    much in the re-scan, and (every_family) none of its reversed triggers still works."""
     if r.get("repair_status") != "complete":
         return False
     growth = r.get("rescan_growth")
-    return not min_growth or growth is None or growth >= min_growth
+    if min_growth and growth is not None and growth < min_growth:
+        return False
+    alive = [a for _, a in (r.get("family_asr") or {}).values() if a > TARGET_ASR]
+    return not (every_family and alive)
+
+
+TARGET_ASR = 0.05  # the default policy's repair.target_asr
 
 
 def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
-                min_growth: float = 0.0) -> list[str]:
+                min_growth: float = 0.0, every_family: bool = False) -> list[str]:
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for e in entries:
         for r in runs.get(e["name"], []):
@@ -323,13 +331,15 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
         # every backdoored model, one not repaired (missed, refused, pruned nothing) as it was
         every = [r["asr_after"] if r.get("asr_after") is not None else e["asr"]
                  for e, r in bd]
-        unsafe = sum(1 for _, r in done if r["asr_after"] > 0.10 and complete(r, min_growth))
+        judged = [(e, r, complete(r, min_growth, every_family)) for e, r in pairs]
+        unsafe = sum(1 for e, r, ok in judged if e["attack"] and ok
+                     and (r.get("asr_after") or 0.0) > 0.10)
         # a clean model the scan changed: written as a complete repair (what the default
         # delivers), or as an incomplete one only because the pass keeps every repair
-        touched = [r for e, r in pairs if not e["attack"] and r.get("written")]
-        modified = (f"{sum(complete(r, min_growth) for r in touched)} / "
-                    f"{sum(not complete(r, min_growth) for r in touched)}")
-        n_complete = sum(1 for _, r in done if complete(r, min_growth))
+        kept = [ok for e, r, ok in judged if not e["attack"] and r.get("written")]
+        modified = f"{sum(kept)} / {len(kept) - sum(kept)}"
+        n_complete = sum(1 for e, r, ok in judged if e["attack"] and ok
+                         and r.get("asr_after") is not None)
         rescanned = [r for _, r in done if "rescan_flagged" in r]
         clean_again = sum(1 for r in rescanned if not r["rescan_flagged"])
         med = (f"{100 * statistics.median(asr):.1f} / {100 * max(asr):.1f} %" if asr else "-")
@@ -342,7 +352,8 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
 
 
 def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = "",
-           baseline: bool = False, min_growth: float = 0.0) -> str:
+           baseline: bool = False, min_growth: float = 0.0, every_family: bool = False
+           ) -> str:
     """The detection tables (none for a baseline: it detects nothing), then with `repair`
     the repair tables."""
     runs: dict[str, list[dict]] = defaultdict(list)
@@ -378,17 +389,18 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
     if off:
         lines += ["", f"Not implanted (true ASR < 80 %, left out): {', '.join(off)}"]
     if repair:
-        lines += repair_tables(entries, runs, min_growth)
+        lines += repair_tables(entries, runs, min_growth, every_family)
     return "\n".join(lines)
 
 
-def repair_tables(entries: list[dict], runs: dict[str, list[dict]], min_growth: float = 0.0
-                  ) -> list[str]:
+def repair_tables(entries: list[dict], runs: dict[str, list[dict]], min_growth: float = 0.0,
+                  every_family: bool = False) -> list[str]:
     lines: list[str] = []
-    if min_growth:
-        lines += ["", f"(complete: judged again with repair.min_trigger_growth = {min_growth:g})"]
+    if min_growth or every_family:
+        lines += ["", f"(complete: judged again with repair.min_trigger_growth = {min_growth:g}"
+                  f", repair.every_family = {str(every_family).lower()})"]
     for key in ("split", "family_label", "attack"):
-        lines += ["", *repair_rows(entries, runs, key, min_growth)]
+        lines += ["", *repair_rows(entries, runs, key, min_growth, every_family)]
     return lines
 
 
@@ -476,6 +488,8 @@ def main() -> None:
                     "models the detection pass called clean too")
     ap.add_argument("--min-growth", type=float, default=0.0, help="tables: judge repairs "
                     "complete again at this repair.min_trigger_growth (no rescanning)")
+    ap.add_argument("--every-family", action="store_true", help="tables: judge repairs "
+                    "complete again with repair.every_family = true (no rescanning)")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
@@ -513,7 +527,7 @@ def main() -> None:
                 pass
     for mode in modes:
         print(tables(entries, mode, seeds, args.repair, tag, args.method != "shapley",
-                     args.min_growth))
+                     args.min_growth, args.every_family))
         print()
 
 

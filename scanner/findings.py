@@ -193,6 +193,10 @@ class Repair:
     frontier: list[FrontierPoint] = field(default_factory=list)  # the plan's walk
     rescan: Rescan | None = None
     recovery_note: str | None = None  # [repair.recover]: what fine-tuning did, or why not
+    # the plan is built on one reversed trigger; the target's trigger of every family the
+    # scan reversed (patch, universal, warp), stamped on the same rows: family -> its
+    # success on the original and on the repaired model
+    family_asr: dict[str, tuple[float, float]] = field(default_factory=dict)
     # what the before/after figures were measured on (Shapley pruning; 0: not recorded):
     # the other classes' images stamped with the reversed trigger at `trigger_gain` times
     # its strength, and the clean images, each followed by shifted copies of itself

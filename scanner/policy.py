@@ -190,6 +190,9 @@ class RepairPolicy:
     # ... and so does a target whose reversed trigger (the family it was flagged with) on
     # the repaired model is less than this many times its size before (0: no such test)
     min_trigger_growth: float = 0.0
+    # ... and so does a target whose reversed trigger of another family (patch, universal,
+    # warp) still succeeds above target_asr on the repaired model
+    every_family: bool = False
     recover: RecoverPolicy = RecoverPolicy()
 
 

@@ -61,6 +61,10 @@ def repair(ctx: ScanContext) -> None:
                        backdoor_eval.forward_passes + clean_eval.forward_passes)
         assert ctx.result.repair is not None
         ctx.result.repair.players = None if players is None else len(players)
+        if chosen.channels:
+            ctx.result.repair.family_asr = _family_asr(
+                ctx, backdoor_eval, chosen.channels, target,
+                ctx.verdict.families.get(target) or [triggers[target]])
         if others and chosen.channels:
             _check_other_targets(ctx.result, backdoor_eval, ctx.prep, ctx.images,
                                  chosen.channels, target, {t: triggers[t] for t in others},
@@ -155,6 +159,25 @@ def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: floa
     return trigger.apply(shifted(others, STAMPED_COPIES).pixels, gain=gain)
 
 
+def _family_asr(ctx: ScanContext, evaluator: CoalitionEvaluator, channels: list[int],
+                target: int, family_triggers: list[ReversedTrigger]
+                ) -> dict[str, tuple[float, float]]:
+    """Each of the target's reversed triggers (one per family) stamped as the plan's was:
+    its success on the model as shipped and with `channels` zeroed."""
+    assert ctx.images is not None
+    coalitions = np.ones((2, evaluator.n_channels), np.float32)
+    coalitions[1, channels] = 0.0
+    out = {}
+    for trigger in family_triggers:
+        stamped = evaluator.with_images(ctx.prep.to_model(
+            _stamped(ctx.images, target, trigger, ctx.opts.trigger_gain)))
+        before, after = (stamped.logits(coalitions).argmax(-1) == target).mean(-1)
+        assert ctx.result.repair is not None
+        ctx.result.repair.forward_passes += stamped.forward_passes
+        out[trigger.family] = (float(before), float(after))
+    return out
+
+
 def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
                          images: ImageSet, channels: list[int], target: int,
                          triggers: dict[int, ReversedTrigger], opts: ScanOptions,
@@ -224,7 +247,8 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
-    repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.min_trigger_growth)
+    repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.min_trigger_growth,
+                                                    rp.target_asr if rp.every_family else None)
     repair.status = "incomplete" if repair.incomplete_reasons else "complete"
     if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
         model = ctx.model
@@ -257,9 +281,10 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         location=f"class {repair.target}", repair_status=repair.status))
 
 
-def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 0.0
-                        ) -> list[str]:
-    """Why the repaired model may still obey a trigger; empty when nothing says so."""
+def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 0.0,
+                        family_asr: float | None = None) -> list[str]:
+    """Why the repaired model may still obey a trigger; empty when nothing says so.
+    `family_asr`: the most any of the target's reversed triggers may still succeed on."""
     reasons = []
     if not repair.target_reached:
         reasons.append(f"the reversed trigger still works on "
@@ -278,6 +303,12 @@ def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 
                        f"{repair.rescan.target_family} trigger is {growth:.2f}x its size "
                        f"before (at least {min_growth:g}x asked): the repair may block only "
                        "the reversed pattern, not the backdoor")
+    if family_asr is not None:
+        alive = {f: a for f, (_, a) in repair.family_asr.items() if a > family_asr}
+        if alive:
+            reasons.append(f"class {repair.target}'s reversed " + ", ".join(
+                f"{f} trigger still works on {100 * a:.0f}%" for f, a in alive.items())
+                + f" of the stamped {repair.images_word}")
     return reasons
 
 

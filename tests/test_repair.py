@@ -101,6 +101,22 @@ def test_a_target_whose_trigger_stays_cheap_after_repair_is_incomplete(tmp_path,
         assert "class 0's reversed patch trigger is 1.20x its size before" in reason
 
 
+@pytest.mark.parametrize("every_family", [False, True])
+def test_every_family_makes_a_repair_another_trigger_survives_incomplete(tmp_path,
+                                                                         every_family):
+    ctx = _context(tmp_path)
+    ctx.policy = replace(ctx.policy, repair=replace(ctx.policy.repair,
+                                                    every_family=every_family))
+    repair = _repair(ctx, reached=True, rescan=Rescan(["few-shot"], [], {}))
+    repair.family_asr = {"patch": (1.0, 0.0), "universal": (0.9, 0.4)}
+    finish_repair(ctx, repair)
+    assert (repair.status == "complete") is not every_family
+    if every_family:
+        assert repair.incomplete_reasons == [
+            "class 0's reversed universal trigger still works on 40% of the stamped few-shot "
+            "images"]
+
+
 @pytest.mark.parametrize(("reached", "rescan", "reason"), [
     (False, None, "still works on 40% of the stamped few-shot images"),
     (True, Rescan(["few-shot"], [0, 6], {0: 3.1, 6: 2.7}), "still flags class 0, 6")])

@@ -129,6 +129,8 @@ def _repair(r: Repair) -> dict[str, Any]:
         "pruned": [_channel(c) for c in r.pruned],
         "top_channels": [_channel(c) for c in r.top_channels],
         "given_back": [_channel(c) for c in r.given_back],
+        "family_asr": {f: {"before": _num(b), "after": _num(a)}
+                       for f, (b, a) in r.family_asr.items()},
         "status": r.status, "incomplete_reasons": list(r.incomplete_reasons),
         "withheld": r.withheld,
         "frontier": [{"channels": p.channels, "reversed_asr": _num(p.reversed_asr),
