@@ -304,11 +304,12 @@ def complete(r: dict, min_growth: float = 0.0, every_family: bool = False) -> bo
     growth = r.get("rescan_growth")
     if min_growth and growth is not None and growth < min_growth:
         return False
-    alive = [a for _, a in (r.get("family_asr") or {}).values() if a > TARGET_ASR]
-    return not (every_family and alive)
+    if not every_family:
+        return True
+    from scanner.policy import load_policy
 
-
-TARGET_ASR = 0.05  # the default policy's repair.target_asr
+    target_asr = load_policy("default").repair.target_asr
+    return not any(a > target_asr for _, a in (r.get("family_asr") or {}).values())
 
 
 def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
