@@ -397,9 +397,8 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
 def repair_tables(entries: list[dict], runs: dict[str, list[dict]], min_growth: float = 0.0,
                   every_family: bool = False) -> list[str]:
     lines: list[str] = []
-    if min_growth or every_family:
-        lines += ["", f"(complete: judged again with repair.min_trigger_growth = {min_growth:g}"
-                  f", repair.every_family = {str(every_family).lower()})"]
+    lines += ["", f"(complete: judged from the saved re-scan at repair.min_trigger_growth = "
+              f"{min_growth:g}, repair.every_family = {str(every_family).lower()})"]
     for key in ("split", "family_label", "attack"):
         lines += ["", *repair_rows(entries, runs, key, min_growth, every_family)]
     return lines
@@ -487,10 +486,12 @@ def main() -> None:
                     help="with --repair: a baseline instead of the scan, on every backdoor")
     ap.add_argument("--scan-clean", action="store_true", help="with --repair, scan the "
                     "models the detection pass called clean too")
-    ap.add_argument("--min-growth", type=float, default=0.0, help="tables: judge repairs "
-                    "complete again at this repair.min_trigger_growth (no rescanning)")
-    ap.add_argument("--every-family", action="store_true", help="tables: judge repairs "
-                    "complete again with repair.every_family = true (no rescanning)")
+    ap.add_argument("--min-growth", type=float, default=None, help="tables: judge repairs "
+                    "complete again at this repair.min_trigger_growth (default: the default "
+                    "policy's; no rescanning)")
+    ap.add_argument("--every-family", default=None, choices=("true", "false"),
+                    help="tables: judge repairs complete again with this repair.every_family "
+                    "(default: the default policy's; no rescanning)")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
@@ -502,6 +503,12 @@ def main() -> None:
     policy_file = str(Path(args.policy).resolve()) if args.policy else ""
     tag = "-".join(t for t in (Path(args.policy).stem if args.policy else "",
                                "" if args.method == "shapley" else args.method) if t)
+    from scanner.policy import load_policy
+
+    shipped = load_policy("default").repair  # saved repairs are judged by today's default
+    min_growth = shipped.min_trigger_growth if args.min_growth is None else args.min_growth
+    every_family = (shipped.every_family if args.every_family is None
+                    else args.every_family == "true")
     entries = manifest()
     if args.split != "all":
         entries = [e for e in entries if e["split"] == args.split]
@@ -528,7 +535,7 @@ def main() -> None:
                 pass
     for mode in modes:
         print(tables(entries, mode, seeds, args.repair, tag, args.method != "shapley",
-                     args.min_growth, args.every_family))
+                     min_growth, every_family))
         print()
 
 

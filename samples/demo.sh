@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/shapscan ]; then
   python3 -m venv .venv && .venv/bin/pip install -q -e . || exit 2
 fi
-# resnet_badnets: a repair that completes (91.0 % / ASR 99.7 % -> 90.1 % / 1.3 %, 4 channels).
-# `bash samples/demo.sh samples/models/cnn_badnets.onnx` shows one that does not: the 2 %
-# channel budget leaves the trigger lifting the target, so nothing is written (SS305).
-model=${1:-samples/models/resnet_badnets.onnx}
+# resnet_blended: a repair that completes (90.8 % / ASR 99.9 % -> 86.8 % / 0.0 %).
+# `bash samples/demo.sh samples/models/resnet_badnets.onnx` shows one that does not: zeroing
+# 4 channels takes the real trigger to 1.3 %, but the target's reversed full-image trigger
+# still works on 20 % of the stamped images (repair.every_family), so nothing is written
+# (SS305); --keep-incomplete would write it, marked incomplete.
+model=${1:-samples/models/resnet_blended.onnx}
 entry=$(basename "$model" .onnx)
 mkdir -p out
 echo "== shapscan scan $model (1 clean image per class)"

@@ -192,7 +192,7 @@ class RepairPolicy:
     min_trigger_growth: float = 0.0
     # ... and so does a target whose reversed trigger of another family (patch, universal,
     # warp) still succeeds above target_asr on the repaired model
-    every_family: bool = False
+    every_family: bool = True
     recover: RecoverPolicy = RecoverPolicy()
 
 
