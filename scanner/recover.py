@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from .autodiff.params import TRAINABLE_SLOTS, ParameterProgram, trainable_parameters
 from .data import ImageSet, Preprocess
 from .errors import Inconclusive
+from .graph.load import LoadedModel
 from .graph.quantized import quantized
 from .optim import Adam
 from .reverse import ReversedTrigger
@@ -90,6 +91,13 @@ def recoverable(model: onnx.ModelProto) -> str | None:
     if half:
         return f"the model stores its weights in half precision ({half[0]}, ...)"
     return None
+
+
+def untrainable(model: LoadedModel) -> str | None:
+    """Why the scan cannot train `model`'s weights, or None: `recoverable`'s reasons, and a
+    model analysed through a float copy (trained weights would not be the shipped graph's)."""
+    return recoverable(model.proto) or (
+        "the model is analysed through a float copy" if model.layer_graph else None)
 
 
 def frozen_entries(original: onnx.ModelProto, zeroed: onnx.ModelProto,

@@ -18,7 +18,7 @@ from .graph.export import sanitize, save_atomic
 from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, RepairPolicy
 from .prune import PruneConfig, PrunePlan, plan
-from .recover import RecoverConfig, Recovered, describe, recover, recoverable, write_back
+from .recover import RecoverConfig, Recovered, describe, recover, untrainable, write_back
 from .rescan import rescan, zeroed_channels
 from .reverse import ReversedTrigger
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
@@ -94,8 +94,7 @@ def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
                 for trig in ctx.verdict.families.get(t) or [ctx.verdict.triggers[t]]]
     with ctx.timed("recover"):
         ctx.progress.stage("recovering clean behaviour (fine-tuning the zeroed model)")
-        why = recoverable(ctx.model.proto) or (
-            "the model is analysed through a float copy" if ctx.model.layer_graph else None)
+        why = untrainable(ctx.model)
         if why:
             repair.recovery_note = f"recovery skipped: {why}"
             return None
@@ -159,22 +158,31 @@ def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: floa
     return trigger.apply(shifted(others, STAMPED_COPIES).pixels, gain=gain)
 
 
+def _success(evaluator: CoalitionEvaluator, prep: Preprocess, images: ImageSet,
+             channels: list[int], target: int, trigger: ReversedTrigger, gain: float
+             ) -> tuple[float, float, int]:
+    """`trigger` (towards `target`) stamped on the images of the other classes as the plan's
+    was: the share sent to `target` by the model as shipped and with `channels` zeroed, and
+    the image passes that took."""
+    coalitions = np.ones((2, evaluator.n_channels), np.float32)
+    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
+    stamped = evaluator.with_images(prep.to_model(_stamped(images, target, trigger, gain)))
+    before, after = (stamped.logits(coalitions).argmax(-1) == target).mean(-1)
+    return float(before), float(after), stamped.forward_passes
+
+
 def _family_asr(ctx: ScanContext, evaluator: CoalitionEvaluator, channels: list[int],
                 target: int, family_triggers: list[ReversedTrigger]
                 ) -> dict[str, tuple[float, float]]:
-    """Each of the target's reversed triggers (one per family) stamped as the plan's was:
-    its success on the model as shipped and with `channels` zeroed."""
-    assert ctx.images is not None
-    coalitions = np.ones((2, evaluator.n_channels), np.float32)
-    coalitions[1, channels] = 0.0
+    """Each of the target's reversed triggers (one per family): its success on the model as
+    shipped and with `channels` zeroed."""
+    assert ctx.images is not None and ctx.result.repair is not None
     out = {}
     for trigger in family_triggers:
-        stamped = evaluator.with_images(ctx.prep.to_model(
-            _stamped(ctx.images, target, trigger, ctx.opts.trigger_gain)))
-        before, after = (stamped.logits(coalitions).argmax(-1) == target).mean(-1)
-        assert ctx.result.repair is not None
-        ctx.result.repair.forward_passes += stamped.forward_passes
-        out[trigger.family] = (float(before), float(after))
+        before, after, passes = _success(evaluator, ctx.prep, ctx.images, channels, target,
+                                         trigger, ctx.opts.trigger_gain)
+        ctx.result.repair.forward_passes += passes
+        out[trigger.family] = (before, after)
     return out
 
 
@@ -186,21 +194,18 @@ def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep
     backdoor may live in other channels: its reversed trigger is tested on the repaired
     model, and SS304 says when it still works."""
     assert result.repair is not None
-    coalitions = np.ones((2, evaluator.n_channels), np.float32)
-    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
     kind = "synthesised" if opts.data_free else "few-shot"
     for t, trigger in triggers.items():
-        stamped = evaluator.with_images(
-            prep.to_model(_stamped(images, t, trigger, opts.trigger_gain)))
-        before, after = (stamped.logits(coalitions).argmax(-1) == t).mean(-1)
-        result.repair.forward_passes += stamped.forward_passes
+        before, after, passes = _success(evaluator, prep, images, channels, t, trigger,
+                                         opts.trigger_gain)
+        result.repair.forward_passes += passes
         if after > rp.target_asr:
             result.findings.append(catalog.make(
                 "SS304", f"class {t} was flagged too, and the repair was planned for class "
                 f"{target}: on the repaired model class {t}'s reversed trigger still flips "
                 f"{100 * after:.0f}% of the {kind} images of other classes (before: "
                 f"{100 * before:.0f}%)", location=f"class {t}", target=t,
-                reversed_asr_before=float(before), reversed_asr_after=float(after)))
+                reversed_asr_before=before, reversed_asr_after=after))
 
 
 def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: ShapleyResult,

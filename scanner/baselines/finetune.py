@@ -10,15 +10,14 @@ loss: `LABEL_WEIGHT` of each row's target, the original's softened prediction th
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..api import Predictor
 from ..data import ImageSet, Preprocess
 from ..errors import Inconclusive
 from ..findings import LayerInfo, Repair
 from ..graph.load import LoadedModel
 from ..policy import Policy
-from ..recover import REFUSED_RULE, RecoverConfig, Recovered, describe, recover, recoverable
-from ..runtime import Device, make_session, run_batched
+from ..recover import REFUSED_RULE, RecoverConfig, Recovered, describe, recover, untrainable
+from ..runtime import Device
 
 LABEL_WEIGHT = 1.0
 
@@ -28,8 +27,7 @@ def finetune_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preproces
                     ) -> tuple[Repair, Recovered]:
     """Fine-tune the whole model on `images`; the Repair that reports it (no channel
     zeroed) and the trained initializers the export writes into the model."""
-    why = recoverable(model.proto) or (
-        "the model is analysed through a float copy" if model.layer_graph else None)
+    why = untrainable(model)
     if why:
         raise Inconclusive(f"fine-tuning refused: {why}", rule_id=REFUSED_RULE)
     rc = policy.repair.recover
@@ -37,8 +35,9 @@ def finetune_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preproces
                         temperature=rc.temperature, unlearn_weight=0.0,
                         label_weight=LABEL_WEIGHT, flip=rc.flip, seed=seed)
     res = recover(model.runnable, model.runnable, prep, images, [], cfg, device=device)
-    before = _accuracy(model.runnable, prep, images, device)
-    after = _accuracy(res.model, prep, images, device)
+    before, after = (float((Predictor(model, prep, device.requested, graph)(images.pixels)
+                            .argmax(-1) == images.labels).mean())
+                     for graph in (model.runnable, res.model))
     repair = Repair(target=-1, channels_total=sum(layer.channels for layer in layers),
                     pruned=[], top_channels=[], reversed_asr_before=0.0,
                     reversed_asr_after=0.0, fewshot_acc_before=before,
@@ -48,9 +47,3 @@ def finetune_repair(model: LoadedModel, layers: list[LayerInfo], prep: Preproces
                             f"with the images' labels, {res.seconds:.0f} s")
     return repair, Recovered(res.values, describe(cfg))
 
-
-def _accuracy(proto, prep: Preprocess, images: ImageSet, device: Device) -> float:
-    session = make_session(proto, device)
-    feeds = {session.get_inputs()[0].name: prep.to_model(images.pixels)}
-    logits = run_batched(session, feeds)
-    return float((np.asarray(logits).argmax(-1) == images.labels).mean())
