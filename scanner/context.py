@@ -89,7 +89,8 @@ class ScanContext:
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Record the stage's wall time in the result (only when it completes)."""
+        """Add the stage's wall time to the result's (only when it completes)."""
         start = time.perf_counter()
         yield
-        self.result.timings[stage] = time.perf_counter() - start
+        self.result.timings[stage] = (self.result.timings.get(stage, 0.0)
+                                      + time.perf_counter() - start)

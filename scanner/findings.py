@@ -161,6 +161,17 @@ class ChannelValue:
     pruned: bool = False
 
 
+@dataclass(frozen=True)
+class PlanCheck:
+    """The plan's figures for one channel set, on whichever weights the evaluators run."""
+
+    reversed_asr: float
+    target_probability: float  # mean target probability of the stamped images
+    clean_acc: float
+    clean_target_probability: float  # of the clean images of other classes
+    target_reached: bool
+
+
 @dataclass
 class Repair:
     target: int
@@ -209,6 +220,9 @@ class Repair:
     # mean target probability that clean images of other classes get from the repaired
     # model: the stop rule compares the stamped images' with it
     clean_target_probability_after: float | None = None
+    # with [repair.recover]: the plan's figures on the zeroed model before the fine-tuning
+    # (the *_after fields, family_asr and SS304 are then of the recovered model)
+    zeroed: PlanCheck | None = None
 
     @property
     def pruned_fraction(self) -> float:

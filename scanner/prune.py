@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .findings import FrontierPoint
+from .findings import FrontierPoint, PlanCheck
 from .shapley import Evaluator, ShapleyResult, Utility, softmax
 
 
@@ -187,6 +187,17 @@ def plan(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utilit
         coalitions=coalitions + len(pool) + len(frontier) + 1, frontier=frontier,
         given_back=[int(c) for c in given_back],
         clean_target_prob_after=float(after.clean_target_prob[0]))
+
+
+def check(backdoor: Evaluator, clean: Evaluator, clean_labels: np.ndarray, utility: Utility,
+          channels: list[int], cfg: PruneConfig = PruneConfig()) -> PlanCheck:
+    """The stop rule of `plan` for `channels` zeroed: how a plan found on the original's
+    weights stands on other weights of the same graph (the recovered ones)."""
+    mask = np.ones((1, backdoor.n_channels), np.float32)
+    mask[0, channels] = 0.0
+    m = _measure(backdoor, _Clean(clean, clean_labels, utility.target), utility, mask)
+    return PlanCheck(float(m.bd_asr[0]), float(m.bd_prob[0]), float(m.clean_acc[0]),
+                     float(m.clean_target_prob[0]), bool(_reached(m, cfg)[0]))
 
 
 def _frontier(backdoor: Evaluator, cost: _Clean, utility: Utility, base: _Measure,

@@ -17,7 +17,7 @@ from .findings import ChannelValue, Repair, ScanResult
 from .graph.export import sanitize, save_atomic
 from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, RepairPolicy
-from .prune import PruneConfig, PrunePlan, plan
+from .prune import PlanCheck, PruneConfig, PrunePlan, check, plan
 from .recover import RecoverConfig, Recovered, describe, recover, untrainable, write_back
 from .rescan import rescan, zeroed_channels
 from .reverse import ReversedTrigger
@@ -61,22 +61,57 @@ def repair(ctx: ScanContext) -> None:
                        backdoor_eval.forward_passes + clean_eval.forward_passes)
         assert ctx.result.repair is not None
         ctx.result.repair.players = None if players is None else len(players)
+    rep = ctx.result.repair
+    recovered = (_recover(ctx, rep)
+                 if chosen.channels and ctx.policy.repair.recover.enabled else None)
+    # the weights the export carries: the original's with the plan's channels masked, or
+    # the recovered ones; the checks below are of that model
+    repaired_eval = backdoor_eval
+    if recovered is not None:
+        with ctx.timed("recover"):
+            repaired_eval = _judge_recovered(ctx, rep, recovered, chosen.channels, stamped,
+                                             clean, utility)
+    with ctx.timed("prune"):
         if chosen.channels:
-            ctx.result.repair.family_asr = _family_asr(
-                ctx, backdoor_eval, chosen.channels, target,
+            rep.family_asr = _family_asr(
+                ctx, backdoor_eval, repaired_eval, chosen.channels, target,
                 ctx.verdict.families.get(target) or [triggers[target]])
         if others and chosen.channels:
-            _check_other_targets(ctx.result, backdoor_eval, ctx.prep, ctx.images,
-                                 chosen.channels, target, {t: triggers[t] for t in others},
-                                 ctx.opts, ctx.catalog, ctx.policy.repair)
-    assert ctx.result.repair is not None
-    recovered = (_recover(ctx, ctx.result.repair)
-                 if chosen.channels and ctx.policy.repair.recover.enabled else None)
+            _check_other_targets(ctx.result, backdoor_eval, repaired_eval, ctx.prep,
+                                 ctx.images, chosen.channels, target,
+                                 {t: triggers[t] for t in others}, ctx.opts, ctx.catalog,
+                                 ctx.policy.repair)
     # the re-scan repeats the detection the scan ran (none: a stage driven by hand)
     if chosen.channels and ctx.policy.repair.rescan and ctx.result.detection is not None:
         with ctx.timed("rescan"):
-            ctx.result.repair.rescan = rescan(ctx, ctx.result.repair, recovered)
-    finish_repair(ctx, ctx.result.repair, recovered)
+            rep.rescan = rescan(ctx, rep, recovered)
+    finish_repair(ctx, rep, recovered)
+
+
+def _judge_recovered(ctx: ScanContext, repair: Repair, recovered: Recovered,
+                     channels: list[int], stamped: np.ndarray, clean: ImageSet,
+                     utility: Utility) -> CoalitionEvaluator:
+    """The plan's figures again on the recovered weights (what the export carries): the
+    fine-tuning may give the backdoor back, or finish removing it. The zeroed model's are
+    kept in `repair.zeroed`. Returns the evaluator of the recovered model (the plan's
+    channels are masked in its coalitions, as in the original's)."""
+    graph = write_back(ctx.model.runnable, recovered.values, recovered.description)
+    stamped_eval = CoalitionEvaluator(
+        graph, ctx.layers, ctx.prep.to_model(stamped), ctx.device,
+        max_batch_rows=forward_rows(graph, ctx.policy.load.max_batch_bytes))
+    clean_eval = stamped_eval.with_images(ctx.prep.to_model(clean.pixels))
+    now = check(stamped_eval, clean_eval, clean.labels, utility, channels, _prune_config(ctx))
+    repair.zeroed = PlanCheck(repair.reversed_asr_after, repair.target_probability_after or 0.0,
+                              repair.fewshot_acc_after,
+                              repair.clean_target_probability_after or 0.0,
+                              repair.target_reached)
+    repair.reversed_asr_after, repair.target_probability_after = (now.reversed_asr,
+                                                                  now.target_probability)
+    repair.fewshot_acc_after = now.clean_acc
+    repair.clean_target_probability_after = now.clean_target_probability
+    repair.target_reached = now.target_reached
+    repair.forward_passes += stamped_eval.forward_passes + clean_eval.forward_passes
+    return stamped_eval
 
 
 def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
@@ -158,36 +193,41 @@ def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: floa
     return trigger.apply(shifted(others, STAMPED_COPIES).pixels, gain=gain)
 
 
-def _success(evaluator: CoalitionEvaluator, prep: Preprocess, images: ImageSet,
-             channels: list[int], target: int, trigger: ReversedTrigger, gain: float
-             ) -> tuple[float, float, int]:
+def _success(original: CoalitionEvaluator, repaired: CoalitionEvaluator, prep: Preprocess,
+             images: ImageSet, channels: list[int], target: int, trigger: ReversedTrigger,
+             gain: float) -> tuple[float, float, int]:
     """`trigger` (towards `target`) stamped on the images of the other classes as the plan's
-    was: the share sent to `target` by the model as shipped and with `channels` zeroed, and
-    the image passes that took."""
-    coalitions = np.ones((2, evaluator.n_channels), np.float32)
-    coalitions[1, channels] = 0.0  # row 0: the model as shipped, row 1: repaired
-    stamped = evaluator.with_images(prep.to_model(_stamped(images, target, trigger, gain)))
-    before, after = (stamped.logits(coalitions).argmax(-1) == target).mean(-1)
-    return float(before), float(after), stamped.forward_passes
+    was: the share sent to `target` by the model as shipped and by the repaired one (the
+    `repaired` evaluator's weights, original or recovered, with `channels` zeroed), and the
+    image passes that took."""
+    pixels = prep.to_model(_stamped(images, target, trigger, gain))
+    mask = np.ones((1, original.n_channels), np.float32)
+    shipped = original.with_images(pixels)
+    before = (shipped.logits(mask).argmax(-1) == target).mean()
+    mask[0, channels] = 0.0
+    fixed = repaired.with_images(pixels)
+    after = (fixed.logits(mask).argmax(-1) == target).mean()
+    return float(before), float(after), shipped.forward_passes + fixed.forward_passes
 
 
-def _family_asr(ctx: ScanContext, evaluator: CoalitionEvaluator, channels: list[int],
-                target: int, family_triggers: list[ReversedTrigger]
-                ) -> dict[str, tuple[float, float]]:
+def _family_asr(ctx: ScanContext, original: CoalitionEvaluator,
+                repaired: CoalitionEvaluator, channels: list[int], target: int,
+                family_triggers: list[ReversedTrigger]) -> dict[str, tuple[float, float]]:
     """Each of the target's reversed triggers (one per family): its success on the model as
-    shipped and with `channels` zeroed."""
+    shipped and on the repaired one."""
     assert ctx.images is not None and ctx.result.repair is not None
     out = {}
     for trigger in family_triggers:
-        before, after, passes = _success(evaluator, ctx.prep, ctx.images, channels, target,
-                                         trigger, ctx.opts.trigger_gain)
+        before, after, passes = _success(original, repaired, ctx.prep, ctx.images, channels,
+                                         target, trigger, ctx.opts.trigger_gain)
         ctx.result.repair.forward_passes += passes
         out[trigger.family] = (before, after)
     return out
 
 
-def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep: Preprocess,
-                         images: ImageSet, channels: list[int], target: int,
+def _check_other_targets(result: ScanResult, original: CoalitionEvaluator,
+                         repaired: CoalitionEvaluator, prep: Preprocess, images: ImageSet,
+                         channels: list[int], target: int,
                          triggers: dict[int, ReversedTrigger], opts: ScanOptions,
                          catalog: Catalog, rp: RepairPolicy) -> None:
     """The repair is planned for the most anomalous flagged class. Another flagged class's
@@ -196,8 +236,8 @@ def _check_other_targets(result: ScanResult, evaluator: CoalitionEvaluator, prep
     assert result.repair is not None
     kind = "synthesised" if opts.data_free else "few-shot"
     for t, trigger in triggers.items():
-        before, after, passes = _success(evaluator, prep, images, channels, t, trigger,
-                                         opts.trigger_gain)
+        before, after, passes = _success(original, repaired, prep, images, channels, t,
+                                         trigger, opts.trigger_gain)
         result.repair.forward_passes += passes
         if after > rp.target_asr:
             result.findings.append(catalog.make(
@@ -283,7 +323,7 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         + ("; data-free: clean behaviour was only checked on synthesised inputs, measure the "
            "repaired model's accuracy on real data before deploying it"
            if opts.data_free and opts.method == "shapley" else ""),
-        location=f"class {repair.target}", repair_status=repair.status))
+        location=f"class {repair.target}", repstatus=repair.status))
 
 
 def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 0.0,

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import FEWSHOT, TEST_SET, zoo_model
+from conftest import FEWSHOT, ROOT, TEST_SET, zoo_model
 from onnx import TensorProto, helper, numpy_helper
 
-from scanner.api import model_preprocess
-from scanner.data import ImageSet, load_images
+from scanner.api import Predictor, model_preprocess
+from scanner.data import ImageSet, load_images, shifted
 from scanner.errors import Inconclusive
 from scanner.graph.activations import discover_activations
 from scanner.graph.export import sanitize
 from scanner.graph.load import load_model
 from scanner.recover import RecoverConfig, augment, frozen_entries, recover
+from scanner.repair import CLEAN_COPIES
+from scanner.report.json_report import report_dict
 
 RNG = np.random.default_rng(5)
 
@@ -138,3 +142,17 @@ def test_scan_with_recovery_writes_fine_tuned_weights(tmp_path) -> None:
     original = load_model(path).proto
     assert [i.name for i in written.graph.input] == [i.name for i in original.graph.input]
     assert [o.name for o in written.graph.output] == [o.name for o in original.graph.output]
+    # the figures after are of the written (recovered) model, the zeroed model's kept apart
+    rep = result.repair
+    assert rep.zeroed is not None and rep.zeroed.clean_acc <= 1.0
+    loaded = load_model(path)
+    prep = model_preprocess(loaded)
+    images = shifted(load_images(FEWSHOT, prep), CLEAN_COPIES)
+    acc = float((Predictor(loaded, prep, graph=written)(images.pixels).argmax(-1)
+                 == images.labels).mean())
+    assert abs(acc - rep.fewshot_acc_after) < 1e-6
+    doc = report_dict([result])
+    jsonschema.Draft202012Validator(json.loads(
+        (ROOT / "rules" / "schemas" / "report.schema.json").read_text())).validate(doc)
+    zeroed = doc["results"][0]["repair"]["zeroed"]
+    assert zeroed["fewshot_acc"] == pytest.approx(rep.zeroed.clean_acc)

@@ -18,7 +18,7 @@ from test_prune import Game
 
 from scanner import api
 from scanner.context import ScanOptions
-from scanner.findings import ChannelValue, FrontierPoint, Repair, Rescan, ScanResult
+from scanner.findings import ChannelValue, FrontierPoint, PlanCheck, Repair, Rescan, ScanResult
 from scanner.policy import load_catalog, load_policy
 from scanner.progress import Progress
 from scanner.prune import PruneConfig, plan
@@ -201,3 +201,23 @@ def test_reports_say_the_status_the_rescan_and_show_the_frontier():
     assert "Re-scan of the repaired model (few-shot, synthesised): still flags class 3" in page
     assert "reversed patch trigger: 10.000 before, 15.000 after the repair (1.50x" in page
     assert "the repaired model was not written" in page
+
+
+def test_reports_give_the_zeroed_model_beside_the_recovered_one():
+    """With [repair.recover] the after figures are the recovered model's; the zeroed
+    model's stand beside them in the JSON (repair.zeroed) and in a middle HTML column."""
+    result = backdoor_result()
+    result.repair.zeroed = PlanCheck(0.25, 0.2, 0.7, 0.01, False)
+    doc = report_dict([result])
+    schema = json.loads(resources.files("scanner.rules").joinpath(
+        "schemas", "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    assert doc["results"][0]["repair"]["zeroed"] == {
+        "reversed_asr": 0.25, "target_probability": 0.2, "fewshot_acc": 0.7,
+        "target_reached": False}
+    page = render_html(result)
+    assert "Zeroed, before recovery" in page and "(after recovery; before it: no)" in page
+    assert "<td class=num>25.0%</td>" in page
+    result.repair.zeroed = None
+    assert report_dict([result])["results"][0]["repair"]["zeroed"] is None
+    assert "Zeroed, before recovery" not in render_html(result)

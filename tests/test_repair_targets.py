@@ -35,7 +35,7 @@ def test_a_flagged_class_whose_trigger_survives_the_repair_gets_ss304():
                            fewshot_acc_before=1.0, fewshot_acc_after=1.0, permutations=0,
                            forward_passes=0, estimator="eps-greedy")
     # a "repair" of one channel that has nothing to do with the BadNets patch
-    api._check_other_targets(result, evaluator, prep, images, [0], 3, triggers,
+    api._check_other_targets(result, evaluator, evaluator, prep, images, [0], 3, triggers,
                              api.ScanOptions(), load_catalog(), load_policy("default").repair)
     [finding] = result.findings  # class 5's trigger (an empty mask) flips nothing
     assert finding.rule_id == "SS304" and finding.location == "class 0"

@@ -198,12 +198,20 @@ def _repair(r: Repair) -> str:
         ("Channels zeroed", "0", f"{len(r.pruned)} of {r.channels_total:,} "
                                  f"({_pct(r.pruned_fraction)})"),
     ]
-    table = "".join(f"<tr><th>{esc(k)}</th><td class=num>{b}</td><td class=num>{a}</td></tr>"
-                    for k, b, a in rows)
+    z = r.zeroed  # with recovery: the zeroed model before fine-tuning, a middle column
+    middle = [] if z is None else [_pct(z.reversed_asr), _num(z.target_probability),
+                                   _pct(z.clean_acc), f"{len(r.pruned)}"]
+    table = "".join(f"<tr><th>{esc(k)}</th><td class=num>{b}</td>"
+                    + (f"<td class=num>{middle[i]}</td>" if middle else "")
+                    + f"<td class=num>{a}</td></tr>" for i, (k, b, a) in enumerate(rows))
+    head = ("<th class=num>Zeroed, before recovery</th><th class=num>After recovery</th>"
+            if z is not None else "<th class=num>After</th>")
     parts = [f'<p class="note">Target class {esc(r.target)}; estimator {esc(r.estimator)}, '
              f"{r.permutations} permutations, {r.forward_passes:,} forward passes. "
-             f"Target reached: <b>{'yes' if r.target_reached else 'no'}</b>.</p>",
-             f"<table><tr><th></th><th class=num>Before</th><th class=num>After</th></tr>"
+             f"Target reached: <b>{'yes' if r.target_reached else 'no'}</b>"
+             + ("" if z is None else " (after recovery; before it: "
+                f"{'yes' if z.target_reached else 'no'})") + ".</p>",
+             f"<table><tr><th></th><th class=num>Before</th>{head}</tr>"
              f"{table}</table>"]
     if r.stamped_images or r.clean_images:
         parts.append(f'<p class="note rows">Measured on the scan\'s own {esc(word)}, not a '

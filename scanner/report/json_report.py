@@ -126,6 +126,11 @@ def _repair(r: Repair) -> dict[str, Any]:
         "after": {"reversed_asr": _num(r.reversed_asr_after),
                   "target_probability": _num(r.target_probability_after),
                   "fewshot_acc": _num(r.fewshot_acc_after)},
+        "zeroed": None if r.zeroed is None else {
+            "reversed_asr": _num(r.zeroed.reversed_asr),
+            "target_probability": _num(r.zeroed.target_probability),
+            "fewshot_acc": _num(r.zeroed.clean_acc),
+            "target_reached": r.zeroed.target_reached},
         "pruned": [_channel(c) for c in r.pruned],
         "top_channels": [_channel(c) for c in r.top_channels],
         "given_back": [_channel(c) for c in r.given_back],
