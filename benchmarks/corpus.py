@@ -37,6 +37,7 @@ ASR and clean accuracy of the written model on the dataset's test set, before an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -141,6 +142,8 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                 record["incomplete_reasons"] = list(rep.incomplete_reasons)
                 record["target_reached"] = rep.target_reached
                 record["family_asr"] = rep.family_asr
+                if rep.zeroed is not None:  # [repair.recover]: the plan before fine-tuning
+                    record["zeroed"] = dataclasses.asdict(rep.zeroed)
                 if rep.rescan is not None:
                     record["rescan_flagged"] = rep.rescan.flagged_targets
                     record["rescan_growth"] = rep.rescan.growth
