@@ -151,13 +151,13 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                                                rep.rescan.target_size_before,
                                                rep.rescan.target_size_after,
                                                rep.rescan.others_median_after]
-            if written and entry["attack"]:
+            if written:  # a clean model's repair too: what a false alarm costs
                 import onnx
                 meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
                 record["repair_metadata"] = meta.get("shapscan.repair")
-                ev = evaluate(out, ROOT / entry["test"], Attack(entry["attack"],
-                                                               entry["params"]),
-                              entry["target"])
+                attack = entry["attack"] and Attack(entry["attack"], entry["params"])
+                ev = evaluate(out, ROOT / entry["test"], attack or None,
+                              entry["target"] if attack else None)
                 record["acc_after"], record["asr_after"] = ev.clean_acc, ev.asr
     return record
 
@@ -342,6 +342,12 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
         # delivers), or as an incomplete one only because the pass keeps every repair
         kept = [ok for e, r, ok in judged if not e["attack"] and r.get("written")]
         modified = f"{sum(kept)} / {len(kept) - sum(kept)}"
+        # what a false alarm's complete repair costs (recorded since clean models' written
+        # repairs are measured)
+        lost = [100 * (e["clean_acc"] - r["acc_after"]) for e, r, ok in judged
+                if not e["attack"] and ok and r.get("acc_after") is not None]
+        if lost:
+            modified += f" (drop median {statistics.median(lost):.1f}, worst {max(lost):.1f})"
         n_complete = sum(1 for e, r, ok in judged if e["attack"] and ok
                          and r.get("asr_after") is not None)
         rescanned = [r for _, r in done if "rescan_flagged" in r]
