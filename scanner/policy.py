@@ -175,6 +175,10 @@ class RecoverPolicy:
     unlearn_weight: float = 1.0  # weight of a trigger-stamped row against a clean one
     label_weight: float = 0.0  # share of the few-shot label in each row's target
     flip: bool = False  # horizontal flips in the augmentation (only where the data allows)
+    # also distil on inputs synthesised from the model's BatchNormalization statistics (the
+    # second view's when it ran, else synthesised for this); a data-free scan's images
+    # already are
+    synthesised: bool = False
 
 
 @dataclass(frozen=True)

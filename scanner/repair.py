@@ -12,6 +12,7 @@ from .autodiff.masks import MaskGradientProgram
 from .budget import forward_rows
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess, shifted
+from .detection import synthesise_inputs
 from .errors import Inconclusive
 from .findings import ChannelValue, Repair, ScanResult
 from .graph.export import sanitize, save_atomic
@@ -134,9 +135,16 @@ def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
             repair.recovery_note = f"recovery skipped: {why}"
             return None
         zeroed = sanitize(ctx.model.runnable, zeroed_channels(repair), verify=False)
+        extra = None
+        if rc.synthesised and not ctx.opts.data_free:
+            if ctx.second_images is None:
+                ctx.second_images, ctx.second_bn_layers = synthesise_inputs(
+                    ctx, "synthesising inputs to distil on (recovery)")
+            extra = ctx.second_images
         try:
             res = recover(ctx.model.runnable, zeroed, ctx.prep, ctx.images, triggers, cfg,
-                          targets=flagged, device=ctx.device, progress=ctx.progress)
+                          targets=flagged, synthesised=extra, device=ctx.device,
+                          progress=ctx.progress)
         except Inconclusive as exc:
             repair.recovery_note = f"recovery skipped: {exc}"
             return None
