@@ -223,6 +223,8 @@ class Repair:
     # with [repair.recover]: the plan's figures on the zeroed model before the fine-tuning
     # (the *_after fields, family_asr and SS304 are then of the recovered model)
     zeroed: PlanCheck | None = None
+    # the share of channels the plan was allowed (None: the policy's repair budget)
+    channel_budget: float | None = None
 
     @property
     def pruned_fraction(self) -> float:

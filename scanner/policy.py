@@ -165,9 +165,12 @@ class DetectionPolicy:
 class RecoverPolicy:
     """[repair.recover]: fine-tune the zeroed model (scanner/recover.py)."""
 
-    enabled: bool = False
-    steps: int = 150  # Adam steps
-    lr: float = 1e-4
+    enabled: bool = True
+    # the channel budget of a plan that recovery follows (repair.max_channel_fraction is
+    # the budget of zeroing alone: recovery off, or a model it cannot train)
+    max_channel_fraction: float = 0.10
+    steps: int = 300  # Adam steps
+    lr: float = 3e-4
     # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)
     parameters: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "BatchNormalization",
                                    "LayerNormalization")
@@ -175,10 +178,6 @@ class RecoverPolicy:
     unlearn_weight: float = 1.0  # weight of a trigger-stamped row against a clean one
     label_weight: float = 0.0  # share of the few-shot label in each row's target
     flip: bool = False  # horizontal flips in the augmentation (only where the data allows)
-    # also distil on inputs synthesised from the model's BatchNormalization statistics (the
-    # second view's when it ran, else synthesised for this); a data-free scan's images
-    # already are
-    synthesised: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,6 +291,7 @@ _RANGES: dict[str, _Range] = {
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),
     "repair.min_trigger_growth": (0.0, None, True, True),
+    "repair.recover.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.recover.steps": (1, 100_000, True, True),
     "repair.recover.lr": (0.0, 1.0, False, True),
     "repair.recover.temperature": (0.0, None, False, True),

@@ -40,8 +40,8 @@ REFUSED_RULE = "SS205"  # the gradient rule: recovery cannot differentiate/train
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    steps: int = 150
-    lr: float = 1e-4  # Adam
+    steps: int = 300
+    lr: float = 3e-4  # Adam
     batch: int = 64  # clean rows a step (as many stamped rows again, at most)
     ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "BatchNormalization",
                             "LayerNormalization")  # whose parameters are trained

@@ -32,8 +32,9 @@ def target_missed(repair: Repair, rp: RepairPolicy) -> str:
     and the real trigger is stronger (on resnet_badnets a margin of 0.015 left 11.7 % of
     the test images flipped). That is why it is HIGH even at 0 %."""
     n, t = len(repair.pruned), repair.target
-    budget = max(1, int(rp.max_channel_fraction * repair.channels_total))
-    stop = (f"the policy's channel budget, {100 * rp.max_channel_fraction:g}% of the "
+    share = repair.channel_budget or rp.max_channel_fraction
+    budget = max(1, int(share * repair.channels_total))
+    stop = (f"the policy's channel budget, {100 * share:g}% of the "
             "channels" if n >= budget else
             "no other candidate channel lowered it within the clean-accuracy budget")
     rows = (f"{repair.stamped_images * (1 + repair.stamped_copies)} stamped rows"

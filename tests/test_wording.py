@@ -35,6 +35,9 @@ def test_a_repair_that_still_flips_images_says_how_many_and_why_it_stopped() -> 
                            "sends 11% of the 45 stamped rows")
     rep.channels_total = 200  # 4 of 200 is the 2 % budget
     assert "(the policy's channel budget, 2% of the channels)" in target_missed(rep, rp)
+    rep.channel_budget, rep.channels_total = 0.1, 40  # a plan recovery followed: its budget
+    assert "(the policy's channel budget, 10% of the channels)" in target_missed(rep, rp)
+    rep.channels_total = 200
     rep.inputs = "synthesised"
     assert "(synthesised inputs of other classes)" in target_missed(rep, rp)
     rep.reversed_asr_after = 0.0  # the probability part: the clean rows are synthesised too
