@@ -3,7 +3,8 @@
     python benchmarks/recover.py [--cache DIR] [--models a,b] [--steps N] [--lr X] [--synthesised N]
 
 Per backdoored zoo model (1 clean image per class, samples/data/fewshot.npz):
-1. `scanner.api.scan` zeroes channels (the default policy) and writes the zeroed model;
+1. `scanner.api.scan` zeroes channels (the default policy with recovery off, at the channel
+   budget the default gives a plan recovery follows) and writes the zeroed model;
 2. the triggers are reversed on the few-shot images as the scan does (same seed and step
    budget), every family, for the classes the scan flagged;
 3. `scanner.recover.recover` fine-tunes the zeroed model (distillation from the original
@@ -81,9 +82,11 @@ def zeroed_and_triggers(zm: ZooModel, cache: Path) -> tuple[Path, dict, list]:
     extra = {"keep_incomplete": True} if "keep_incomplete" in {
         f.name for f in dataclasses.fields(ScanOptions)} else {}
     policy = cache / "no-rescan.toml"
-    policy.write_text('extends = "default"\n[repair]\nrescan = false\n'
-                      if hasattr(load_policy("default").repair, "rescan") else
-                      'extends = "default"\n')
+    # zeroed at the budget the default gives a plan that recovery follows, then recovered
+    # here (not by the scan), so that settings can be compared on the same zeroed model
+    budget = load_policy("default").repair.recover.max_channel_fraction
+    policy.write_text(f'extends = "default"\n[repair]\nrescan = false\n'
+                      f'max_channel_fraction = {budget}\n[repair.recover]\nenabled = false\n')
     t = time.perf_counter()
     result = scan(zm.path, ScanOptions(data=FEWSHOT, out=out, quiet=True, policy=policy,
                                        **extra))
