@@ -13,11 +13,11 @@ from .budget import forward_rows
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess, shifted
 from .errors import Inconclusive
-from .findings import ChannelValue, Repair, ScanResult
+from .findings import ChannelValue, PlanCheck, Repair, ScanResult
 from .graph.export import sanitize, save_atomic
 from .graph.prefix import CoalitionEvaluator
 from .policy import Catalog, RepairPolicy
-from .prune import PlanCheck, PruneConfig, PrunePlan, check, plan
+from .prune import PruneConfig, PrunePlan, check, plan
 from .recover import RecoverConfig, Recovered, describe, recover, untrainable, write_back
 from .rescan import rescan, zeroed_channels
 from .reverse import ReversedTrigger
