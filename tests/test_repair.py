@@ -144,11 +144,13 @@ def test_an_incomplete_repair_is_withheld_unless_kept_and_then_marked(tmp_path, 
 @pytest.mark.slow
 def test_a_tiny_channel_cap_gives_an_incomplete_repair_that_is_not_written(run_cli,
                                                                           tmp_path):
-    """A real scan whose policy lets the plan zero one channel of 416: cnn_badnets' patch
-    needs more, so the target is missed, the re-scan still flags class 0, and --out gets
-    nothing (exit 1) until --keep-incomplete, which writes it marked incomplete."""
+    """A real scan whose policy lets zeroing alone (recovery off) zero one channel of 416:
+    cnn_badnets' patch needs more, so the target is missed, the re-scan still flags class 0,
+    and --out gets nothing (exit 1) until --keep-incomplete, which writes it marked
+    incomplete."""
     policy = tmp_path / "tiny.toml"
-    policy.write_text("[repair]\nmax_channel_fraction = 0.001\n[shapley]\npermutations = 8\n")
+    policy.write_text("[repair]\nmax_channel_fraction = 0.001\n[repair.recover]\n"
+                      "enabled = false\n[shapley]\npermutations = 8\n")
     out, report, sarif, html = (tmp_path / n for n in ("safe.onnx", "r.json", "r.sarif",
                                                       "r.html"))
     result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
