@@ -56,6 +56,9 @@ def test_builtin_policies_order_from_strict_to_permissive() -> None:
             < permissive.repair.target_probability)
     assert (strict.repair.max_channel_fraction < default.repair.max_channel_fraction
             < permissive.repair.max_channel_fraction)
+    assert (strict.repair.recover.max_channel_fraction
+            < default.repair.recover.max_channel_fraction
+            < permissive.repair.recover.max_channel_fraction)
     assert (strict.repair.max_clean_drop < default.repair.max_clean_drop
             < permissive.repair.max_clean_drop)
     assert {p.name for p in (strict, default, permissive)} == set(BUILTIN_POLICIES)
