@@ -62,7 +62,8 @@ def repair(ctx: ScanContext) -> None:
         assert ctx.result.repair is not None
         ctx.result.repair.players = None if players is None else len(players)
     rep = ctx.result.repair
-    recovered = _recover(ctx, rep) if chosen.channels and recovering(ctx) else None
+    # wanted but untrainable (float16, QDQ): _recover says so in SS301 and returns None
+    recovered = _recover(ctx, rep) if chosen.channels and recovery_wanted(ctx) else None
     # the weights the export carries: the original's with the plan's channels masked, or
     # the recovered ones; the checks below are of that model
     repaired_eval = backdoor_eval
@@ -177,12 +178,16 @@ def _shapley_config(ctx: ScanContext) -> ShapleyConfig:
                          stable_rounds=opts.stable_rounds)
 
 
+def recovery_wanted(ctx: ScanContext) -> bool:
+    """Whether recovery is to follow the zeroing: on, and real images. Data-free scans zero
+    alone: distilled on synthesised inputs, recovery gave the sample cnn_trojan's backdoor
+    back (true ASR 0.7 % zeroed, 37.4 % recovered)."""
+    return ctx.policy.repair.recover.enabled and not ctx.opts.data_free
+
+
 def recovering(ctx: ScanContext) -> bool:
-    """Whether recovery follows the zeroing: on, a model it can train, and real images.
-    Data-free scans zero alone: distilled on synthesised inputs, recovery gave the sample
-    cnn_trojan's backdoor back (true ASR 0.7 % zeroed, 37.4 % recovered)."""
-    return (ctx.policy.repair.recover.enabled and not ctx.opts.data_free
-            and not untrainable(ctx.model))
+    """Whether recovery will follow the zeroing: wanted, and a model it can train."""
+    return recovery_wanted(ctx) and not untrainable(ctx.model)
 
 
 def channel_budget(ctx: ScanContext) -> float:

@@ -95,6 +95,12 @@ def test_scan_repairs_a_float16_model_and_writes_it_in_float16(run_cli, tmp_path
     scanned = json.loads(report.read_text())["results"][0]
     assert scanned["detection"]["flagged_targets"][0] == 0
     assert "SS113" in {f["rule_id"] for f in scanned["findings"]}
+    # recovery cannot train float16 weights: the plan keeps zeroing alone's 2 % budget, and
+    # the summary says recovery was skipped
+    assert scanned["repair"]["pruned_fraction"] <= 0.02
+    [summary] = [f for f in scanned["findings"] if f["rule_id"] == "SS301"]
+    assert "recovery skipped: the model stores its weights in half precision" in \
+        summary["message"]
     safe = onnx.load(str(out))
     io = HALF if not keep_io else FLOAT
     assert safe.graph.input[0].type.tensor_type.elem_type == io
