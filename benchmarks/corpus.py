@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -155,8 +156,8 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                 import onnx
                 meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
                 record["repair_metadata"] = meta.get("shapscan.repair")
-                attack = entry["attack"] and Attack(entry["attack"], entry["params"])
-                ev = evaluate(out, ROOT / entry["test"], attack or None,
+                attack = Attack(entry["attack"], entry["params"]) if entry["attack"] else None
+                ev = evaluate(out, ROOT / entry["test"], attack,
                               entry["target"] if attack else None)
                 record["acc_after"], record["asr_after"] = ev.clean_acc, ev.asr
     return record
@@ -309,10 +310,16 @@ def complete(r: dict, min_growth: float = 0.0, every_family: bool = False) -> bo
         return False
     if not every_family:
         return True
+    target_asr = shipped_repair().target_asr
+    return not any(a > target_asr for _, a in (r.get("family_asr") or {}).values())
+
+
+@functools.cache
+def shipped_repair():
+    """The default policy's [repair], read once: saved repairs are judged by it."""
     from scanner.policy import load_policy
 
-    target_asr = load_policy("default").repair.target_asr
-    return not any(a > target_asr for _, a in (r.get("family_asr") or {}).values())
+    return load_policy("default").repair
 
 
 def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
@@ -512,9 +519,7 @@ def main() -> None:
     policy_file = str(Path(args.policy).resolve()) if args.policy else ""
     tag = "-".join(t for t in (Path(args.policy).stem if args.policy else "",
                                "" if args.method == "shapley" else args.method) if t)
-    from scanner.policy import load_policy
-
-    shipped = load_policy("default").repair  # saved repairs are judged by today's default
+    shipped = shipped_repair()
     min_growth = shipped.min_trigger_growth if args.min_growth is None else args.min_growth
     every_family = (shipped.every_family if args.every_family is None
                     else args.every_family == "true")
