@@ -63,6 +63,14 @@ class RecoverConfig:
     # original model: this one follows the student as it changes. 0: off.
     adversarial_share: float = 0.0
     adversarial_lr: float = 0.1  # ascent step, as a share of the radius
+    # honest rows (neither mixed image of a flagged class) are distilled with this share of
+    # the flagged classes' mass in the original's prediction (0: removed)
+    flagged_mass: float = 0.0
+    # ... after capping it at what the original gives the un-augmented source images: the
+    # mass a trigger-like augmentation adds goes, the honest share stays
+    flagged_cap: bool = False
+    # share of each batch drawn from the flagged classes' images (0: as many as any class)
+    flagged_share: float = 0.0
     seed: int = 0
 
 
@@ -159,10 +167,12 @@ class Batch:
     share: np.ndarray  # weight of `first` in the mix (1 where not mixed)
 
 
-def augment(pixels: np.ndarray, n: int, cfg: RecoverConfig, rng: np.random.Generator
-            ) -> Batch:
-    """`n` augmented rows drawn from `pixels` (NCHW in [0, 1])."""
-    first = rng.integers(0, len(pixels), n)
+def augment(pixels: np.ndarray, n: int, cfg: RecoverConfig, rng: np.random.Generator,
+            p: np.ndarray | None = None) -> Batch:
+    """`n` augmented rows drawn from `pixels` (NCHW in [0, 1]), row i with probability
+    p[i] (uniform by default)."""
+    first = rng.choice(len(pixels), n, p=p) if p is not None else rng.integers(
+        0, len(pixels), n)
     x = _translate(pixels[first], rng.integers(-cfg.shift, cfg.shift + 1, size=(n, 2)))
     if cfg.flip:
         flip = rng.random(n) < 0.5
@@ -230,12 +240,16 @@ def recover(original: onnx.ModelProto, zeroed: onnx.ModelProto, prep: Preprocess
     inv_t = 1.0 / cfg.temperature
     n_stamp = int(round(cfg.batch * cfg.stamped_share)) if triggers else 0
     history: list[float] = []
+    draw = _draw(pool.labels, targets, cfg.flagged_share)
+    reference = _softmax(teacher.run(prep.to_model(pool.pixels),
+                                     np.zeros((len(pool), 1), np.float32), {}).logits
+                         / cfg.temperature) if cfg.flagged_cap else None
     for step in range(1, cfg.steps + 1):
-        b = augment(pool.pixels, cfg.batch, cfg, rng)
+        b = augment(pool.pixels, cfg.batch, cfg, rng, draw)
         # the teacher's CE head is unused: zero targets broadcast over the classes
         logits = teacher.run(prep.to_model(b.pixels), np.zeros((cfg.batch, 1), np.float32),
                              {}).logits
-        soft = _targets(logits, b, pool.labels, targets, cfg)
+        soft = _targets(logits, b, pool.labels, targets, cfg, reference)
         rows, weights = [b.pixels], [soft]
         if n_stamp:
             which = rng.integers(0, cfg.batch, n_stamp)
@@ -299,7 +313,7 @@ def _adversaries(triggers: Sequence[ReversedTrigger], targets: Sequence[int],
 
 
 def _targets(logits: np.ndarray, b: Batch, labels: np.ndarray, flagged: Sequence[int],
-             cfg: RecoverConfig) -> np.ndarray:
+             cfg: RecoverConfig, reference: np.ndarray | None = None) -> np.ndarray:
     """What each row is trained towards: the original model's softened prediction, with
     the flagged classes' mass removed where neither mixed image belongs to them (the
     original is backdoored: its dark knowledge leans towards the target on trigger-like
@@ -307,14 +321,29 @@ def _targets(logits: np.ndarray, b: Batch, labels: np.ndarray, flagged: Sequence
     k = logits.shape[1]
     soft = _softmax(logits / cfg.temperature)
     flagged = [t for t in flagged if 0 <= t < k]
-    if flagged:
+    if flagged and (cfg.flagged_mass < 1.0 or reference is not None):
         honest = ~np.isin(labels[b.first], flagged) & ~np.isin(labels[b.second], flagged)
-        soft[np.ix_(honest, flagged)] = 0.0
+        cell = np.ix_(honest, flagged)
+        if reference is not None:
+            s = b.share[honest, None]
+            cap = (s * reference[np.ix_(b.first[honest], flagged)]
+                   + (1 - s) * reference[np.ix_(b.second[honest], flagged)])
+            soft[cell] = np.minimum(soft[cell], cap)
+        soft[cell] *= cfg.flagged_mass
         soft /= np.maximum(soft.sum(axis=1, keepdims=True), 1e-12)
     onehot = np.eye(k, dtype=np.float32)
     mixed = (b.share[:, None] * onehot[labels[b.first] % k]
              + (1 - b.share[:, None]) * onehot[labels[b.second] % k])
     return ((1 - cfg.label_weight) * soft + cfg.label_weight * mixed).astype(np.float32)
+
+
+def _draw(labels: np.ndarray, flagged: Sequence[int], share: float) -> np.ndarray | None:
+    """Per pool row, the probability a batch row is made from it: `share` spread over the
+    flagged classes' rows, the rest over the others (None: uniform)."""
+    mine = np.isin(labels, list(flagged))
+    if share <= 0 or not mine.any() or mine.all():
+        return None
+    return np.where(mine, share / mine.sum(), (1 - share) / (~mine).sum())
 
 
 RECOVER_KEY = "shapscan.recover"  # metadata_props: how the weights were fine-tuned

@@ -19,7 +19,7 @@ from scanner.errors import Inconclusive
 from scanner.graph.activations import discover_activations
 from scanner.graph.export import sanitize
 from scanner.graph.load import load_model
-from scanner.recover import RecoverConfig, augment, frozen_entries, recover
+from scanner.recover import Batch, RecoverConfig, _draw, _targets, augment, frozen_entries, recover
 from scanner.repair import CLEAN_COPIES
 from scanner.report.json_report import report_dict
 
@@ -59,6 +59,39 @@ def test_augment_keeps_shape_and_range() -> None:
     out = augment(x, 7, RecoverConfig(flip=True), np.random.default_rng(0)).pixels
     assert out.shape == (7, 1, 8, 8) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def _rows(first: list[int], second: list[int], share: list[float]) -> Batch:
+    return Batch(np.zeros((len(first), 1, 2, 2), np.float32), np.array(first),
+                 np.array(second), np.array(share, np.float32))
+
+
+def test_distillation_targets_remove_cap_or_keep_the_flagged_mass() -> None:
+    labels = np.array([0, 1, 2])  # pool: one image per class; class 2 is flagged
+    logits = np.array([[4.0, 0.0, 3.0],  # honest row, the teacher leans to the target
+                       [0.0, 1.0, 5.0],  # a row of the flagged class itself
+                       [2.0, 0.0, 2.0]], np.float32)  # honest, mixed 0 / 1
+    b = _rows([0, 2, 0], [0, 2, 1], [1.0, 1.0, 0.5])
+    soft = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(1, keepdims=True)
+    removed = _targets(logits, b, labels, [2], RecoverConfig())
+    assert removed[[0, 2], 2].max() == 0.0 and np.allclose(removed[1], soft[1])
+    kept = _targets(logits, b, labels, [2], RecoverConfig(flagged_mass=1.0))
+    assert np.allclose(kept, soft)
+    # capped at what the un-augmented source images get (0.01 and 0.03, mixed 0.02)
+    reference = np.array([[0.9, 0.09, 0.01], [0.07, 0.9, 0.03], [0.0, 0.1, 0.9]])
+    capped = _targets(logits, b, labels, [2],
+                      RecoverConfig(flagged_mass=1.0, flagged_cap=True), reference)
+    mass = capped[:, 2] / capped[:, :2].sum(1)  # target mass against the rest, unscaled
+    assert np.allclose(mass[[0, 2]], [0.01 / soft[0, :2].sum(), 0.02 / soft[2, :2].sum()])
+    assert np.allclose(capped[1], soft[1]) and np.allclose(capped.sum(1), 1.0)
+
+
+def test_draw_gives_the_flagged_classes_their_share_of_the_batch() -> None:
+    labels = np.array([0, 1, 2, 2, 3])
+    p = _draw(labels, [2], 0.5)
+    assert np.isclose(p.sum(), 1.0) and np.allclose(p[[2, 3]], 0.25)
+    assert np.allclose(p[[0, 1, 4]], 0.5 / 3)
+    assert _draw(labels, [2], 0.0) is None and _draw(labels, [7], 0.4) is None
 
 
 def test_half_precision_model_is_refused() -> None:
