@@ -156,7 +156,7 @@ class _Ticker:
             zeroed += step
         if cfg.order == "ranked":
             searched = most
-        given = most * min(most, cfg.candidates) if cfg.give_back else 0
+        given = most * min(most, 2 * cfg.candidates) if cfg.give_back else 0
         self.progress, self.total, self.done = progress, pool + searched + given + 1, 0
 
     def __call__(self, coalitions: int) -> None:
@@ -328,7 +328,9 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
 
     Each round tries every zeroed channel back on. A channel qualifies if, without it, the
     target stays reached and the clean cost falls; of those the one with the lowest clean
-    cost comes back. At most `cfg.candidates` rounds. Returns the channels still zeroed
+    cost comes back; past `_STRIDE` zeroed channels, the len(chosen) // _STRIDE cheapest of
+    them together when that keeps the target and lowers the cost. At most 2 x
+    `cfg.candidates` rounds. Returns the channels still zeroed
     (in their order), those given back (in the order they came back) and the coalitions
     measured."""
     chosen, restored = list(chosen), []
@@ -340,7 +342,7 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
     if not _reached(now, cfg)[0]:
         return chosen, restored, 1
     coalitions, cost_now = 1, float(now.clean_cost[0])
-    for _ in range(cfg.candidates):  # rounds: a large plan is not searched k times over
+    for _ in range(2 * cfg.candidates):  # a large plan is not searched k times over
         if not chosen:
             break
         rows = np.repeat(current[None], len(chosen), axis=0)
@@ -352,8 +354,17 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
         ok = np.flatnonzero(_reached(m, cfg) & (m.clean_cost < cost_now))
         if not len(ok):
             break
-        best = int(ok[np.argmin(m.clean_cost[ok])])
-        restored.append(chosen.pop(best))
-        current[restored[-1]] = 1.0
-        cost_now = float(m.clean_cost[best])
+        ok = ok[np.argsort(m.clean_cost[ok], kind="stable")]
+        back, cost_now = [int(ok[0])], float(m.clean_cost[ok[0]])
+        step = min(max(1, len(chosen) // _STRIDE), len(ok))
+        if step > 1:  # a large plan: the `step` cheapest back on together, if that holds
+            trial = current.copy()
+            trial[[chosen[j] for j in ok[:step]]] = 1.0
+            joint = _measure(backdoor, cost, utility, trial[None])
+            coalitions += 1
+            if _reached(joint, cfg)[0] and joint.clean_cost[0] < cost_now:
+                back, cost_now = ok[:step].tolist(), float(joint.clean_cost[0])
+        for j in sorted(back, reverse=True):
+            restored.append(chosen.pop(j))
+            current[restored[-1]] = 1.0
     return chosen, restored, coalitions

@@ -153,6 +153,14 @@ def test_give_back_returns_a_useful_channel_the_target_does_not_need():
     assert _give_back_from(game, [30, 5, 17, 60]) == [5, 17, 60]
 
 
+def test_a_large_plan_gives_back_several_channels_a_round():
+    # 100 zeroed channels only serve clean behaviour: one a round, the 80-round cap would
+    # give back 80 of them; several a round, all 100 come back and the carrier stays off
+    useful = list(range(1, 201, 2))
+    game = Game(400, carriers=[0], useful=useful, clean=False)
+    assert _give_back_from(game, [0, *useful]) == [0]
+
+
 def test_give_back_gives_nothing_back_when_the_target_was_missed():
     # budget ran out with carriers 2, 3, 4 still on: even channel 50, which only serves clean
     # behaviour, stays zeroed ("its return lifts the target by nothing" is too weak a test:
