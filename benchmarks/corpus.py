@@ -298,11 +298,17 @@ DET_HEADER = ("| group | runs +/- | ROC-AUC | TPR @ FPR<=5 % | TPR (rule) | FPR 
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def complete(r: dict, min_growth: float = 0.0, every_family: bool = False) -> bool:
+def complete(r: dict, min_growth: float | None = 0.0, every_family: bool = False) -> bool:
     """Whether a repair record counts as complete, judged again from what it saved (as
     redecide does for detection) at `repair.min_trigger_growth` = min_growth and
     `repair.every_family`: complete as scanned, its target's trigger grew at least that
-    much in the re-scan, and (every_family) none of its reversed triggers still works."""
+    much in the re-scan, and (every_family) none of its reversed triggers still works.
+    min_growth None: the shipped policy's, [repair.recover]'s for a repair recovery
+    followed (its record keeps the zeroed plan), [repair]'s otherwise."""
+    if min_growth is None:
+        shipped = shipped_repair()
+        min_growth = (shipped.recover.min_trigger_growth if "zeroed" in r
+                      else shipped.min_trigger_growth)
     if r.get("repair_status") != "complete":
         return False
     growth = r.get("rescan_growth")
@@ -323,7 +329,7 @@ def shipped_repair():
 
 
 def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
-                min_growth: float = 0.0, every_family: bool = False) -> list[str]:
+                min_growth: float | None = 0.0, every_family: bool = False) -> list[str]:
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for e in entries:
         for r in runs.get(e["name"], []):
@@ -369,7 +375,8 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
 
 
 def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = "",
-           baseline: bool = False, min_growth: float = 0.0, every_family: bool = False
+           baseline: bool = False, min_growth: float | None = 0.0,
+           every_family: bool = False
            ) -> str:
     """The detection tables (none for a baseline: it detects nothing), then with `repair`
     the repair tables."""
@@ -410,11 +417,13 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
     return "\n".join(lines)
 
 
-def repair_tables(entries: list[dict], runs: dict[str, list[dict]], min_growth: float = 0.0,
+def repair_tables(entries: list[dict], runs: dict[str, list[dict]],
+                  min_growth: float | None = 0.0,
                   every_family: bool = False) -> list[str]:
     lines: list[str] = []
-    lines += ["", f"(complete: judged from the saved re-scan at repair.min_trigger_growth = "
-              f"{min_growth:g}, repair.every_family = {str(every_family).lower()})"]
+    lines += ["", "(complete: judged from the saved re-scan at repair.min_trigger_growth = "
+              + ("the shipped policy's" if min_growth is None else f"{min_growth:g}")
+              + f", repair.every_family = {str(every_family).lower()})"]
     for key in ("split", "family_label", "attack"):
         lines += ["", *repair_rows(entries, runs, key, min_growth, every_family)]
     return lines
@@ -520,7 +529,7 @@ def main() -> None:
     tag = "-".join(t for t in (Path(args.policy).stem if args.policy else "",
                                "" if args.method == "shapley" else args.method) if t)
     shipped = shipped_repair()
-    min_growth = shipped.min_trigger_growth if args.min_growth is None else args.min_growth
+    min_growth = args.min_growth  # None: the shipped policy's, per record (complete)
     every_family = (shipped.every_family if args.every_family is None
                     else args.every_family == "true")
     entries = manifest()

@@ -169,6 +169,8 @@ class RecoverPolicy:
     # the channel budget of a plan that recovery follows (repair.max_channel_fraction is
     # the budget of zeroing alone: recovery off, or a model it cannot train)
     max_channel_fraction: float = 0.10
+    # repair.min_trigger_growth for a repair that recovery followed
+    min_trigger_growth: float = 4.8
     steps: int = 300  # Adam steps
     lr: float = 3e-4
     # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)
@@ -292,6 +294,7 @@ _RANGES: dict[str, _Range] = {
     "repair.max_clean_drop": (0.0, 1.0, True, True),
     "repair.min_trigger_growth": (0.0, None, True, True),
     "repair.recover.max_channel_fraction": (0.0, 1.0, False, True),
+    "repair.recover.min_trigger_growth": (0.0, None, True, True),
     "repair.recover.steps": (1, 100_000, True, True),
     "repair.recover.lr": (0.0, 1.0, False, True),
     "repair.recover.temperature": (0.0, None, False, True),

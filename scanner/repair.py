@@ -313,7 +313,8 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
-    repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.min_trigger_growth,
+    growth = rp.recover.min_trigger_growth if recovered is not None else rp.min_trigger_growth
+    repair.incomplete_reasons = _incomplete_reasons(result, repair, growth,
                                                     rp.target_asr if rp.every_family else None)
     repair.status = "incomplete" if repair.incomplete_reasons else "complete"
     if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
@@ -367,8 +368,10 @@ def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 
     if growth is not None and growth < min_growth:
         reasons.append(f"on the repaired model class {repair.target}'s reversed "
                        f"{repair.rescan.target_family} trigger is {growth:.2f}x its size "
-                       f"before (at least {min_growth:g}x asked): the repair may block only "
-                       "the reversed pattern, not the backdoor")
+                       f"before (at least {min_growth:g}x asked): a real trigger is many "
+                       "times smaller than the class's trigger once the backdoor is gone, so "
+                       "the class may never have been backdoored, or the repair blocks only "
+                       "the reversed pattern")
     if family_asr is not None:
         alive = {f: a for f, (_, a) in repair.family_asr.items() if a > family_asr}
         if alive:
