@@ -22,6 +22,7 @@ from scanner.findings import ChannelValue, FrontierPoint, PlanCheck, Repair, Res
 from scanner.policy import load_catalog, load_policy
 from scanner.progress import Progress
 from scanner.prune import PruneConfig, plan
+from scanner.recover import Recovered
 from scanner.repair import REPAIR_KEY, finish_repair
 from scanner.report.html import render_html
 from scanner.report.json_report import report_dict
@@ -99,6 +100,22 @@ def test_a_target_whose_trigger_stays_cheap_after_repair_is_incomplete(tmp_path,
     if not complete:
         [reason] = repair.incomplete_reasons
         assert "class 0's reversed patch trigger is 1.20x its size before" in reason
+
+
+@pytest.mark.parametrize(("recovered", "complete"), [(False, True), (True, False)])
+def test_the_growth_a_recovered_repair_needs_is_its_own(tmp_path, recovered, complete):
+    """4.2x growth: complete for zeroing alone (repair.min_trigger_growth, off by default),
+    incomplete after recovery ([repair.recover] min_trigger_growth, 4.8 by default)."""
+    ctx = _context(tmp_path)
+    rescan = Rescan(["few-shot"], [], {}, 0, "patch", 10.0, 42.0, 40.0)
+    repair = _repair(ctx, reached=True, rescan=rescan)
+    finish_repair(ctx, repair, Recovered({}, "test") if recovered else None)
+    assert (repair.status == "complete") is complete
+    assert (tmp_path / "safe.onnx").exists() is complete
+    if not complete:
+        [reason] = repair.incomplete_reasons
+        assert "4.20x its size before (at least 4.8x asked)" in reason
+        assert "may never have been backdoored" in reason
 
 
 @pytest.mark.parametrize("every_family", [False, True])
