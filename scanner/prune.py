@@ -142,9 +142,9 @@ def _measure(backdoor: Evaluator, clean: _Clean, utility: Utility,
 
 
 class _Ticker:
-    """Progress of a plan in coalitions measured, against the most it can measure: every
-    greedy round up to the channel budget, and every give-back round (a plan that reaches
-    its target sooner finishes sooner)."""
+    """Progress of a plan in coalitions measured, against what it measures at most in its
+    search (every greedy round up to the channel budget: a plan that reaches its target
+    sooner finishes sooner) and typically in give-back."""
 
     def __init__(self, progress: Callable[[int, int], None] | None, pool: int, budget: int,
                  cfg: PruneConfig) -> None:
@@ -156,7 +156,10 @@ class _Ticker:
             zeroed += step
         if cfg.order == "ranked":
             searched = most
-        given = most * min(most, 2 * cfg.candidates) if cfg.give_back else 0
+        # give-back: a round measures every zeroed channel, and most plans end after one
+        # or two (each round's bound, most x 80 rounds, put "20 minutes left" on a plan
+        # that took 3); a longer give-back waits at 100 %
+        given = 2 * most if cfg.give_back else 0
         self.progress, self.total, self.done = progress, pool + searched + given + 1, 0
 
     def __call__(self, coalitions: int) -> None:
