@@ -170,7 +170,7 @@ class RecoverPolicy:
     # the budget of zeroing alone: recovery off, or a model it cannot train)
     max_channel_fraction: float = 0.10
     # repair.min_trigger_growth for a repair that recovery followed
-    min_trigger_growth: float = 4.8
+    min_trigger_growth: float = 0.0
     steps: int = 300  # Adam steps
     lr: float = 3e-4
     # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)

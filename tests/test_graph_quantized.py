@@ -111,9 +111,13 @@ def test_the_repaired_model_is_the_qdq_graph_with_masks_and_eval_runs_the_int8_g
 def test_scan_flags_and_repairs_an_int8_model_that_stays_int8(run_cli, qdq, tmp_path):
     entry = next(e for e in zoo_entries() if e["name"] == "cnn_badnets")
     out = tmp_path / "safe.onnx"
-    result = run_cli("scan", qdq, "--data", FEWSHOT, "--out", out, "-q")
+    # recovery cannot train int8 weights, so the plan zeroes alone at the 2 % budget, and
+    # the family check marks it incomplete (its reversed warp trigger still flips 16 %):
+    # written only on request, and marked so
+    result = run_cli("scan", qdq, "--data", FEWSHOT, "--out", out, "-q", "--keep-incomplete")
     assert result.code == 1
     safe = onnx.load(str(out))
+    assert {p.key: p.value for p in safe.metadata_props}["shapscan.repair"] == "incomplete"
     assert Counter(n.op_type for n in safe.graph.node)["QuantizeLinear"] == Counter(
         n.op_type for n in onnx.load(str(qdq)).graph.node)["QuantizeLinear"]
     attack = Attack(entry["attack"], entry["params"])

@@ -104,9 +104,14 @@ def test_a_target_whose_trigger_stays_cheap_after_repair_is_incomplete(tmp_path,
 
 @pytest.mark.parametrize(("recovered", "complete"), [(False, True), (True, False)])
 def test_the_growth_a_recovered_repair_needs_is_its_own(tmp_path, recovered, complete):
-    """4.2x growth: complete for zeroing alone (repair.min_trigger_growth, off by default),
-    incomplete after recovery ([repair.recover] min_trigger_growth, 4.8 by default)."""
+    """4.2x growth at the strict policy's growth bars: complete for zeroing alone
+    (repair.min_trigger_growth, off), incomplete after recovery ([repair.recover]
+    min_trigger_growth = 4.8)."""
     ctx = _context(tmp_path)
+    strict = load_policy("strict").repair
+    assert strict.min_trigger_growth == 0.0 and strict.recover.min_trigger_growth == 4.8
+    ctx.policy = replace(ctx.policy, repair=replace(
+        ctx.policy.repair, recover=replace(ctx.policy.repair.recover, min_trigger_growth=4.8)))
     rescan = Rescan(["few-shot"], [], {}, 0, "patch", 10.0, 42.0, 40.0)
     repair = _repair(ctx, reached=True, rescan=rescan)
     finish_repair(ctx, repair, Recovered({}, "test") if recovered else None)
