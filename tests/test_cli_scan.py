@@ -104,9 +104,9 @@ def test_blended_backdoor_hidden_from_the_few_shot_view_is_found_on_synthesised_
     assert "found on inputs synthesised from the model" in flagged[0]["message"]
     after = json.loads(run_cli("eval", out, "--data", TEST_SET, "--zoo-entry",
                                "resnet_blended", "--json").out)
-    assert after["asr"] < 0.05  # 0.999 before; 0.003 measured
-    assert after["clean_acc"] > 0.908 - 0.06  # 0.884 measured
-    # few channels zeroed on the ResNet: 15 of 1,136 measured (then recovery); 9 when
+    assert after["asr"] < 0.05  # 0.999 before; 0.005 measured
+    assert after["clean_acc"] > 0.908 - 0.06  # 0.883 measured
+    # few channels zeroed on the ResNet: 16 of 1,136 measured (then recovery); 9 when
     # zeroing alone had the 2 % budget
     assert scanned["repair"]["pruned_fraction"] <= 0.02
     # the report names the channels it gave back, none of them among the zeroed ones
