@@ -80,8 +80,8 @@ class PrunePlan:
     clean_target_prob_after: float = 0.0
 
 
-# the greedy search zeroes one channel a round until it has zeroed this many, then
-# len(chosen) // _STRIDE a round (small nets are searched one channel at a time)
+# the greedy search and give-back move len(chosen) // _STRIDE channels a round (at least
+# one): one at a time below 2 x _STRIDE zeroed channels, so small nets are searched as before
 _STRIDE = 16
 
 
@@ -333,9 +333,8 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
     target stays reached and the clean cost falls; of those the one with the lowest clean
     cost comes back; past `_STRIDE` zeroed channels, the len(chosen) // _STRIDE cheapest of
     them together when that keeps the target and lowers the cost. At most 2 x
-    `cfg.candidates` rounds. Returns the channels still zeroed
-    (in their order), those given back (in the order they came back) and the coalitions
-    measured."""
+    `cfg.candidates` rounds. Returns the channels still zeroed (in their order), those
+    given back (in the order they came back) and the coalitions measured."""
     chosen, restored = list(chosen), []
     if not chosen:
         return chosen, restored, 0
