@@ -18,7 +18,6 @@ scan's wall time; recovery's own.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pickle
@@ -132,8 +131,6 @@ def zeroed_and_triggers(zm: Subject, cache: Path, repair_set: tuple[str, ...] = 
         return out, json.loads(meta_path.read_text()), pickle.loads(trig_path.read_bytes())
     # the zeroed model is wanted even when the plan missed its target (keep_incomplete);
     # the re-scan does not change it and is skipped
-    extra = {"keep_incomplete": True} if "keep_incomplete" in {
-        f.name for f in dataclasses.fields(ScanOptions)} else {}
     policy = cache / "no-rescan.toml"
     # zeroed at the budget the default gives a plan that recovery follows, then recovered
     # here (not by the scan), so that settings can be compared on the same zeroed model
@@ -143,7 +140,7 @@ def zeroed_and_triggers(zm: Subject, cache: Path, repair_set: tuple[str, ...] = 
                           f"{kv}\n" for kv in repair_set) + '[repair.recover]\nenabled = false\n')
     t = time.perf_counter()
     result = scan(zm.path, ScanOptions(data=zm.fewshot, out=out, quiet=True, policy=policy,
-                                       **extra))
+                                       keep_incomplete=True))
     meta = {"seconds": time.perf_counter() - t,
             "flagged": [int(c) for c in (result.detection.flagged_targets
                                          if result.detection else [])],

@@ -85,6 +85,11 @@ class PrunePlan:
 _STRIDE = 16
 
 
+def _step(zeroed: int, most: int) -> int:
+    """Channels a round moves with `zeroed` channels zeroed, at most `most`."""
+    return min(max(1, zeroed // _STRIDE), most)
+
+
 @dataclass(frozen=True)
 class _Measure:
     bd_prob: np.ndarray
@@ -151,7 +156,7 @@ class _Ticker:
         most = min(budget, pool)
         searched, zeroed = 0, 0
         while cfg.order != "ranked" and zeroed < most:
-            step = min(max(1, zeroed // _STRIDE), most - zeroed)
+            step = _step(zeroed, most - zeroed)
             searched += min(cfg.candidates, pool - zeroed) + (step > 1)
             zeroed += step
         if cfg.order == "ranked":
@@ -299,7 +304,7 @@ def _greedy(backdoor: Evaluator, cost: _Clean, utility: Utility, pool: np.ndarra
                 break
             picks = [int(np.flatnonzero(allowed)[np.argmax(scores[window][allowed])])]
         else:
-            step = min(max(1, len(chosen) // _STRIDE), budget - len(chosen))
+            step = _step(len(chosen), budget - len(chosen))
             helpful = np.flatnonzero(gain > 1e-6)
             picks = helpful[np.argsort(-gain[helpful], kind="stable")][:step].tolist()
         if len(picks) == 1:
@@ -358,7 +363,7 @@ def _give_back(backdoor: Evaluator, cost: _Clean, utility: Utility, chosen: list
             break
         ok = ok[np.argsort(m.clean_cost[ok], kind="stable")]
         back, cost_now = [int(ok[0])], float(m.clean_cost[ok[0]])
-        step = min(max(1, len(chosen) // _STRIDE), len(ok))
+        step = _step(len(chosen), len(ok))
         if step > 1:  # a large plan: the `step` cheapest back on together, if that holds
             trial = current.copy()
             trial[[chosen[j] for j in ok[:step]]] = 1.0

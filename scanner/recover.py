@@ -315,9 +315,10 @@ def _adversaries(triggers: Sequence[ReversedTrigger], targets: Sequence[int],
 def _targets(logits: np.ndarray, b: Batch, labels: np.ndarray, flagged: Sequence[int],
              cfg: RecoverConfig, reference: np.ndarray | None = None) -> np.ndarray:
     """What each row is trained towards: the original model's softened prediction, with
-    the flagged classes' mass removed where neither mixed image belongs to them (the
-    original is backdoored: its dark knowledge leans towards the target on trigger-like
-    inputs), blended with the mixed labels (`label_weight`)."""
+    the flagged classes' mass scaled by `flagged_mass` (0: removed) where neither mixed
+    image belongs to them, after capping it at the un-augmented images' (`reference`,
+    with `flagged_cap`): the original is backdoored, and its dark knowledge leans towards
+    the target on trigger-like inputs. Blended with the mixed labels (`label_weight`)."""
     k = logits.shape[1]
     soft = _softmax(logits / cfg.temperature)
     flagged = [t for t in flagged if 0 <= t < k]
