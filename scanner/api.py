@@ -20,6 +20,7 @@ from .detection import (  # noqa: F401  (_refine_trigger, _why_flagged: tests im
     _refine_trigger,
     _why_flagged,
     find_backdoor,
+    synthesis_classes,
     synthesise_inputs,
 )
 from .errors import (
@@ -254,7 +255,7 @@ def _gather_images(ctx: ScanContext) -> None:
                                   max_bytes=ctx.policy.load.max_batch_bytes)
     if ctx.opts.data_free:
         # the forecast (and SS210's limit) comes before synthesis, the first long stage
-        check_time(ctx, np.repeat(np.arange(ctx.n_classes), ctx.opts.synthesis.per_class))
+        check_time(ctx, np.repeat(synthesis_classes(ctx), ctx.opts.synthesis.per_class))
         with ctx.timed("synthesis"):
             ctx.images, ctx.bn_layers = synthesise_inputs(ctx)
         return

@@ -26,18 +26,23 @@ from .reverse import ReversedTrigger, ReverseResult
 MAD_TO_SIGMA = 1.4826
 
 
-def _robust(norms: np.ndarray, log: bool = True) -> tuple[np.ndarray, float, float]:
-    """(values, median, 1.4826 · MAD), on the log scale unless `log` is False."""
+def _robust(norms: np.ndarray, log: bool = True, reference: np.ndarray | None = None
+            ) -> tuple[np.ndarray, float, float]:
+    """(values, median, 1.4826 · MAD), on the log scale unless `log` is False; median and
+    MAD of the entries where `reference` is true (default all)."""
     u = np.asarray(norms, np.float64)
     if log:
         u = np.log(np.maximum(u, 1e-12))
-    median = float(np.median(u))
-    return u, median, MAD_TO_SIGMA * float(np.median(np.abs(u - median)))
+    r = u if reference is None else u[reference]
+    median = float(np.median(r))
+    return u, median, MAD_TO_SIGMA * float(np.median(np.abs(r - median)))
 
 
-def anomaly_indices(norms: np.ndarray, log: bool = True) -> np.ndarray:
-    """Low-side anomaly index of every entry; 0 where the spread is degenerate."""
-    u, median, mad = _robust(norms, log)
+def anomaly_indices(norms: np.ndarray, log: bool = True,
+                    reference: np.ndarray | None = None) -> np.ndarray:
+    """Low-side anomaly index of every entry against the median and spread of the
+    `reference` entries (default all); 0 where the spread is degenerate."""
+    u, median, mad = _robust(norms, log, reference)
     if mad <= 1e-12:
         return np.zeros_like(u)
     return (median - u) / mad
@@ -81,10 +86,11 @@ def most_suspicious(detection: Detection, warn_threshold: float, isolation_thres
     return max(finite, key=finite.__getitem__) if finite else None
 
 
-def isolation(norms: np.ndarray) -> np.ndarray:
+def isolation(norms: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """How far the smallest norm stands from the second smallest, in robust standard
-    deviations of the log norms; 0 for every other class."""
-    u, _, mad = _robust(norms)
+    deviations of the log norms (of the `reference` entries; default all); 0 for every
+    other class."""
+    u, _, mad = _robust(norms, reference=reference)
     out = np.zeros_like(u)
     if len(u) > 1 and mad > 1e-12:
         first, second = np.argsort(u, kind="stable")[:2]
@@ -132,47 +138,52 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     With `evidence` and an `evidence_rule`, the evidence beside the norms enters the
     decision (`class_scores`, `EvidenceRule`).
     """
-    n = result.classes
+    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
+    n = len(ids)  # positions 0..n-1 below; ids[i] is the class
+    # the median and spread come from the reference classes when the scan was shortlisted
+    ref = None if result.reference is None else np.isin(ids, result.reference)
     families = sorted({fam for fam, _ in result.triggers})
-    norms = {fam: np.array([result.triggers[(fam, t)].norm for t in range(n)])
+    norms = {fam: np.array([result.triggers[(fam, t)].norm for t in ids])
              for fam in families}
-    index = {fam: anomaly_indices(norms[fam]) for fam in families}
+    index = {fam: anomaly_indices(norms[fam], reference=ref) for fam in families}
     averaged = [f for f in COMBINED if f in index] or families
     combined = np.mean([index[f] for f in averaged], axis=0)
-    alone = {fam: isolation(norms[fam]) for fam in ("patch", "warp") if fam in norms}
-    ratio = ({"warp": np.median(norms["warp"]) / np.maximum(norms["warp"], 1e-12)}
-             if "warp" in norms else {})
-    margins = (margin_index(evidence.max_margin)
+    alone = {fam: isolation(norms[fam], reference=ref) for fam in ("patch", "warp")
+             if fam in norms}
+    ratio = ({"warp": np.median(norms["warp"] if ref is None else norms["warp"][ref])
+              / np.maximum(norms["warp"], 1e-12)} if "warp" in norms else {})
+    margins = (margin_index(evidence.max_margin[ids])
                if evidence is not None and evidence.max_margin is not None else None)
     by_patch = [("patch" in index and bool(
-        index["patch"][t] > warn_threshold and alone["patch"][t] >= isolation_threshold))
-        for t in range(n)]
+        index["patch"][i] > warn_threshold and alone["patch"][i] >= isolation_threshold))
+        for i in range(n)]
     by_warp = [("warp" in index and bool(
-        index["warp"][t] > threshold and alone["warp"][t] >= isolation_threshold
-        and ratio["warp"][t] >= warp_ratio)) for t in range(n)]
+        index["warp"][i] > threshold and alone["warp"][i] >= isolation_threshold
+        and ratio["warp"][i] >= warp_ratio)) for i in range(n)]
     # the family that stands out most supplies the trigger for the Shapley stage
-    best = ["patch" if by_patch[t] else "warp" if by_warp[t]
-            else max(families, key=lambda f: index[f][t]) for t in range(n)]
-    classes = [_class_reverse(result, t, index, alone, ratio, float(combined[t]), best[t],
-                              evidence, None if margins is None else float(margins[t]))
-               for t in range(n)]
+    best = ["patch" if by_patch[i] else "warp" if by_warp[i]
+            else max(families, key=lambda f: index[f][i]) for i in range(n)]
+    classes = [_class_reverse(result, ids[i], i, index, alone, ratio, float(combined[i]),
+                              best[i], evidence, None if margins is None else float(margins[i]))
+               for i in range(n)]
     decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
                             warp_ratio, evidence_rule)
     flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
-    for t, c in enumerate(classes):
-        best_fam = best[t]
+    for i, c in enumerate(classes):
+        t, best_fam = ids[i], best[i]
         c.flagged = decision[t] > 1.0
         if c.flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
             every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
-            reasons[t] = ("combined" if combined[t] > threshold else "patch" if by_patch[t]
-                          else "warp" if by_warp[t] else "evidence")
-        elif combined[t] > warn_threshold:
+            reasons[t] = ("combined" if combined[i] > threshold else "patch" if by_patch[i]
+                          else "warp" if by_warp[i] else "evidence")
+        elif combined[i] > warn_threshold:
             suspicious.append(t)
     # the strongest is repaired first: the largest of its combined index and isolations
-    strength = {t: max([combined[t]] + [alone[f][t] for f in alone]) for t in flagged}
+    strength = {ids[i]: max([combined[i]] + [alone[f][i] for f in alone])
+                for i in range(n) if ids[i] in chosen}
     flagged.sort(key=lambda t: -strength[t])
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
@@ -190,16 +201,17 @@ def margin_index(margins: np.ndarray) -> np.ndarray:
     return np.zeros_like(m) if mad <= 1e-12 else (m - median) / mad
 
 
-def _class_reverse(result: ReverseResult, t: int, index: dict[str, np.ndarray],
+def _class_reverse(result: ReverseResult, t: int, i: int, index: dict[str, np.ndarray],
                    alone: dict[str, np.ndarray], ratio: dict[str, np.ndarray],
                    combined: float, best_fam: str, evidence: Evidence | None,
                    margin: float | None) -> ClassReverse:
+    """Class `t`, at position `i` of the per-family arrays."""
     def norm(fam: str) -> float | None:
         trig = result.triggers.get((fam, t))
         return float(trig.norm) if trig else None
 
     def at(values: dict[str, np.ndarray], fam: str) -> float | None:
-        return float(values[fam][t]) if fam in values else None
+        return float(values[fam][i]) if fam in values else None
 
     mask_l1 = norm("patch")
     return ClassReverse(

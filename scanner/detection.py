@@ -21,10 +21,17 @@ from .data import ImageSet, Preprocess
 from .detect import EvidenceRule, class_scores, detect, most_suspicious, score, selectivity
 from .detect import Verdict as DetectVerdict
 from .evidence import Evidence, MarginConfig, max_margins, selectivities
-from .findings import ClassReverse, ScanResult
+from .findings import ClassReverse, ScanResult, Shortlist
 from .policy import Catalog, DetectionPolicy
 from .progress import Progress
-from .reverse import ReverseResult, reverse_triggers, synthesize
+from .reverse import (
+    ReverseConfig,
+    ReverseResult,
+    ScreenConfig,
+    reverse_triggers,
+    screen,
+    synthesize,
+)
 from .wording import reversed_reach
 
 
@@ -43,6 +50,16 @@ def find_backdoor(ctx: ScanContext) -> DetectVerdict:
         verdict = _second_view(ctx, verdict)
     ctx.result.detection = verdict.detection
     _detection_findings(ctx.result, verdict, ctx.catalog, ctx.images, det)
+    shortlist = verdict.detection.shortlist
+    if shortlist is not None:
+        ctx.result.findings.append(ctx.catalog.make(
+            "SS211", f"{len(shortlist.candidates) + len(shortlist.reference)} of the model's "
+            f"{shortlist.classes} classes were reversed in full: the {len(shortlist.candidates)} "
+            f"a {shortlist.screen_steps}-step screen found easiest to reach "
+            f"({', '.join(map(str, shortlist.candidates))}) and {len(shortlist.reference)} "
+            "random others as the yardstick; a backdoor towards a class the screen ranked "
+            "low is not seen", candidates=list(shortlist.candidates),
+            reference=list(shortlist.reference)))
     return verdict
 
 
@@ -53,7 +70,7 @@ def synthesise_inputs(ctx: ScanContext, stage: str = "synthesising data (data-fr
     program = GradientProgram(ctx.model.runnable, bn_stats=True, device=ctx.device,
                               max_bytes=ctx.policy.load.max_batch_bytes)
     images, bn_layers = synthesize(program, ctx.prep, ctx.n_classes, ctx.opts.synthesis,
-                                   ctx.opts.seed, ctx.progress)
+                                   ctx.opts.seed, ctx.progress, synthesis_classes(ctx))
     if not bn_layers:
         ctx.result.findings.append(ctx.catalog.make(
             "SS203", "data-free synthesis used the class logit and smoothness prior only: "
@@ -68,13 +85,56 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     built from (the scanned model's, unless the re-scan passes the repaired one)."""
     det = ctx.policy.detection
     cfg = replace(ctx.opts.reverse, steps=steps)
-    reversed_ = reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg,
-                                 ctx.opts.seed, ctx.progress)
+    reversed_, shortlist = reverse_classes(ctx, program, images, cfg)
     found = (gather_evidence(ctx, program, images, reversed_, model) if det.evidence
              else None)
-    return detect(reversed_, det.anomaly_threshold, det.warn_threshold,
-                  det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
-                  evidence_rule(det))
+    verdict = detect(reversed_, det.anomaly_threshold, det.warn_threshold,
+                     det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
+                     evidence_rule(det))
+    verdict.detection.shortlist = shortlist
+    return verdict
+
+
+def shortlisted(ctx: ScanContext) -> bool:
+    """Whether this model has so many classes that a screen chooses which to reverse."""
+    over = ctx.policy.detection.shortlist_over
+    return bool(over) and ctx.n_classes > over
+
+
+def synthesis_classes(ctx: ScanContext) -> np.ndarray:
+    """The classes data-free synthesis makes inputs for: all, or on a many-class model
+    `shortlist_over` of them at random (the triggers are reversed on inputs of other
+    classes; they need not be of every class, and synthesis is then as cheap as on a
+    model of `shortlist_over` classes)."""
+    if not shortlisted(ctx):
+        return np.arange(ctx.n_classes)
+    det = ctx.policy.detection
+    count = min(ctx.n_classes, max(det.shortlist_over, det.shortlist + det.reference_classes))
+    return np.sort(np.random.default_rng(ctx.opts.seed).choice(ctx.n_classes, count,
+                                                               replace=False))
+
+
+def reverse_classes(ctx: ScanContext, program: GradientProgram, images: ImageSet,
+                    cfg: ReverseConfig) -> tuple[ReverseResult, Shortlist | None]:
+    """Reverse every class's triggers, or on a many-class model (`shortlisted`) screen
+    them all and reverse the screen's candidates and a random reference sample."""
+    if not shortlisted(ctx):
+        return reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg,
+                                ctx.opts.seed, ctx.progress), None
+    det = ctx.policy.detection
+    sc_cfg = ScreenConfig(steps=det.screen_steps, images=det.screen_images,
+                          candidates=det.shortlist, reference=det.reference_classes)
+    ctx.progress.stage(f"screening the triggers of all {ctx.n_classes} classes")
+    found = screen(program, ctx.prep, images, ctx.n_classes, cfg, sc_cfg, ctx.opts.seed,
+                   ctx.progress)
+    ctx.progress.stage(f"reversing triggers: {len(found.candidates)} candidates and "
+                       f"{len(found.reference)} reference classes")
+    run = reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg, ctx.opts.seed,
+                           ctx.progress, targets=found.candidates + found.reference)
+    run.reference = found.reference
+    run.forward_passes += found.forward_passes
+    return run, Shortlist(ctx.n_classes, found.candidates, found.reference, sc_cfg.steps,
+                          sc_cfg.images, found.seconds)
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
@@ -91,7 +151,8 @@ def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet
     steps = ctx.policy.detection.margin_steps
     if steps:
         margins, more = max_margins(program, ctx.prep, ctx.n_classes,
-                                    MarginConfig(steps=steps), ctx.opts.seed)
+                                    MarginConfig(steps=steps), ctx.opts.seed,
+                                    reversed_.targets)
         passes += more
     return Evidence(margins, passes, select)
 

@@ -18,6 +18,7 @@ import numpy as np
 from .autodiff import GradientProgram
 from .context import ScanContext
 from .data import ImageSet, Preprocess
+from .detection import shortlisted
 from .errors import Inconclusive
 from .progress import Progress, duration
 from .reverse import FAMILIES, ReverseConfig
@@ -28,12 +29,15 @@ SLOW_ROW_S = 0.25  # a single row this slow is timed alone (see row_seconds)
 WHOLE_SCAN = (2.0, 3.0)  # the whole scan / the reverse, on the sample zoo (see above)
 
 
-def reverse_rows(labels: np.ndarray, n_classes: int, cfg: ReverseConfig) -> int:
-    """Rows of one reverse step: for every family and class, the images of other classes
-    it is reversed on (at most reverse.py's per-class share)."""
+def reverse_rows(labels: np.ndarray, n_classes: int, cfg: ReverseConfig,
+                 targets: int | None = None) -> int:
+    """Rows of one reverse step: for every family and class (the first `targets` classes
+    stand for a shortlist), the images of other classes it is reversed on (at most
+    reverse.py's per-class share)."""
     families = len(cfg.families or FAMILIES)
-    limit = max(cfg.min_images, cfg.max_rows // max(1, families * n_classes))
-    others = len(labels) - np.bincount(labels, minlength=n_classes)[:n_classes]
+    count = n_classes if targets is None else min(targets, n_classes)
+    limit = max(cfg.min_images, cfg.max_rows // max(1, families * count))
+    others = len(labels) - np.bincount(labels, minlength=n_classes)[:count]
     return int(families * np.minimum(others, limit).sum())
 
 
@@ -90,9 +94,15 @@ def forecast(ctx: ScanContext, labels: np.ndarray) -> Forecast:
     if ctx.opts.data_free:
         # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
         synthesis = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
-    reverse = per_row * reverse_rows(labels, ctx.n_classes, ctx.opts.reverse) \
-        * ctx.policy.detection.reverse_steps
-    return Forecast(synthesis, reverse)
+    det = ctx.policy.detection
+    if shortlisted(ctx):  # the screen of every class, then the full reverse of a few
+        families = len(ctx.opts.reverse.families or FAMILIES)
+        rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse,
+                            det.shortlist + det.reference_classes) * det.reverse_steps
+        rows += families * ctx.n_classes * det.screen_images * det.screen_steps
+    else:
+        rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse) * det.reverse_steps
+    return Forecast(synthesis, per_row * rows)
 
 
 def _noise(prep: Preprocess, labels: np.ndarray) -> ImageSet:

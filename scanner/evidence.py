@@ -27,6 +27,7 @@ ROC-AUC 0.48 on the calibration half (benchmarks/README.md, corpus_rules.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,16 +107,20 @@ class MarginConfig:
 
 
 def max_margins(program: GradientProgram, prep: Preprocess, n_classes: int,
-                cfg: MarginConfig = MarginConfig(), seed: int = 0) -> tuple[np.ndarray, int]:
-    """MM-BD: for each class, the largest margin logit_t − max_{k≠t} logit_k found by
-    gradient ascent over pixels in [0, 1] (a sigmoid parameterisation) from `restarts`
-    random starts. Returns the margins [classes] and the image passes spent."""
+                cfg: MarginConfig = MarginConfig(), seed: int = 0,
+                classes: Sequence[int] | None = None) -> tuple[np.ndarray, int]:
+    """MM-BD: for each class (of `classes`, default all), the largest margin
+    logit_t − max_{k≠t} logit_k found by gradient ascent over pixels in [0, 1] (a sigmoid
+    parameterisation) from `restarts` random starts. Returns the margins [n_classes], NaN
+    for a class not searched, and the image passes spent."""
     rng = np.random.default_rng(seed)
     c, h, w = prep.channels, prep.height, prep.width
-    targets = np.tile(np.arange(n_classes), cfg.restarts)
+    searched = np.arange(n_classes) if classes is None else np.asarray(classes, int)
+    targets = np.tile(searched, cfg.restarts)
     param = rng.normal(0, 1.0, (len(targets), c, h, w)).astype(np.float32)
     adam = Adam([param], lr=cfg.lr)
     best = np.full(n_classes, -np.inf)
+    best[np.setdiff1d(np.arange(n_classes), searched)] = np.nan
     rows = np.arange(len(targets))
     own = np.eye(n_classes, dtype=bool)[targets]
     eye = np.eye(n_classes, dtype=np.float32)

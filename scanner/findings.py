@@ -85,6 +85,18 @@ class ClassReverse:
     flagged: bool = False
 
 
+@dataclass(frozen=True)
+class Shortlist:
+    """A many-class scan's screen (reverse.screen): which classes were reversed in full."""
+
+    classes: int  # the model's
+    candidates: list[int]  # the classes the screen found easiest to reach, best first
+    reference: list[int]  # random others: the yardstick of the anomaly indices
+    screen_steps: int
+    screen_images: int
+    seconds: float
+
+
 @dataclass
 class Detection:
     classes: list[ClassReverse]
@@ -109,6 +121,8 @@ class Detection:
     # most suspicious class goes past the rule, above 1 = flagged; detect.score). The
     # statistics above are from the view that flagged, else from the first.
     views: dict[str, float] = field(default_factory=dict)
+    # a many-class scan reverses only some classes in full (`classes` then lists those)
+    shortlist: Shortlist | None = None
 
 
 @dataclass(frozen=True)

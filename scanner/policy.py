@@ -159,6 +159,15 @@ class DetectionPolicy:
     # stop as inconclusive (SS210) before synthesis and reverse when they are forecast to
     # take longer than this many minutes on this machine (estimate.py); 0: no limit
     max_minutes: float = 120.0
+    # many classes (reverse.screen): above `shortlist_over` classes every class's triggers
+    # get a short screen (`screen_steps` Adam steps on `screen_images` images), and only
+    # the `shortlist` classes it found easiest to reach, beside `reference_classes` random
+    # others as the yardstick, are reversed in full; 0: every class in full
+    shortlist_over: int = 64
+    shortlist: int = 16
+    reference_classes: int = 16
+    screen_steps: int = 40
+    screen_images: int = 2
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,11 @@ _RANGES: dict[str, _Range] = {
     "detection.second_view_steps": (1, 100_000, True, True),
     "detection.margin_steps": (0, 100_000, True, True),
     "detection.max_minutes": (0.0, None, True, True),
+    "detection.shortlist_over": (0, None, True, True),
+    "detection.shortlist": (1, None, True, True),
+    "detection.reference_classes": (3, None, True, True),
+    "detection.screen_steps": (1, 100_000, True, True),
+    "detection.screen_images": (1, 1_000, True, True),
     "detection.selectivity_floor": (None, None, True, True),
     "detection.margin_scale": (0.0, None, True, True),
     "detection.margin_gate": (None, None, True, True),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +55,9 @@ class ReverseConfig:
     # class-balanced random subset), so a step costs O(classes), not O(classes²)
     max_rows: int = 3000
     min_images: int = 5
+    # a screening run (`screen`): triggers start small with their penalty on, so that after
+    # a few steps how many rows flip says how easily each class is reached
+    start_small: bool = False
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ReversedTrigger:
     norm: float  # patch: L1 of m (pixels); universal: L2 of δ; warp: RMS displacement (pixels)
     asr: float  # on the rows it was optimised on
     rows: int = 0  # how many: images of other classes (at most ReverseConfig's share)
+    # mean log-probability of the target on those rows at the last step (what `screen`
+    # ranks by: a count of flipped rows out of one or two images barely ranks anything)
+    log_prob: float = float("nan")
 
     def apply(self, pixels: np.ndarray, gain: float = 1.0) -> np.ndarray:
         """Stamp the trigger; `gain` > 1 strengthens it (mask ×gain capped at 1, δ ×gain,
@@ -88,6 +94,12 @@ class ReverseResult:
     seconds: float
     classes: int = 0
     log: list[str] = field(default_factory=list)
+    # the classes reversed (None: all `classes`); a shortlisted scan (`screen`) reverses
+    # its candidates and a random reference sample of the others
+    targets: list[int] | None = None
+    # the classes whose norms set each family's median and spread (None: all reversed):
+    # the reference sample, which the screen did not choose for being easy to reach
+    reference: list[int] | None = None
     # the triggers as they stood after each step named in reverse_triggers(snapshots=...)
     snapshots: dict[int, dict[tuple[str, int], ReversedTrigger]] = field(default_factory=dict)
 
@@ -111,8 +123,8 @@ class _Family:
         self.cfg = cfg
         self.params = self.init_params(t, shape, rng)
         self.adam = Adam(self.params, lr=cfg.lr * self.lr_scale)
-        self.cost = np.zeros(t)
-        self.cost_set = np.zeros(t, bool)
+        self.cost = np.full(t, cfg.init_cost * self.init_cost_scale if cfg.start_small else 0.0)
+        self.cost_set = np.full(t, cfg.start_small)
         self.up = np.zeros(t, int)
         self.down = np.zeros(t, int)
         self.best_norm = np.full(t, np.inf)
@@ -193,7 +205,8 @@ class _Patch(_Family):
                     rng: np.random.Generator) -> list[np.ndarray]:
         c, h, w = shape
         # tanh parametrisation keeps m and p inside [0, 1] without clipping
-        return [rng.normal(0, 0.1, (t, h, w)).astype(np.float32) - 1.0,
+        start = -3.0 if self.cfg.start_small else -1.0  # mask 0.0025 or 0.12 everywhere
+        return [rng.normal(0, 0.1, (t, h, w)).astype(np.float32) + start,
                 rng.normal(0, 0.1, (t, c, h, w)).astype(np.float32)]
 
     def trigger(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -319,7 +332,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     # rows: (family, target, image) for the images each target is reversed on (_rows_for);
     # a row's target is a class (the CE label) and an index into the families' parameters
     row_family, row_tix, row_image = [], [], []
-    limit = max(cfg.min_images, cfg.max_rows // max(1, len(families) * n_classes))
+    limit = max(cfg.min_images, cfg.max_rows // max(1, len(families) * len(targets)))
     chosen = {int(t): _rows_for(images.labels, int(t), limit, rng) for t in targets}
     for f in range(len(families)):
         for i, t in enumerate(targets):
@@ -338,6 +351,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
 
     passes = 0
     asr = np.zeros((len(families), len(targets)))
+    log_prob = np.full_like(asr, np.nan)
     step = 0
     kept: dict[int, dict[tuple[str, int], ReversedTrigger]] = {}
     for step in range(1, cfg.steps + 1):
@@ -352,13 +366,16 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         asr = np.zeros((len(families), len(targets)))
         np.add.at(asr, (row_family_a, row_tix_a), hit)
         asr /= np.maximum(counts, 1)
+        log_prob = np.zeros_like(asr)
+        np.add.at(log_prob, (row_family_a, row_tix_a), _log_softmax_at(res.logits, row_target_a))
+        log_prob /= np.maximum(counts, 1)
         for f, fam in enumerate(families):
             sel = row_family_a == f
             grads = fam.backward(images.pixels[row_image_a[sel]], row_tix_a[sel], g_pixels[sel])
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if step in snapshots:
-            kept[step] = _triggers(families, asr, counts)
+            kept[step] = _triggers(families, asr, counts, log_prob)
         if progress:
             progress(step, cfg.steps)
         stalled = all((step - fam.last_improved >= cfg.early_stop).all() and
@@ -367,18 +384,26 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
             log.debug("trigger reverse converged after %d steps", step)
             break
 
-    return ReverseResult(_triggers(families, asr, counts), step, passes,
-                         time.perf_counter() - start, n_classes, snapshots=kept)
+    return ReverseResult(_triggers(families, asr, counts, log_prob), step, passes,
+                         time.perf_counter() - start, n_classes, snapshots=kept,
+                         targets=None if len(targets) == n_classes else targets.tolist())
 
 
-def _triggers(families: list[_Family], asr: np.ndarray, counts: np.ndarray
-              ) -> dict[tuple[str, int], ReversedTrigger]:
+def _triggers(families: list[_Family], asr: np.ndarray, counts: np.ndarray,
+              log_prob: np.ndarray) -> dict[tuple[str, int], ReversedTrigger]:
     out = {}
     for f, fam in enumerate(families):
         for i, trig in enumerate(fam.results(asr[f])):  # in the order of fam.targets
             trig.rows = int(counts[f, i])
+            trig.log_prob = float(log_prob[f, i])
             out[(fam.name, trig.target)] = trig
     return out
+
+
+def _log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    return z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))
 
 
 def _rows_for(labels: np.ndarray, target: int, limit: int,
@@ -398,6 +423,75 @@ def _rows_for(labels: np.ndarray, target: int, limit: int,
     return np.sort(idx[np.argsort(rank, kind="stable")[:limit]])
 
 
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """The cheap first pass of a many-class scan (`screen`)."""
+
+    steps: int = 10  # Adam steps of every class's triggers
+    images: int = 1  # images of other classes each class's triggers are reversed on
+    chunk: int = 64  # classes reversed together: bounds the triggers' memory
+    candidates: int = 16  # the classes easiest to reach: reversed again in full
+    reference: int = 16  # a random sample of the others, reversed in full as the yardstick
+
+
+@dataclass
+class Screen:
+    candidates: list[int]  # best first
+    reference: list[int]
+    # per class: the best of its families' ranks among all classes, as a share (0: the
+    # smallest trigger of some family); what the candidates were chosen by
+    scores: np.ndarray
+    # per family and class: the target's mean log-probability at the screen's last step
+    log_probs: dict[str, np.ndarray]
+    forward_passes: int
+    seconds: float
+
+
+def screen(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classes: int,
+           cfg: ReverseConfig, screen_cfg: ScreenConfig, seed: int = 0,
+           progress: Progress | None = None) -> Screen:
+    """Which classes a many-class scan reverses in full: every class's triggers start small,
+    with their penalty on, and get a few steps on a few images (in chunks, so memory does
+    not grow with the class count); the classes whose trigger of some family then gets the
+    highest target probability become candidates. A random
+    sample of the other classes is reversed in full beside them, so that the median and
+    spread the anomaly indices are measured against come from classes nobody chose for
+    being easy (`ReverseResult.reference`).
+"""
+    start = time.perf_counter()
+    short = replace(cfg, steps=screen_cfg.steps, max_rows=0, min_images=screen_cfg.images,
+                    start_small=True)
+    chunks = [np.arange(n_classes)[i:i + screen_cfg.chunk]
+              for i in range(0, n_classes, screen_cfg.chunk)]
+    keys: dict[str, np.ndarray] = {f: np.zeros(n_classes) for f in cfg.families}
+    passes = 0
+    for k, chunk in enumerate(chunks):
+        def tick(step: int, _total: int, k: int = k) -> None:
+            if progress:
+                progress(k * short.steps + step, len(chunks) * short.steps)
+
+        run = reverse_triggers(program, prep, images, n_classes, short, seed + k, tick,
+                               targets=chunk)
+        passes += run.forward_passes
+        for (fam, t), trig in run.triggers.items():
+            keys[fam][t] = -trig.log_prob
+    ranks = []
+    for key in keys.values():
+        order = np.argsort(key, kind="stable")
+        rank = np.empty(n_classes)
+        rank[order] = np.arange(n_classes)
+        ranks.append(rank / n_classes)
+    scores = np.min(ranks, axis=0)
+    candidates = np.argsort(scores, kind="stable")[:screen_cfg.candidates]
+    others = np.setdiff1d(np.arange(n_classes), candidates)
+    rng = np.random.default_rng(seed)
+    reference = np.sort(rng.choice(others, min(screen_cfg.reference, len(others)),
+                                   replace=False))
+    return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
+                  {f: -key for f, key in keys.items()}, passes, time.perf_counter() - start)
+
+
 @dataclass(frozen=True)
 class SynthesisConfig:
     steps: int = 400
@@ -409,15 +503,18 @@ class SynthesisConfig:
 
 def synthesize(program: GradientProgram, prep: Preprocess, n_classes: int,
                cfg: SynthesisConfig = SynthesisConfig(), seed: int = 0,
-               progress: Progress | None = None) -> tuple[ImageSet, int]:
-    """Data-free: one image per class from noise, maximising the class logit while matching
-    the BatchNormalization running statistics (when the model has BN) and a smoothness prior.
+               progress: Progress | None = None,
+               classes: np.ndarray | None = None) -> tuple[ImageSet, int]:
+    """Data-free: one image per class (of `classes`, default all) from noise, maximising the
+    class logit while matching the BatchNormalization running statistics (when the model
+    has BN) and a smoothness prior.
 
     Returns the images and the number of BN nodes used as a prior (0: logit + prior only).
     """
     rng = np.random.default_rng(seed)
     c, h, w = prep.channels, prep.height, prep.width
-    labels = np.repeat(np.arange(n_classes), cfg.per_class)
+    labels = np.repeat(np.arange(n_classes) if classes is None else np.asarray(classes, int),
+                       cfg.per_class)
     param = rng.normal(0, 0.5, (len(labels), c, h, w)).astype(np.float32)
     adam = Adam([param], lr=cfg.lr)
     weights = np.eye(n_classes, dtype=np.float32)[labels]

@@ -338,3 +338,33 @@ def test_the_summary_says_which_rows_each_figure_was_measured_on(capsys):
     out = capsys.readouterr().out
     assert "clean accuracy: 100% -> 100% on 90 rows: the 10 synthesised inputs" in out
     assert "few-shot" not in out.split("[", 1)[0]  # above the findings
+
+
+def test_a_many_class_scan_reverses_its_shortlist_and_says_so(run_cli, tmp_path):
+    """Above detection.shortlist_over classes the screen picks the candidates, a random
+    reference sample stands beside them, only those are reversed in full, and the report
+    says which (JSON `detection.shortlist`, valid against the schema; finding SS211).
+    Forced here on a 10-class sample model: 3 candidates, 4 reference classes."""
+    import jsonschema
+
+    policy = tmp_path / "shortlist.toml"
+    policy.write_text("[detection]\nshortlist_over = 4\nshortlist = 3\nreference_classes = 4\n"
+                      "synthesised_view = false\nmargin_steps = 0\n[repair]\nenabled = false\n")
+    report = tmp_path / "r.json"
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
+                     "--report", report)
+    assert result.code in (0, 1) and "Traceback" not in result.err
+    doc = json.loads(report.read_text())
+    schema = json.loads((Path(__file__).parent.parent / "rules" / "schemas" /
+                         "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    det = doc["results"][0]["detection"]
+    sl = det["shortlist"]
+    assert sl["classes"] == 10 and len(sl["candidates"]) == 3 and len(sl["reference"]) == 4
+    assert not set(sl["candidates"]) & set(sl["reference"])
+    assert sl["screen_steps"] == 40 and sl["screen_images"] == 2
+    reversed_ = sorted(c["target"] for c in det["classes"])
+    assert reversed_ == sorted(sl["candidates"] + sl["reference"])
+    assert set(det["flagged_targets"]) <= set(reversed_)
+    findings = {f["rule_id"]: f for f in doc["results"][0]["findings"]}
+    assert "SS211" in findings and "7 of the model's 10 classes" in findings["SS211"]["message"]

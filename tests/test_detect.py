@@ -44,6 +44,38 @@ def test_a_strong_outlier_flags_and_its_family_supplies_the_trigger():
     assert verdict.detection.classes[6].flagged
 
 
+def test_a_shortlisted_reverse_is_judged_against_its_reference_classes():
+    """A many-class scan reverses candidates (easy to reach, by the screen) and a random
+    reference sample: the indices use the reference's median and spread, and the classes
+    keep their own ids. Against all reversed classes the candidates would set the median
+    themselves and the target would not stand out."""
+    ids = [3, 17, 40, 41, 5, 8, 22, 60, 71, 90, 99]  # 4 candidates, then 7 reference
+    patch = [6.0, 25.0, 27.0, 28.0, 30.0, 55.0, 40.0, 70.0, 45.0, 35.0, 60.0]
+    universal = [0.5, 2.2, 2.3, 2.4, 2.5, 3.6, 3.0, 4.2, 3.1, 2.7, 3.8]
+    triggers = {}
+    for t, p, u in zip(ids, patch, universal, strict=True):
+        triggers[("patch", t)] = ReversedTrigger("patch", t, np.zeros((1, 4, 4)),
+                                                 np.zeros((4, 4)), p, 1.0)
+        triggers[("universal", t)] = ReversedTrigger("universal", t, np.zeros((1, 4, 4)),
+                                                     None, u, 1.0)
+    result = ReverseResult(triggers, steps=1, forward_passes=0, seconds=0.0, classes=100,
+                           targets=ids, reference=ids[4:])
+    verdict = detect(result, threshold=2.5, warn_threshold=2.0)
+    assert verdict.detection.flagged_targets == [3]
+    assert [c.target for c in verdict.detection.classes] == ids
+    ref = np.log(patch[4:])
+    mad = 1.4826 * np.median(np.abs(ref - np.median(ref)))
+    assert verdict.detection.classes[0].patch_anomaly_index == pytest.approx(
+        (np.median(ref) - np.log(6.0)) / mad)
+    # the honest easy candidates are below the reference's median but not flagged; judged
+    # against all eleven classes, whose median the candidates pull down, the target's
+    # index would be smaller
+    assert not any(c.flagged for c in verdict.detection.classes[1:])
+    alone = detect(ReverseResult(triggers, 1, 0, 0.0, classes=100, targets=ids), 2.5, 2.0)
+    assert alone.detection.classes[0].patch_anomaly_index < \
+        verdict.detection.classes[0].patch_anomaly_index
+
+
 def test_clean_model_is_not_flagged():
     patch = [36, 44, 38, 42, 40, 39, 41, 37, 43, 40]  # honest spread: no outlier
     universal = [2.8, 3.2, 3.0, 2.85, 3.1, 3.0, 2.75, 3.3, 3.05, 2.9]

@@ -9,8 +9,10 @@ from scanner.reverse import (
     _FAMILY_TYPES,
     ReverseConfig,
     ReversedTrigger,
+    ScreenConfig,
     _rows_for,
     reverse_triggers,
+    screen,
 )
 from scanner.warp import warp
 
@@ -150,6 +152,33 @@ def test_a_subset_of_targets_costs_rows_for_those_only():
     with pytest.raises(ValueError, match="targets must be classes"):
         reverse_triggers(program, Preprocess(height=6, width=6), images, classes, cfg,
                          targets=[10])
+
+
+def test_the_screen_puts_a_real_backdoor_target_first_and_samples_the_reference():
+    """cnn_badnets' target is class 0: the default screen (40 steps on two images per class)
+    keeps it among 3 candidates of 10 (third with seed 0: a screen on two images is a
+    coarse ranking, benchmarks/README "Many classes"); the reference sample is drawn from
+    the other classes; the screen runs its chunks of classes one after another (4 + 4 + 2
+    here), each with its rows."""
+    prep, images, program = _badnets()
+    cfg = ScreenConfig(steps=40, images=2, chunk=4, candidates=3, reference=3)
+    found = screen(program, prep, images, 10, ReverseConfig(), cfg, seed=0)
+    assert 0 in found.candidates and len(found.candidates) == 3
+    assert len(found.reference) == 3 and not set(found.reference) & set(found.candidates)
+    assert found.forward_passes == 3 * 10 * 2 * 40  # families x classes x images x steps
+    assert set(found.log_probs) == {"patch", "universal", "warp"}
+    again = screen(program, prep, images, 10, ReverseConfig(), cfg, seed=0)
+    assert again.candidates == found.candidates and again.reference == found.reference
+
+
+def test_a_screening_run_starts_small_with_its_penalty_on():
+    rng = np.random.default_rng(0)
+    cfg = ReverseConfig(start_small=True)
+    patch = _FAMILY_TYPES["patch"](np.arange(3), SHAPE, cfg, rng)
+    _, mask = patch.trigger()
+    assert mask.max() < 0.01 and (patch.cost == cfg.init_cost).all() and patch.cost_set.all()
+    usual = _FAMILY_TYPES["patch"](np.arange(3), SHAPE, ReverseConfig(), rng)
+    assert usual.trigger()[1].min() > 0.05 and not usual.cost_set.any()
 
 
 def test_one_class_reversed_alone_on_a_real_model():

@@ -105,7 +105,13 @@ def _detection(d: Detection) -> dict[str, Any]:
     return {"threshold": _num(d.threshold), "data_free": d.data_free,
             "views": [{"inputs": k, "decision_score": _num(v)} for k, v in d.views.items()],
             "bn_layers_matched": d.bn_layers_matched, "flagged_targets": list(d.flagged_targets),
-            "forward_passes": d.forward_passes, "classes": [_class(c) for c in d.classes]}
+            "forward_passes": d.forward_passes, "classes": [_class(c) for c in d.classes],
+            "shortlist": None if d.shortlist is None else {
+                "classes": d.shortlist.classes, "candidates": list(d.shortlist.candidates),
+                "reference": list(d.shortlist.reference),
+                "screen_steps": d.shortlist.screen_steps,
+                "screen_images": d.shortlist.screen_images,
+                "seconds": _num(d.shortlist.seconds)}}
 
 
 def _channel(c: ChannelValue) -> dict[str, Any]:
