@@ -236,8 +236,38 @@ def test_the_reverse_forecast_counts_the_rows_a_step_runs_and_times_them():
     prep, images, program = _badnets()
     cfg = ReverseConfig(steps=4)
     assert reverse_rows(images.labels, 10, cfg) == 3 * 10 * 9
+    # a shortlist of 32 of 100 classes, one image each: 3 x 32 x max(5, 3000 // 96)
+    assert reverse_rows(np.arange(100), 100, cfg, targets=32) == 3 * 32 * 31
     run = reverse_triggers(program, prep, images, 10, cfg, seed=0)
     assert run.forward_passes == 4 * reverse_rows(images.labels, 10, cfg)
     forecast = forecast_reverse(program, prep, images, 10, cfg, 4)
     # a timing on shared cores: the forecast is right within a factor of a few, not exact
     assert run.seconds / 5 < forecast < run.seconds * 5
+
+
+def test_data_free_synthesis_on_a_many_class_model_makes_inputs_for_a_sample_of_classes():
+    """scanner.detection.synthesis_classes: every class up to detection.shortlist_over,
+    above it that many random classes (at least shortlist + reference_classes), the same
+    for the same seed; synthesize makes one input per class asked."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from scanner.detection import synthesis_classes
+    from scanner.policy import DetectionPolicy
+    from scanner.reverse import SynthesisConfig, synthesize
+
+    def ctx(n_classes, seed=0, **det):
+        policy = SimpleNamespace(detection=replace(DetectionPolicy(), **det))
+        return SimpleNamespace(n_classes=n_classes, policy=policy,
+                               opts=SimpleNamespace(seed=seed))
+
+    assert synthesis_classes(ctx(64)).tolist() == list(range(64))
+    many = synthesis_classes(ctx(1000))
+    assert len(many) == 64 and len(set(many.tolist())) == 64 and many.max() < 1000
+    assert synthesis_classes(ctx(1000)).tolist() == many.tolist()
+    assert synthesis_classes(ctx(1000, seed=1)).tolist() != many.tolist()
+    assert len(synthesis_classes(ctx(1000, shortlist_over=10))) == 32  # 16 + 16
+    assert synthesis_classes(ctx(1000, shortlist_over=0)).tolist() == list(range(1000))
+    prep, _, program = _badnets()
+    images, _ = synthesize(program, prep, 10, SynthesisConfig(steps=1), classes=[2, 7])
+    assert images.labels.tolist() == [2, 7] and len(images.pixels) == 2
