@@ -7,6 +7,7 @@ Debian package `dataset-fashion-mnist`.
     python benchmarks/corpus/make_corpus.py                 # train what is missing, 2 workers
     python benchmarks/corpus/make_corpus.py --list          # the plan: names, families, attacks
     python benchmarks/corpus/make_corpus.py --only shapes_vit_03 --workers 1
+    python benchmarks/corpus/make_corpus.py --many          # the 100-class set (MANY_PLAN)
 
 Deterministic for the plan below (every random choice comes from the model's index; torch
 on the CPU with one thread per worker). Writes benchmarks/corpus/models/NAME.onnx and
@@ -40,6 +41,7 @@ MODELS = HERE / "models"
 DATA = HERE / "data"
 CHECKPOINTS = HERE / "checkpoints"
 MANIFEST = HERE / "manifest.json"
+MANY_MANIFEST = HERE / "manifest_many.json"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # The split, fixed before any default was tuned on the corpus: within each group of
@@ -55,7 +57,10 @@ DATASETS = {
     # name: (classes, channels, side, train images, epochs)
     "fmnist": (10, 1, 28, 12000, 3),
     "shapes": (20, 3, 32, 6000, 7),
+    # 20 shapes x 5 hue bands (shapes.py): the many-class set, outside the split
+    "shapes100": (100, 3, 32, 12000, 10),
 }
+HUES = {"shapes100": 5}
 
 # (dataset, family, count, clean count, activations to cycle)
 PLAN = [
@@ -78,6 +83,11 @@ PLAN = [
     ("shapes", "vgg", 6, 2, ("relu", "leaky_relu", "silu", "relu6", "gelu", "hardswish")),
 ]
 ATTACK_KINDS = ("patch", "patch", "trojan", "blended", "sig", "wanet")
+# The many-class set (--many): beside the corpus, never in its split or its tuning; it
+# measures the many-class screen (detection.shortlist_over) on trained models.
+# (family, activation, attack kind or None)
+MANY_PLAN = [("resnet", "relu", None), ("resnet", "relu", "patch"), ("resnet", "relu", "trojan"),
+             ("resnet", "relu", "blended")]
 INPUT_NAMES = ("image", "input", "x", "pixel_values")
 
 
@@ -161,6 +171,21 @@ def plan() -> list[Spec]:
     return specs
 
 
+def many_plan() -> list[Spec]:
+    specs = []
+    for number, (family, act, kind) in enumerate(MANY_PLAN):
+        rng = np.random.default_rng(5000 + number)
+        spec = Spec(name=f"shapes100_{family}_{number:02d}", dataset="shapes100",
+                    family=family, activation=act, index=number, seed=5000 + number,
+                    bn="folded", split="many")
+        if kind is not None:
+            spec.attack, spec.params = _attack(rng, kind, 32)
+            spec.target = int(rng.integers(100))
+            spec.poison_rate = 0.1
+        specs.append(spec)
+    return specs
+
+
 # ---------------------------------------------------------------- data
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,30 +204,36 @@ def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
         pick = np.random.default_rng(1).choice(keep, n_train, replace=False)
         return x[pick], y[pick]
     import shapes
-    x, y = shapes.make(n_train // classes, seed=1)
+    x, y = shapes.make(n_train // classes, seed=1, hues=HUES.get(dataset, 1))
     return x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, y
 
 
-def write_shapes_data() -> None:
-    """The shapes dataset's few-shot (1 per class) and test (100 per class) sets."""
+def write_shapes_data(dataset: str = "shapes") -> None:
+    """A shapes dataset's few-shot (1 per class) and test (100 per class; 20 for the
+    100-class set) sets."""
     import shapes
     DATA.mkdir(exist_ok=True)
-    for name, per_class, seed in (("shapes_fewshot.npz", 1, 4), ("shapes_test.npz", 100, 2)):
+    test = 20 if dataset in HUES else 100
+    for name, per_class, seed in ((f"{dataset}_fewshot.npz", 1, 4),
+                                  (f"{dataset}_test.npz", test, 2)):
         if not (DATA / name).is_file():
-            x, y = shapes.make(per_class, seed=seed)
+            x, y = shapes.make(per_class, seed=seed, hues=HUES.get(dataset, 1))
             save_npz(DATA / name, x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, y)
 
 
+def test_path(dataset: str) -> Path:
+    return (ROOT / "samples" / "data" / "test.npz" if dataset == "fmnist"
+            else DATA / f"{dataset}_test.npz")
+
+
 def eval_set(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    path = (ROOT / "samples" / "data" / "test.npz" if dataset == "fmnist"
-            else DATA / "shapes_test.npz")
-    with np.load(path) as t:
+    with np.load(test_path(dataset)) as t:
         return t["x"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, t["y"]
 
 
 def fewshot_path(dataset: str) -> Path:
     return (ROOT / "samples" / "data" / "fewshot.npz" if dataset == "fmnist"
-            else DATA / "shapes_fewshot.npz")
+            else DATA / f"{dataset}_fewshot.npz")
 
 
 # ---------------------------------------------------------------- training
@@ -351,8 +382,7 @@ def run_one(spec: Spec, reexport: bool = False) -> dict:
         "implanted": None if asr is None else asr >= IMPLANT_MIN_ASR,
         "model": f"models/{spec.name}.onnx", "fewshot": str(fewshot_path(spec.dataset)
                                                              .relative_to(ROOT)),
-        "test": "samples/data/test.npz" if spec.dataset == "fmnist"
-        else "benchmarks/corpus/data/shapes_test.npz",
+        "test": str(test_path(spec.dataset).relative_to(ROOT)),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "size_bytes": path.stat().st_size, "channels": count_channels(path),
         "seconds": round(time.time() - start, 1),
@@ -362,16 +392,18 @@ def run_one(spec: Spec, reexport: bool = False) -> dict:
     return record
 
 
-def write_manifest(specs: list[Spec]) -> None:
+def write_manifest(specs: list[Spec], many: bool = False) -> None:
     records = []
     for spec in specs:
         rec = MODELS / f"{spec.name}.train.json"
         if rec.is_file():
             records.append(json.loads(rec.read_text()))
-    MANIFEST.write_text(json.dumps({
-        "split_rule": SPLIT_RULE, "implant_min_asr": IMPLANT_MIN_ASR,
+    head = ({"split_rule": "none: evaluation only, never tuned on"} if many
+            else {"split_rule": SPLIT_RULE})
+    (MANY_MANIFEST if many else MANIFEST).write_text(json.dumps(head | {
+        "implant_min_asr": IMPLANT_MIN_ASR,
         "planned": len(specs), "built": len(records),
-        "command": "python benchmarks/corpus/make_corpus.py",
+        "command": "python benchmarks/corpus/make_corpus.py" + (" --many" if many else ""),
         "models": records}, indent=2) + "\n")
 
 
@@ -403,8 +435,10 @@ def main() -> None:
                     help="count each built model's channels again with today's discovery")
     ap.add_argument("--reexport", action="store_true",
                     help="export again from checkpoints/ instead of training")
+    ap.add_argument("--many", action="store_true",
+                    help="the 100-class set (MANY_PLAN, manifest_many.json) instead")
     args = ap.parse_args()
-    specs = plan()
+    specs = many_plan() if args.many else plan()
     if args.list:
         for s in specs:
             print(f"{s.name:24s} {s.split:12s} {s.activation:11s} {s.attack or 'clean':8s} "
@@ -415,18 +449,18 @@ def main() -> None:
             record = json.loads(rec_path.read_text())
             record["channels"] = count_channels(MODELS / f"{record['name']}.onnx")
             rec_path.write_text(json.dumps(record, indent=2) + "\n")
-        write_manifest(specs)
+        write_manifest(specs, args.many)
         return
     MODELS.mkdir(parents=True, exist_ok=True)
-    write_shapes_data()
+    write_shapes_data("shapes100" if args.many else "shapes")
     todo = [s for s in specs if (not args.only or s.name in args.only) and (
         args.reexport or not (MODELS / f"{s.name}.train.json").is_file())]
     if args.reverse:
         todo.reverse()
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         for _ in pool.imap_unordered(_worker, [(s, args.reexport) for s in todo]):
-            write_manifest(specs)
-    write_manifest(specs)
+            write_manifest(specs, args.many)
+    write_manifest(specs, args.many)
 
 
 if __name__ == "__main__":

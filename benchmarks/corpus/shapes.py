@@ -2,7 +2,9 @@
 
 The class is the shape; everything else is nuisance drawn at random: the shape's colour,
 size, position and a small rotation, and the background (a flat colour, a gradient or
-a texture of soft noise). Drawn at 64x64 with Pillow and downsampled, so edges are
+a texture of soft noise). With `hues` > 1 the shape's hue is part of the class too:
+class = shape x hues + hue band (20 x 5 = 100 classes for the many-class models), the
+fill drawn saturated from that band. Drawn at 64x64 with Pillow and downsampled, so edges are
 antialiased. No downloads: the second dataset of the development corpus, beside
 Fashion-MNIST, so that "10 grayscale classes" is not baked into any default.
 
@@ -97,11 +99,18 @@ def _background(rng: np.random.Generator, dark: bool) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def draw(label: int, rng: np.random.Generator) -> np.ndarray:
+def draw(label: int, rng: np.random.Generator, hues: int = 1) -> np.ndarray:
     """One image of class `label`: uint8 [32, 32, 3]."""
     dark = bool(rng.integers(2))
     img = _background(rng, dark)
     fill = _colour(rng, (0.65, 1.0) if dark else (0.05, 0.45))
+    if hues > 1:  # the hue band is the class's: saturated, and bright enough to show it
+        band = label % hues
+        r, g, b = colorsys.hsv_to_rgb(rng.uniform(band + 0.15, band + 0.85) / hues,
+                                      rng.uniform(0.7, 1.0),
+                                      rng.uniform(0.75, 1.0) if dark else rng.uniform(0.35, 0.6))
+        fill = int(r * 255), int(g * 255), int(b * 255)
+        label //= hues
     radius = rng.uniform(0.28, 0.42) * CANVAS
     cx = CANVAS / 2 + rng.uniform(-0.12, 0.12) * CANVAS
     cy = CANVAS / 2 + rng.uniform(-0.12, 0.12) * CANVAS
@@ -130,11 +139,11 @@ def draw(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.asarray(small, np.float32) + noise, 0, 255).astype(np.uint8)
 
 
-def make(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make(n_per_class: int, seed: int, hues: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """`n_per_class` images of every class, interleaved: uint8 NHWC and int64 labels."""
     rng = np.random.default_rng(seed)
-    labels = np.tile(np.arange(len(CLASSES)), n_per_class)
-    images = np.stack([draw(int(y), rng) for y in labels])
+    labels = np.tile(np.arange(len(CLASSES) * hues), n_per_class)
+    images = np.stack([draw(int(y), rng, hues) for y in labels])
     return images, labels.astype(np.int64)
 
 
