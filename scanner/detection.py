@@ -9,6 +9,7 @@ second view flagged, and the SS201/SS202 findings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -80,12 +81,15 @@ def synthesise_inputs(ctx: ScanContext, stage: str = "synthesising data (data-fr
 
 def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: ImageSet,
                        synthetic: bool, bn_layers: int, steps: int,
-                       model: onnx.ModelProto | None = None) -> DetectVerdict:
+                       model: onnx.ModelProto | None = None,
+                       include: Sequence[int] = ()) -> DetectVerdict:
     """Reverse, gather the evidence and decide, on `program`; `model` is the graph it was
-    built from (the scanned model's, unless the re-scan passes the repaired one)."""
+    built from (the scanned model's, unless the re-scan passes the repaired one).
+    `include`: classes reversed in full even when a screen would not choose them (the
+    re-scan's repaired targets)."""
     det = ctx.policy.detection
     cfg = replace(ctx.opts.reverse, steps=steps)
-    reversed_, shortlist = reverse_classes(ctx, program, images, cfg)
+    reversed_, shortlist = reverse_classes(ctx, program, images, cfg, include)
     found = (gather_evidence(ctx, program, images, reversed_, model) if det.evidence
              else None)
     verdict = detect(reversed_, det.anomaly_threshold, det.warn_threshold,
@@ -115,9 +119,11 @@ def synthesis_classes(ctx: ScanContext) -> np.ndarray:
 
 
 def reverse_classes(ctx: ScanContext, program: GradientProgram, images: ImageSet,
-                    cfg: ReverseConfig) -> tuple[ReverseResult, Shortlist | None]:
+                    cfg: ReverseConfig, include: Sequence[int] = ()
+                    ) -> tuple[ReverseResult, Shortlist | None]:
     """Reverse every class's triggers, or on a many-class model (`shortlisted`) screen
-    them all and reverse the screen's candidates and a random reference sample."""
+    them all and reverse the screen's candidates (and `include`) and a random reference
+    sample."""
     if not shortlisted(ctx):
         return reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg,
                                 ctx.opts.seed, ctx.progress), None
@@ -127,14 +133,16 @@ def reverse_classes(ctx: ScanContext, program: GradientProgram, images: ImageSet
     ctx.progress.stage(f"screening the triggers of all {ctx.n_classes} classes")
     found = screen(program, ctx.prep, images, ctx.n_classes, cfg, sc_cfg, ctx.opts.seed,
                    ctx.progress)
-    ctx.progress.stage(f"reversing triggers: {len(found.candidates)} candidates and "
-                       f"{len(found.reference)} reference classes")
+    candidates = found.candidates + [int(t) for t in include if t not in found.candidates]
+    reference = [t for t in found.reference if t not in candidates]
+    ctx.progress.stage(f"reversing triggers: {len(candidates)} candidates and "
+                       f"{len(reference)} reference classes")
     run = reverse_triggers(program, ctx.prep, images, ctx.n_classes, cfg, ctx.opts.seed,
-                           ctx.progress, targets=found.candidates + found.reference)
-    run.reference = found.reference
+                           ctx.progress, targets=candidates + reference)
+    run.reference = reference
     run.forward_passes += found.forward_passes
-    return run, Shortlist(ctx.n_classes, found.candidates, found.reference, sc_cfg.steps,
-                          sc_cfg.images, found.seconds)
+    return run, Shortlist(ctx.n_classes, candidates, reference, sc_cfg.steps, sc_cfg.images,
+                          found.seconds)
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
@@ -176,11 +184,13 @@ def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
         synthetic, bn_layers = synthesise_inputs(
             ctx, "second view: the few-shot images flagged nothing, synthesising inputs")
         ctx.second_images, ctx.second_bn_layers = synthetic, bn_layers
-        ctx.progress.stage("reversing triggers on synthesised inputs")
-        second = reverse_and_detect(ctx, ctx.program, synthetic, True, bn_layers,
-                                    det.second_view_steps)
         top = most_suspicious(first.detection, det.warn_threshold, det.isolation_threshold,
                               det.warp_ratio, evidence_rule(det))
+        ctx.progress.stage("reversing triggers on synthesised inputs")
+        # a many-class scan's screen on these inputs must not pass over the one class
+        # whose flag would count
+        second = reverse_and_detect(ctx, ctx.program, synthetic, True, bn_layers,
+                                    det.second_view_steps, include=[] if top is None else [top])
         views = {**first.detection.views,
                  "synthesised": _decision_score(second, det, [] if top is None else [top])}
         passes = first.detection.forward_passes + second.detection.forward_passes

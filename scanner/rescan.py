@@ -41,8 +41,10 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
         repaired = write_back(repaired, recovered.values, recovered.description)
     program = GradientProgram(repaired, device=ctx.device,
                               max_bytes=ctx.policy.load.max_batch_bytes)
+    # a many-class scan's screen may pass over a repaired target: reverse it regardless
+    flagged_before = ctx.result.detection.flagged_targets
     first = reverse_and_detect(ctx, program, ctx.images, ctx.opts.data_free, ctx.bn_layers,
-                               det.reverse_steps, repaired)
+                               det.reverse_steps, repaired, flagged_before)
     views, passes = [ctx.view], first.detection.forward_passes
     anomaly = {c.target: c.anomaly_index for c in first.detection.classes}
     flagged = list(first.detection.flagged_targets)
@@ -50,7 +52,8 @@ def rescan(ctx: ScanContext, repair: Repair, recovered: Recovered | None = None)
     if "synthesised" in ctx.result.detection.views and ctx.second_images is not None:
         ctx.progress.stage("re-scanning the repaired model on synthesised inputs")
         second = reverse_and_detect(ctx, program, ctx.second_images, True,
-                                    ctx.second_bn_layers, det.second_view_steps, repaired)
+                                    ctx.second_bn_layers, det.second_view_steps, repaired,
+                                    flagged_before)
         views.append("synthesised")
         passes += second.detection.forward_passes
         if repair.target in second.detection.flagged_targets and repair.target not in flagged:

@@ -271,3 +271,31 @@ def test_data_free_synthesis_on_a_many_class_model_makes_inputs_for_a_sample_of_
     prep, _, program = _badnets()
     images, _ = synthesize(program, prep, 10, SynthesisConfig(steps=1), classes=[2, 7])
     assert images.labels.tolist() == [2, 7] and len(images.pixels) == 2
+
+
+def test_a_shortlisted_reverse_keeps_the_classes_it_must_judge():
+    """The re-scan (the repaired targets) and the second view (the first view's most
+    suspicious class) pass `include`: those classes are reversed in full whatever the
+    screen ranks them, and never double as reference classes."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from scanner.detection import reverse_classes
+    from scanner.policy import DetectionPolicy
+    from scanner.progress import Progress
+
+    prep, images, program = _badnets()
+    det = replace(DetectionPolicy(), shortlist_over=4, shortlist=2, reference_classes=3,
+                  screen_steps=2)
+    ctx = SimpleNamespace(policy=SimpleNamespace(detection=det), n_classes=10, prep=prep,
+                          opts=SimpleNamespace(seed=0), progress=Progress(enabled=False))
+    cfg = ReverseConfig(steps=1)
+    plain, listed = reverse_classes(ctx, program, images, cfg)
+    outsider = next(t for t in range(10) if t not in listed.candidates + listed.reference)
+    run, with_it = reverse_classes(ctx, program, images, cfg, include=[outsider])
+    assert with_it.candidates == listed.candidates + [outsider]
+    assert sorted(run.targets) == sorted(with_it.candidates + with_it.reference)
+    assert run.reference == with_it.reference and outsider not in run.reference
+    ref_member = listed.reference[0]
+    _, as_candidate = reverse_classes(ctx, program, images, cfg, include=[ref_member])
+    assert ref_member in as_candidate.candidates and ref_member not in as_candidate.reference
