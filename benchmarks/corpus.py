@@ -8,6 +8,7 @@ and attack.
     python benchmarks/corpus.py --repair --method clp        # a baseline on every backdoor
     python benchmarks/corpus.py --table-only                 # tables from saved results
     SHAPSCAN_THREADS=1 python benchmarks/corpus.py --jobs 2  # two scans at a time
+    python benchmarks/corpus.py --many --repair              # the 100-class set
 
 The corpus is benchmarks/corpus/manifest.json (built by benchmarks/corpus/make_corpus.py).
 Each (model, mode, seed) is scanned in its own process, with a time limit, exactly as
@@ -56,11 +57,12 @@ RESULTS = CORPUS / "results"
 sys.path.insert(0, str(ROOT))
 
 
-def manifest() -> list[dict]:
-    path = CORPUS / "manifest.json"
+def manifest(many: bool = False) -> list[dict]:
+    """The corpus's models, or with `many` the 100-class set beside it (split "many")."""
+    path = CORPUS / ("manifest_many.json" if many else "manifest.json")
     if not path.is_file():
-        sys.exit(f"{path.relative_to(ROOT)} not found: build the corpus with "
-                 "`python benchmarks/corpus/make_corpus.py`")
+        sys.exit(f"{path.relative_to(ROOT)} not found: build it with "
+                 f"`python benchmarks/corpus/make_corpus.py{' --many' if many else ''}`")
     return json.loads(path.read_text())["models"]
 
 
@@ -131,7 +133,11 @@ def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str =
                        "families": {str(k): v for k, v in det.families.items()},
                        # per class: the statistics a decision rule is fitted from
                        "class_fields": list(CLASS_FIELDS),
-                       "classes": [class_row(c) for c in det.classes]}
+                       "classes": [class_row(c) for c in det.classes],
+                       # a many-class scan's rows are its shortlist's classes
+                       "targets": [c.target for c in det.classes],
+                       "shortlist": (dataclasses.asdict(det.shortlist)
+                                     if det.shortlist is not None else None)}
         if repair:
             written = out is not None and out.is_file()
             record["written"] = written
@@ -223,8 +229,11 @@ def redecide(record: dict) -> dict:
 
     det = load_policy("default").detection
     rows = [dict(zip(record["class_fields"], row, strict=True)) for row in record["classes"]]
+    ids = record.get("targets") or list(range(len(rows)))
+    shortlist = record.get("shortlist")
+    n_classes = shortlist["classes"] if shortlist else len(rows)
     triggers, select = {}, {}
-    for t, row in enumerate(rows):
+    for t, row in zip(ids, rows, strict=True):
         for fam, key in (("patch", "mask_l1"), ("universal", "universal_norm"),
                          ("warp", "warp_norm")):
             if row.get(key) is not None:
@@ -233,10 +242,12 @@ def redecide(record: dict) -> dict:
             if row.get(f"{fam}_selectivity") is not None:
                 select[(fam, t)] = row[f"{fam}_selectivity"]
     margins = [row.get("max_margin") for row in rows]
-    evidence = Evidence(None if None in margins else np.array(margins, float),
-                        selectivity=select)
+    by_class = np.full(n_classes, np.nan)
+    by_class[ids] = [np.nan if m is None else m for m in margins]
+    evidence = Evidence(None if None in margins else by_class, selectivity=select)
     result = ReverseResult(triggers, steps=0, forward_passes=0, seconds=0.0,
-                           classes=len(rows))
+                           classes=n_classes, targets=None if shortlist is None else ids,
+                           reference=None if shortlist is None else shortlist["reference"])
     verdict = detect(result, det.anomaly_threshold, det.warn_threshold,
                      det.isolation_threshold, warp_ratio=det.warp_ratio, evidence=evidence,
                      evidence_rule=evidence_rule(det))
@@ -392,7 +403,7 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
     if baseline:
         return "\n".join(lines + repair_tables(entries, runs))
     lines += ["", DET_HEADER]
-    for split in ("calibration", "validation"):
+    for split in sorted({e["split"] for e in usable}):
         lines.append(detection_row(f"**{split}**",
                                    [e for e in usable if e["split"] == split], runs))
     lines.append(detection_row("**all**", usable, runs))
@@ -496,13 +507,16 @@ def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float,
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         name, mode, seed, repair = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-        entry = next(e for e in manifest() if e["name"] == name)
+        many = name.startswith("shapes100_")
+        entry = next(e for e in manifest(many) if e["name"] == name)
         print(json.dumps(scan_one(entry, mode, seed, repair == "1", *sys.argv[6:8])))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fewshot", help="fewshot,datafree")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--split", default="all", choices=("all", "calibration", "validation"))
+    ap.add_argument("--many", action="store_true", help="the 100-class set "
+                    "(manifest_many.json, make_corpus.py --many) instead of the corpus")
     ap.add_argument("--models", default=None, help="comma-separated names, or a prefix*")
     ap.add_argument("--repair", action="store_true", help="scan with --out and score it")
     ap.add_argument("--policy", default="", help="repair at this policy file (extends the "
@@ -532,7 +546,7 @@ def main() -> None:
     min_growth = args.min_growth  # None: the shipped policy's, per record (complete)
     every_family = (shipped.every_family if args.every_family is None
                     else args.every_family == "true")
-    entries = manifest()
+    entries = manifest(args.many)
     if args.split != "all":
         entries = [e for e in entries if e["split"] == args.split]
     if args.models:
