@@ -5,8 +5,9 @@ each backdoor's true target among the model's classes?
     python benchmarks/screen.py --split validation --configs 40x2,10x4
 
 For every backdoored corpus model of the split (10 or 20 classes), one screen per
-`STEPSxIMAGES` configuration on the model's few-shot images (seed 0): the target's rank
-by the screen's score (0 = first), the screen's seconds and forward passes. The summary
+`STEPSxIMAGES` configuration on the model's few-shot images (seed 0): the target's place
+in the screen's order (0 = first; ties in the score go by class index), the screen's
+seconds and forward passes. The summary
 counts the models whose default few-shot scan (benchmarks/corpus.py's saved results,
 `results/fewshot/seed0`) flagged the right target: those are what a shortlist must not
 lose. Rows are written to --out as JSON lines as they come.
@@ -27,10 +28,10 @@ CORPUS = ROOT / "benchmarks" / "corpus"
 sys.path.insert(0, str(ROOT))
 
 
-def screen_model(entry: dict, configs: list[tuple[int, int]]) -> dict:
+def screen_model(entry: dict, configs: list[str]) -> dict:
     from scanner.api import batchable, load_images, load_model, model_preprocess
     from scanner.autodiff import GradientProgram
-    from scanner.reverse import ReverseConfig, ScreenConfig, screen
+    from scanner.reverse import ReverseConfig, screen
 
     model = load_model(CORPUS / entry["model"])
     prep = model_preprocess(model)
@@ -39,14 +40,22 @@ def screen_model(entry: dict, configs: list[tuple[int, int]]) -> dict:
     program = GradientProgram(model.runnable)
     row = {"name": entry["name"], "classes": entry["classes"], "attack": entry["attack"],
            "target": entry["target"]}
-    for steps, count in configs:
+    for name in configs:
         start = time.perf_counter()
         found = screen(program, prep, images, entry["classes"], ReverseConfig(),
-                       ScreenConfig(steps=steps, images=count), seed=0)
-        rank = int((found.scores < found.scores[entry["target"]]).sum())
-        row[f"{steps}x{count}"] = {"rank": rank, "seconds": round(time.perf_counter() - start, 1),
-                                   "passes": found.forward_passes}
+                       screen_config(name), seed=0)
+        row[name] = {"rank": found.order.index(entry["target"]),
+                     "seconds": round(time.perf_counter() - start, 1),
+                     "passes": found.forward_passes}
     return row
+
+
+def screen_config(name: str):
+    """`STEPSxIMAGES`."""
+    from scanner.reverse import ScreenConfig
+
+    steps, images = (int(v) for v in name.split("x"))
+    return ScreenConfig(steps=steps, images=images)
 
 
 def detected(name: str, target: int) -> bool:
@@ -60,7 +69,7 @@ def main() -> None:
     ap.add_argument("--configs", default="10x2,20x2,40x2,10x4,20x4")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    configs = args.configs.split(",")
     entries = [e for e in json.loads((CORPUS / "manifest.json").read_text())["models"]
                if e["split"] == args.split and e["target"] is not None
                and (CORPUS / e["model"]).is_file()]
@@ -83,8 +92,7 @@ def main() -> None:
     print("| screen | target first | top 3 | worst rank (of classes) | all models: top 3 | "
           "seconds, all models |")
     print("|---|---:|---:|---:|---:|---:|")
-    for steps, count in configs:
-        key = f"{steps}x{count}"
+    for key in configs:
         ranks = [r[key]["rank"] for r in hits]
         worst = max(hits, key=lambda r: r[key]["rank"] / r["classes"], default=None)
         print(f"| {key} | {sum(k == 0 for k in ranks)} / {len(hits)} | "
