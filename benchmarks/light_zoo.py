@@ -50,6 +50,10 @@ def scan(model: Path, policy: str, timeout: float) -> tuple[int, str, float, flo
 
 
 def _outcome(text: str) -> str:
+    forecast = re.search(r"(SS210): .*?(data-free synthesis about [^,]+), then "
+                         r"(trigger reverse about [^(]+?) on this machine", text)
+    if forecast:  # both stages' forecasts, the whole of what the user is told
+        return f"{forecast.group(1)}: {forecast.group(2)}, then {forecast.group(3)}"
     for pattern in (r"(SS2\d\d: inconclusive: [^;(]*)", r"(inconclusive: [^;(]*)",
                     r"verdict[: ]+(\w+)", r"\b(clean|backdoor)\b"):
         m = re.search(pattern, text)
