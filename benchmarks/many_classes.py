@@ -115,17 +115,19 @@ def main() -> None:
                 print(row, flush=True)
     print(f"\nrandom-weight CNN, 3x{args.size}x{args.size}, one random image per class; "
           "detection only (repair off, no second view)\n")
-    print("| classes | mode | exit | classes reversed in full | forward passes | detection s "
-          "| x first row | wall s | peak RSS GB |")
+    print("| classes | mode | exit | classes reversed in full | forward passes | passes x first "
+          "row | detection s | s x first row | peak RSS GB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    first = {}
+    first: dict[str, dict] = {}
     for r in rows:
-        first.setdefault(r["mode"], r.get("detect_s"))
-        ratio = (f"{r['detect_s'] / first[r['mode']]:.1f}"
-                 if r.get("detect_s") and first[r["mode"]] else "-")
+        base = first.setdefault(r["mode"], r)
+
+        def ratio(key: str, r: dict = r, base: dict = base) -> str:
+            return f"{r[key] / base[key]:.1f}" if r.get(key) and base.get(key) else "-"
+
         print(f"| {r['classes']:,} | {r['mode']} | {r['exit']} | {r.get('reversed', '-')} | "
-              f"{r.get('passes', '-'):,} | {r.get('detect_s') or 0:.0f} | {ratio} | "
-              f"{r['wall']:.0f} | {r['rss']:.2f} |")
+              f"{r.get('passes') or 0:,} | {ratio('passes')} | {r.get('detect_s') or 0:.0f} | "
+              f"{ratio('detect_s')} | {r['rss']:.2f} |")
 
 
 if __name__ == "__main__":
