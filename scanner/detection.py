@@ -86,7 +86,7 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     """Reverse, gather the evidence and decide, on `program`; `model` is the graph it was
     built from (the scanned model's, unless the re-scan passes the repaired one).
     `include`: classes reversed in full even when a screen would not choose them (the
-    re-scan's repaired targets)."""
+    re-scan's repaired targets, the second view's one class that can count)."""
     det = ctx.policy.detection
     cfg = replace(ctx.opts.reverse, steps=steps)
     reversed_, shortlist = reverse_classes(ctx, program, images, cfg, include)
@@ -107,9 +107,9 @@ def shortlisted(ctx: ScanContext) -> bool:
 
 def synthesis_classes(ctx: ScanContext) -> np.ndarray:
     """The classes data-free synthesis makes inputs for: all, or on a many-class model
-    `shortlist_over` of them at random (the triggers are reversed on inputs of other
-    classes; they need not be of every class, and synthesis is then as cheap as on a
-    model of `shortlist_over` classes)."""
+    `shortlist_over` of them at random (at least shortlist + reference_classes): the
+    triggers are reversed on inputs of other classes, which need not be of every class,
+    and synthesis then costs what it costs on a model of that many classes."""
     if not shortlisted(ctx):
         return np.arange(ctx.n_classes)
     det = ctx.policy.detection
