@@ -350,9 +350,9 @@ def test_a_many_class_scan_reverses_its_shortlist_and_says_so(run_cli, tmp_path)
     policy = tmp_path / "shortlist.toml"
     policy.write_text("[detection]\nshortlist_over = 4\nshortlist = 3\nreference_classes = 4\n"
                       "synthesised_view = false\nmargin_steps = 0\n[repair]\nenabled = false\n")
-    report = tmp_path / "r.json"
+    report, html = tmp_path / "r.json", tmp_path / "r.html"
     result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
-                     "--report", report)
+                     "--report", report, "--html", html)
     assert result.code in (0, 1) and "Traceback" not in result.err
     doc = json.loads(report.read_text())
     schema = json.loads((Path(__file__).parent.parent / "rules" / "schemas" /
@@ -368,3 +368,4 @@ def test_a_many_class_scan_reverses_its_shortlist_and_says_so(run_cli, tmp_path)
     assert set(det["flagged_targets"]) <= set(reversed_)
     findings = {f["rule_id"]: f for f in doc["results"][0]["findings"]}
     assert "SS211" in findings and "7 of the model's 10 classes" in findings["SS211"]["message"]
+    assert "of the model&#x27;s 10 classes, a 40-step screen" in html.read_text()  # escaped
