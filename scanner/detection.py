@@ -99,6 +99,10 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     return verdict
 
 
+# inputs data-free synthesis makes on a many-class model (`synthesis_classes`)
+SYNTHESISED_CLASSES = 64
+
+
 def shortlisted(ctx: ScanContext) -> bool:
     """Whether this model has so many classes that a screen chooses which to reverse."""
     over = ctx.policy.detection.shortlist_over
@@ -107,13 +111,13 @@ def shortlisted(ctx: ScanContext) -> bool:
 
 def synthesis_classes(ctx: ScanContext) -> np.ndarray:
     """The classes data-free synthesis makes inputs for: all, or on a many-class model
-    `shortlist_over` of them at random (at least shortlist + reference_classes): the
+    SYNTHESISED_CLASSES of them at random (at least shortlist + reference_classes): the
     triggers are reversed on inputs of other classes, which need not be of every class,
     and synthesis then costs what it costs on a model of that many classes."""
     if not shortlisted(ctx):
         return np.arange(ctx.n_classes)
     det = ctx.policy.detection
-    count = min(ctx.n_classes, max(det.shortlist_over, det.shortlist + det.reference_classes))
+    count = min(ctx.n_classes, max(SYNTHESISED_CLASSES, det.shortlist + det.reference_classes))
     return np.sort(np.random.default_rng(ctx.opts.seed).choice(ctx.n_classes, count,
                                                                replace=False))
 

@@ -163,7 +163,7 @@ class DetectionPolicy:
     # get a short screen (`screen_steps` Adam steps on `screen_images` images), and only
     # the `shortlist` classes it found easiest to reach, beside `reference_classes` random
     # others as the yardstick, are reversed in full; 0: every class in full
-    shortlist_over: int = 64
+    shortlist_over: int = 200
     shortlist: int = 16
     reference_classes: int = 16
     screen_steps: int = 40

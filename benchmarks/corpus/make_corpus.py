@@ -83,11 +83,15 @@ PLAN = [
     ("shapes", "vgg", 6, 2, ("relu", "leaky_relu", "silu", "relu6", "gelu", "hardswish")),
 ]
 ATTACK_KINDS = ("patch", "patch", "trojan", "blended", "sig", "wanet")
-# The many-class set (--many): beside the corpus, never in its split or its tuning; it
-# measures the many-class screen (detection.shortlist_over) on trained models.
-# (family, activation, attack kind or None)
+# The many-class set (--many): beside the corpus, for the many-class screen
+# (detection.shortlist_over) on trained models, with its own split: the first four rows
+# are its calibration half, the rest (appended in December, after the first four were
+# scanned) its validation half. (family, activation, attack kind or None)
 MANY_PLAN = [("resnet", "relu", None), ("resnet", "relu", "patch"), ("resnet", "relu", "trojan"),
-             ("resnet", "relu", "blended")]
+             ("resnet", "relu", "blended"),
+             ("resnet", "relu", None), ("resnet", "relu", "patch"), ("resnet", "relu", "sig"),
+             ("resnet", "relu", "wanet")]
+MANY_CALIBRATION = 4
 INPUT_NAMES = ("image", "input", "x", "pixel_values")
 
 
@@ -177,7 +181,8 @@ def many_plan() -> list[Spec]:
         rng = np.random.default_rng(5000 + number)
         spec = Spec(name=f"shapes100_{family}_{number:02d}", dataset="shapes100",
                     family=family, activation=act, index=number, seed=5000 + number,
-                    bn="folded", split="many")
+                    bn="folded",
+                    split="calibration" if number < MANY_CALIBRATION else "validation")
         if kind is not None:
             spec.attack, spec.params = _attack(rng, kind, 32)
             spec.target = int(rng.integers(100))
@@ -398,8 +403,8 @@ def write_manifest(specs: list[Spec], many: bool = False) -> None:
         rec = MODELS / f"{spec.name}.train.json"
         if rec.is_file():
             records.append(json.loads(rec.read_text()))
-    head = ({"split_rule": "none: evaluation only, never tuned on"} if many
-            else {"split_rule": SPLIT_RULE})
+    head = ({"split_rule": f"the first {MANY_CALIBRATION} models of MANY_PLAN calibration, "
+                           "the rest validation"} if many else {"split_rule": SPLIT_RULE})
     (MANY_MANIFEST if many else MANIFEST).write_text(json.dumps(head | {
         "implant_min_asr": IMPLANT_MIN_ASR,
         "planned": len(specs), "built": len(records),
