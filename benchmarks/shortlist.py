@@ -66,6 +66,7 @@ def main() -> None:
                if e["split"] == args.split
                and (not args.models or e["name"] in args.models.split(","))]
     out = Path(args.out or tempfile.mkdtemp(prefix="shapscan-shortlist-"))
+    out.mkdir(parents=True, exist_ok=True)
     modes = {} if args.no_full else {"all in full": "shortlist_over = 0\n"}
     for r in args.reference.split(","):
         modes[f"screen, reference {r}"] = (f"shortlist_over = 64\nshortlist = 16\n"
