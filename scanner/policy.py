@@ -165,7 +165,7 @@ class DetectionPolicy:
     # others as the yardstick, are reversed in full; 0: every class in full
     shortlist_over: int = 200
     shortlist: int = 16
-    reference_classes: int = 16
+    reference_classes: int = 48
     screen_steps: int = 40
     screen_images: int = 2
 

@@ -432,7 +432,7 @@ class ScreenConfig:
     images: int = 2  # images of other classes each class's triggers are reversed on
     chunk: int = 64  # classes reversed together: bounds the triggers' memory
     candidates: int = 16  # the classes easiest to reach: reversed again in full
-    reference: int = 16  # a random sample of the others, reversed in full as the yardstick
+    reference: int = 48  # a random sample of the others, reversed in full as the yardstick
 
 
 @dataclass
