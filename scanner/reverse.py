@@ -56,7 +56,7 @@ class ReverseConfig:
     max_rows: int = 3000
     min_images: int = 5
     # a screening run (`screen`): triggers start small with their penalty on, so that after
-    # a few steps how many rows flip says how easily each class is reached
+    # a few steps the target probability they reach says how easily each class is reached
     start_small: bool = False
 
 
@@ -421,7 +421,6 @@ def _rows_for(labels: np.ndarray, target: int, limit: int,
         rank[i] = seen.get(label, 0)
         seen[label] = rank[i] + 1
     return np.sort(idx[np.argsort(rank, kind="stable")[:limit]])
-
 
 
 @dataclass(frozen=True)
