@@ -24,6 +24,7 @@ from .findings import ClassReverse, Detection
 from .reverse import ReversedTrigger, ReverseResult
 
 MAD_TO_SIGMA = 1.4826
+MIN_REFERENCE = 3  # reference classes below which `detect` measures against all reversed
 
 
 def _robust(norms: np.ndarray, log: bool = True, reference: np.ndarray | None = None
@@ -141,7 +142,10 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     ids = list(range(result.classes)) if result.targets is None else list(result.targets)
     n = len(ids)  # positions 0..n-1 below; ids[i] is the class
     # the median and spread come from the reference classes when the scan was shortlisted
-    ref = None if result.reference is None else np.isin(ids, result.reference)
+    # (from every class reversed when there are too few of them for a spread: a screen
+    # whose candidates left fewer than MIN_REFERENCE other classes)
+    ref = (None if result.reference is None or len(result.reference) < MIN_REFERENCE
+           else np.isin(ids, result.reference))
     families = sorted({fam for fam, _ in result.triggers})
     norms = {fam: np.array([result.triggers[(fam, t)].norm for t in ids])
              for fam in families}

@@ -74,6 +74,12 @@ def test_a_shortlisted_reverse_is_judged_against_its_reference_classes():
     alone = detect(ReverseResult(triggers, 1, 0, 0.0, classes=100, targets=ids), 2.5, 2.0)
     assert alone.detection.classes[0].patch_anomaly_index < \
         verdict.detection.classes[0].patch_anomaly_index
+    # a reference too small for a spread (a screen that kept nearly every class) is not
+    # used: the indices are those against every reversed class
+    few = detect(ReverseResult(triggers, 1, 0, 0.0, classes=100, targets=ids,
+                               reference=ids[-2:]), 2.5, 2.0)
+    assert [c.anomaly_index for c in few.detection.classes] == \
+        [c.anomaly_index for c in alone.detection.classes]
 
 
 def test_clean_model_is_not_flagged():
