@@ -11,7 +11,7 @@ scan with its second view on synthesised inputs about 1.5-2 times.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,10 +96,11 @@ def forecast(ctx: ScanContext, labels: np.ndarray) -> Forecast:
         synthesis = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
     det = ctx.policy.detection
     if shortlisted(ctx):  # the screen of every class, then the full reverse of a few
-        families = len(ctx.opts.reverse.families or FAMILIES)
         rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse,
                             det.shortlist + det.reference_classes) * det.reverse_steps
-        rows += families * ctx.n_classes * det.screen_images * det.screen_steps
+        # a screening run takes `screen_images` images per class (reverse.screen)
+        screening = replace(ctx.opts.reverse, max_rows=0, min_images=det.screen_images)
+        rows += reverse_rows(labels, ctx.n_classes, screening) * det.screen_steps
     else:
         rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse) * det.reverse_steps
     return Forecast(synthesis, per_row * rows)
