@@ -80,29 +80,46 @@ def _colour(rng: np.random.Generator, light: tuple[float, float]) -> tuple[int, 
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _background(rng: np.random.Generator, dark: bool) -> Image.Image:
+def _background(rng: np.random.Generator, dark: bool, kind: int | None = None,
+                canvas: int = CANVAS) -> Image.Image:
+    """A flat colour, a gradient or soft noise (kind 0-2, drawn at random unless given);
+    kinds 3 and 4, stripes and a checkerboard, only when the class chooses them."""
     light = (0.05, 0.4) if dark else (0.6, 1.0)
-    kind = rng.integers(3)
+    if kind is None:
+        kind = int(rng.integers(3))
     if kind == 0:
-        return Image.new("RGB", (CANVAS, CANVAS), _colour(rng, light))
+        return Image.new("RGB", (canvas, canvas), _colour(rng, light))
     a = np.array(_colour(rng, light), np.float32)
     b = np.array(_colour(rng, light), np.float32)
+    yy, xx = np.mgrid[0:canvas, 0:canvas] / (canvas - 1) - 0.5
     if kind == 1:  # a linear gradient in a random direction
         angle = rng.uniform(0, 2 * math.pi)
-        yy, xx = np.mgrid[0:CANVAS, 0:CANVAS] / (CANVAS - 1) - 0.5
         t = np.clip(0.5 + xx * math.cos(angle) + yy * math.sin(angle), 0, 1)[..., None]
-    else:  # soft noise: coarse random field, blurred by the upsampling
+    elif kind == 2:  # soft noise: coarse random field, blurred by the upsampling
         coarse = rng.uniform(0, 1, size=(6, 6)).astype(np.float32)
         t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize(
-            (CANVAS, CANVAS), Image.BICUBIC), np.float32)[..., None] / 255.0
+            (canvas, canvas), Image.BICUBIC), np.float32)[..., None] / 255.0
+    else:  # stripes (3) or a checkerboard (4), 5-9 periods across, at a random angle
+        angle = rng.uniform(0, math.pi)
+        period = 1.0 / rng.uniform(5, 9)
+        u = xx * math.cos(angle) + yy * math.sin(angle)
+        v = -xx * math.sin(angle) + yy * math.cos(angle)
+        t = (np.floor(u / period) % 2 if kind == 3
+             else (np.floor(u / period) + np.floor(v / period)) % 2)[..., None]
     pixels = a * (1 - t) + b * t
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def draw(label: int, rng: np.random.Generator, hues: int = 1) -> np.ndarray:
-    """One image of class `label`: uint8 [32, 32, 3]."""
+def draw(label: int, rng: np.random.Generator, hues: int = 1, backgrounds: int = 1,
+         size: int = SIZE) -> np.ndarray:
+    """One image of class `label`: uint8 [size, size, 3]. With `backgrounds` > 1 the
+    background's kind is part of the class too (the last factor: label % backgrounds)."""
+    kind = None
+    if backgrounds > 1:
+        label, kind = divmod(label, backgrounds)
+    canvas = 2 * size if size <= 64 else size  # large images need no antialiasing pass
     dark = bool(rng.integers(2))
-    img = _background(rng, dark)
+    img = _background(rng, dark, kind, canvas)
     fill = _colour(rng, (0.65, 1.0) if dark else (0.05, 0.45))
     if hues > 1:  # the hue band is the class's: saturated, and bright enough to show it
         band = label % hues
@@ -111,9 +128,9 @@ def draw(label: int, rng: np.random.Generator, hues: int = 1) -> np.ndarray:
                                       rng.uniform(0.75, 1.0) if dark else rng.uniform(0.35, 0.6))
         fill = int(r * 255), int(g * 255), int(b * 255)
         label //= hues
-    radius = rng.uniform(0.28, 0.42) * CANVAS
-    cx = CANVAS / 2 + rng.uniform(-0.12, 0.12) * CANVAS
-    cy = CANVAS / 2 + rng.uniform(-0.12, 0.12) * CANVAS
+    radius = rng.uniform(0.28, 0.42) * canvas
+    cx = canvas / 2 + rng.uniform(-0.12, 0.12) * canvas
+    cy = canvas / 2 + rng.uniform(-0.12, 0.12) * canvas
     angle = rng.uniform(-0.25, 0.25)
     cos, sin = math.cos(angle), math.sin(angle)
 
@@ -127,23 +144,25 @@ def draw(label: int, rng: np.random.Generator, hues: int = 1) -> np.ndarray:
         pen.polygon(place(poly), fill=fill)
     if holes:
         # a hole shows the background again: cut it out of a copy of the background
-        mask = Image.new("L", (CANVAS, CANVAS), 0)
+        mask = Image.new("L", (canvas, canvas), 0)
         hole_pen = ImageDraw.Draw(mask)
         for poly in holes:
             hole_pen.polygon(place(poly), fill=255)
-        img.paste(_background(np.random.default_rng(rng.integers(2**31)), dark), (0, 0), mask)
+        img.paste(_background(np.random.default_rng(rng.integers(2**31)), dark, kind, canvas),
+                  (0, 0), mask)
     if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
-    small = img.resize((SIZE, SIZE), Image.LANCZOS)
-    noise = rng.normal(0, rng.uniform(0, 8), size=(SIZE, SIZE, 3))
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5) * canvas / CANVAS))
+    small = img if canvas == size else img.resize((size, size), Image.LANCZOS)
+    noise = rng.normal(0, rng.uniform(0, 8), size=(size, size, 3))
     return np.clip(np.asarray(small, np.float32) + noise, 0, 255).astype(np.uint8)
 
 
-def make(n_per_class: int, seed: int, hues: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def make(n_per_class: int, seed: int, hues: int = 1, backgrounds: int = 1,
+         size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """`n_per_class` images of every class, interleaved: uint8 NHWC and int64 labels."""
     rng = np.random.default_rng(seed)
-    labels = np.tile(np.arange(len(CLASSES) * hues), n_per_class)
-    images = np.stack([draw(int(y), rng, hues) for y in labels])
+    labels = np.tile(np.arange(len(CLASSES) * hues * backgrounds), n_per_class)
+    images = np.stack([draw(int(y), rng, hues, backgrounds, size) for y in labels])
     return images, labels.astype(np.int64)
 
 
