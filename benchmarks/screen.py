@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def screen_model(entry: dict, configs: list[str]) -> dict:
     from scanner.api import batchable, load_images, load_model, model_preprocess
     from scanner.autodiff import GradientProgram
-    from scanner.reverse import ReverseConfig, screen
+    from scanner.reverse import ReverseConfig, screen, sweep
 
     model = load_model(CORPUS / entry["model"])
     prep = model_preprocess(model)
@@ -42,8 +42,9 @@ def screen_model(entry: dict, configs: list[str]) -> dict:
            "target": entry["target"]}
     for name in configs:
         start = time.perf_counter()
-        found = screen(program, prep, images, entry["classes"], ReverseConfig(),
-                       screen_config(name), seed=0)
+        run = sweep if name.startswith("s") else screen
+        found = run(program, prep, images, entry["classes"], ReverseConfig(),
+                    screen_config(name), seed=0)
         row[name] = {"rank": found.order.index(entry["target"]),
                      "seconds": round(time.perf_counter() - start, 1),
                      "passes": found.forward_passes}
@@ -51,9 +52,13 @@ def screen_model(entry: dict, configs: list[str]) -> dict:
 
 
 def screen_config(name: str):
-    """`STEPSxIMAGES`."""
+    """`STEPSxIMAGES` (reverse.screen: images per class), or `sSTEPSxIMAGESxRESTARTS`
+    (reverse.sweep: images in all)."""
     from scanner.reverse import ScreenConfig
 
+    if name.startswith("s"):
+        steps, images, restarts = (int(v) for v in name[1:].split("x"))
+        return ScreenConfig(steps=steps, sweep_images=images, restarts=restarts)
     steps, images = (int(v) for v in name.split("x"))
     return ScreenConfig(steps=steps, images=images)
 

@@ -3,11 +3,15 @@ full, on the corpus's 100-class set (`make_corpus.py --many`).
 
     python benchmarks/shortlist.py --split calibration --reference 16,48
     python benchmarks/shortlist.py --split validation --reference 48 --jobs 2
+    python benchmarks/shortlist.py --split calibration --no-full --reference "" --fast default,48
 
 Each model of the split is scanned by the real `shapscan scan` (few-shot, seed 0,
 detection only) in its own process, once with every class reversed in full
 (`shortlist_over = 0`) and once per reference size with the screen forced
-(`shortlist_over = 64`, `shortlist = 16`, `reference_classes = R`). Per run: the
+(`shortlist_over = 64`, `shortlist = 16`, `reference_classes = R`), and with --fast once
+with the fast plan forced (`DetectionPolicy.fast_plan()`: the label-free sweep, 8 candidates,
+16 reference classes, 360 rows a step, synthesis for 24 classes) per --fast reference size
+(the rows a step grow with it: 5 images per class). Per run: the
 flagged classes, whether the first is the true target, the flags on other classes, the
 decision score, the seconds of the reverse stage and its forward passes. Reports go to
 --out (default: a temporary folder) as MODE/NAME.json; a report already there is read,
@@ -58,6 +62,8 @@ def main() -> None:
     ap.add_argument("--split", default="calibration", choices=("calibration", "validation"))
     ap.add_argument("--reference", default="16,48", help="reference_classes to try")
     ap.add_argument("--no-full", action="store_true", help="skip every class in full")
+    ap.add_argument("--fast", default="", help="reference sizes for the fast plan, forced "
+                    "(default: none; 'default' for [detection.fast]'s)")
     ap.add_argument("--models", default="", help="comma-separated names (default: the split)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="")
@@ -68,9 +74,22 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="shapscan-shortlist-"))
     out.mkdir(parents=True, exist_ok=True)
     modes = {} if args.no_full else {"all in full": "shortlist_over = 0\n"}
-    for r in args.reference.split(","):
+    for r in filter(None, args.reference.split(",")):
         modes[f"screen, reference {r}"] = (f"shortlist_over = 64\nshortlist = 16\n"
                                            f"reference_classes = {r}\n")
+    for r in filter(None, args.fast.split(",")):
+        from dataclasses import replace
+
+        from scanner.policy import DetectionPolicy, FastPlan
+        plan = FastPlan() if r == "default" else replace(
+            FastPlan(), reference_classes=int(r),
+            reverse_rows=FastPlan().reverse_rows * (FastPlan().shortlist + int(r))
+            // (FastPlan().shortlist + FastPlan().reference_classes))
+        fast = replace(DetectionPolicy(), fast=plan).fast_plan()
+        modes[f"fast plan, reference {fast.reference_classes}"] = "".join(
+            f"{key} = {getattr(fast, key)!r}\n".replace("'", '"')
+            for key in ("screen", "shortlist_over", "shortlist", "reference_classes",
+                        "reverse_rows", "synthesised_classes"))
     jobs = []
     for mode, keys in modes.items():
         policy = out / f"{mode.replace(' ', '_').replace(',', '')}.toml"

@@ -255,7 +255,7 @@ def _gather_images(ctx: ScanContext) -> None:
                                   max_bytes=ctx.policy.load.max_batch_bytes)
     if ctx.opts.data_free:
         # the forecast (and SS210's limit) comes before synthesis, the first long stage
-        check_time(ctx, np.repeat(synthesis_classes(ctx), ctx.opts.synthesis.per_class))
+        check_time(ctx)
         with ctx.timed("synthesis"):
             ctx.images, ctx.bn_layers = synthesise_inputs(ctx)
         return
@@ -264,7 +264,7 @@ def _gather_images(ctx: ScanContext) -> None:
                         "or --data-free")
     ctx.images = _clean_images(ctx)
     _check_clean_accuracy(ctx.predict, ctx.images, ctx.policy.detection)
-    check_time(ctx, ctx.images.labels)
+    check_time(ctx)
 
 
 def _run_baseline(ctx: ScanContext) -> None:

@@ -31,6 +31,7 @@ from .reverse import (
     ScreenConfig,
     reverse_triggers,
     screen,
+    sweep,
     synthesize,
 )
 from .wording import reversed_reach
@@ -53,14 +54,16 @@ def find_backdoor(ctx: ScanContext) -> DetectVerdict:
     _detection_findings(ctx.result, verdict, ctx.catalog, ctx.images, det)
     shortlist = verdict.detection.shortlist
     if shortlist is not None:
+        how = ("found easiest to reach" if shortlist.screen == "classes" else
+               "found label-free triggers sending images to")
         ctx.result.findings.append(ctx.catalog.make(
             "SS211", f"{len(shortlist.candidates) + len(shortlist.reference)} of the model's "
             f"{shortlist.classes} classes were reversed in full: the {len(shortlist.candidates)} "
-            f"a {shortlist.screen_steps}-step screen found easiest to reach "
+            f"a {shortlist.screen_steps}-step {shortlist.screen} screen {how} "
             f"({', '.join(map(str, shortlist.candidates))}) and {len(shortlist.reference)} "
             "random others as the yardstick; a backdoor towards a class the screen ranked "
             "low is not seen", candidates=list(shortlist.candidates),
-            reference=list(shortlist.reference)))
+            reference=list(shortlist.reference), screen=shortlist.screen))
     return verdict
 
 
@@ -88,7 +91,7 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     `include`: classes reversed in full even when a screen would not choose them (the
     re-scan's repaired targets, the second view's one class that can count)."""
     det = ctx.policy.detection
-    cfg = replace(ctx.opts.reverse, steps=steps)
+    cfg = replace(ctx.opts.reverse, steps=steps, max_rows=det.reverse_rows)
     reversed_, shortlist = reverse_classes(ctx, program, images, cfg, include)
     found = (gather_evidence(ctx, program, images, reversed_, model) if det.evidence
              else None)
@@ -99,10 +102,6 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     return verdict
 
 
-# inputs data-free synthesis makes on a many-class model (`synthesis_classes`)
-SYNTHESISED_CLASSES = 64
-
-
 def shortlisted(ctx: ScanContext) -> bool:
     """Whether this model has so many classes that a screen chooses which to reverse."""
     over = ctx.policy.detection.shortlist_over
@@ -111,13 +110,15 @@ def shortlisted(ctx: ScanContext) -> bool:
 
 def synthesis_classes(ctx: ScanContext) -> np.ndarray:
     """The classes data-free synthesis makes inputs for: all, or on a many-class model
-    SYNTHESISED_CLASSES of them at random (at least shortlist + reference_classes): the
-    triggers are reversed on inputs of other classes, which need not be of every class,
-    and synthesis then costs what it costs on a model of that many classes."""
+    `detection.synthesised_classes` of them at random (at least shortlist +
+    reference_classes): the triggers are reversed on inputs of other classes, which need
+    not be of every class, and synthesis then costs what it costs on a model of that many
+    classes."""
     if not shortlisted(ctx):
         return np.arange(ctx.n_classes)
     det = ctx.policy.detection
-    count = min(ctx.n_classes, max(SYNTHESISED_CLASSES, det.shortlist + det.reference_classes))
+    count = min(ctx.n_classes, max(det.synthesised_classes,
+                                   det.shortlist + det.reference_classes))
     return np.sort(np.random.default_rng(ctx.opts.seed).choice(ctx.n_classes, count,
                                                                replace=False))
 
@@ -133,10 +134,19 @@ def reverse_classes(ctx: ScanContext, program: GradientProgram, images: ImageSet
                                 ctx.opts.seed, ctx.progress), None
     det = ctx.policy.detection
     sc_cfg = ScreenConfig(steps=det.screen_steps, images=det.screen_images,
-                          candidates=det.shortlist, reference=det.reference_classes)
-    ctx.progress.stage(f"screening the triggers of all {ctx.n_classes} classes")
-    found = screen(program, ctx.prep, images, ctx.n_classes, cfg, sc_cfg, ctx.opts.seed,
-                   ctx.progress)
+                          candidates=det.shortlist, reference=det.reference_classes,
+                          restarts=det.sweep_restarts, sweep_images=det.sweep_images)
+    if det.screen == "sweep":
+        sc_cfg = replace(sc_cfg, steps=det.sweep_steps)
+        ctx.progress.stage(f"sweeping label-free triggers over {ctx.n_classes} classes")
+        found = sweep(program, ctx.prep, images, ctx.n_classes, cfg, sc_cfg, ctx.opts.seed,
+                      ctx.progress)
+        shown_images = min(det.sweep_images, len(images))
+    else:
+        ctx.progress.stage(f"screening the triggers of all {ctx.n_classes} classes")
+        found = screen(program, ctx.prep, images, ctx.n_classes, cfg, sc_cfg, ctx.opts.seed,
+                       ctx.progress)
+        shown_images = sc_cfg.images
     candidates = found.candidates + [int(t) for t in include if t not in found.candidates]
     reference = [t for t in found.reference if t not in candidates]
     ctx.progress.stage(f"reversing triggers: {len(candidates)} candidates and "
@@ -145,8 +155,8 @@ def reverse_classes(ctx: ScanContext, program: GradientProgram, images: ImageSet
                            ctx.progress, targets=candidates + reference)
     run.reference = reference
     run.forward_passes += found.forward_passes
-    return run, Shortlist(ctx.n_classes, candidates, reference, sc_cfg.steps, sc_cfg.images,
-                          found.seconds)
+    return run, Shortlist(ctx.n_classes, candidates, reference, sc_cfg.steps, shown_images,
+                          found.seconds, det.screen)
 
 
 def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet,
@@ -222,7 +232,8 @@ def _refine_trigger(verdict: DetectVerdict, target: int, program: GradientProgra
         return 0
     flagged = verdict.triggers[target]
     progress.stage("refining the flagged class's trigger for the repair")
-    cfg = replace(opts.reverse, steps=det.reverse_steps, families=(flagged.family,))
+    cfg = replace(opts.reverse, steps=det.reverse_steps, families=(flagged.family,),
+                  max_rows=det.reverse_rows)
     run = reverse_triggers(program, prep, images, n_classes, cfg, opts.seed, progress,
                            targets=[target])
     refined = run.triggers[(flagged.family, target)]

@@ -18,7 +18,7 @@ import numpy as np
 from .autodiff import GradientProgram
 from .context import ScanContext
 from .data import ImageSet, Preprocess
-from .detection import shortlisted
+from .detection import shortlisted, synthesis_classes
 from .errors import Inconclusive
 from .progress import Progress, duration
 from .reverse import FAMILIES, ReverseConfig
@@ -83,27 +83,43 @@ class Forecast:
         return self.synthesis_s + self.reverse_s
 
 
-def forecast(ctx: ScanContext, labels: np.ndarray) -> Forecast:
+def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float | None = None
+             ) -> Forecast:
     """Seconds of the data-free synthesis (when the scan makes its images) and of the
     first view's reverse on images with `labels` (at most: the reverse stops early once
-    every trigger has stopped shrinking)."""
+    every trigger has stopped shrinking), under the context's policy. `per_row`: the
+    seconds of one gradient row, when already timed (`row_seconds`)."""
     assert ctx.program is not None
-    images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
-    per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
+    if per_row is None:
+        images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
+        per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
     synthesis = 0.0
     if ctx.opts.data_free:
         # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
         synthesis = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
     det = ctx.policy.detection
-    if shortlisted(ctx):  # the screen of every class, then the full reverse of a few
-        rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse,
+    full = replace(ctx.opts.reverse, max_rows=det.reverse_rows)
+    if shortlisted(ctx):  # the screen, then the full reverse of a few classes
+        rows = reverse_rows(labels, ctx.n_classes, full,
                             det.shortlist + det.reference_classes) * det.reverse_steps
-        # a screening run takes `screen_images` images per class (reverse.screen)
-        screening = replace(ctx.opts.reverse, max_rows=0, min_images=det.screen_images)
-        rows += reverse_rows(labels, ctx.n_classes, screening) * det.screen_steps
+        if det.screen == "sweep":  # reverse.sweep: restarts x images rows per family
+            rows += (len(full.families) * det.sweep_restarts
+                     * min(det.sweep_images, len(labels)) * det.sweep_steps)
+        else:  # a screening run takes `screen_images` images per class (reverse.screen)
+            screening = replace(full, max_rows=0, min_images=det.screen_images)
+            rows += reverse_rows(labels, ctx.n_classes, screening) * det.screen_steps
     else:
-        rows = reverse_rows(labels, ctx.n_classes, ctx.opts.reverse) * det.reverse_steps
+        rows = reverse_rows(labels, ctx.n_classes, full) * det.reverse_steps
     return Forecast(synthesis, per_row * rows)
+
+
+def scan_labels(ctx: ScanContext) -> np.ndarray:
+    """The labels of the images the first view reverses on: the few-shot images', or those
+    data-free synthesis will make (`synthesis_classes`, under the context's policy)."""
+    if ctx.opts.data_free:
+        return np.repeat(synthesis_classes(ctx), ctx.opts.synthesis.per_class)
+    assert ctx.images is not None
+    return ctx.images.labels
 
 
 def _noise(prep: Preprocess, labels: np.ndarray) -> ImageSet:
@@ -112,25 +128,53 @@ def _noise(prep: Preprocess, labels: np.ndarray) -> ImageSet:
     return ImageSet(pixels.astype(np.float32), labels[:len(pixels)])
 
 
-def check_time(ctx: ScanContext, labels: np.ndarray) -> Forecast | None:
-    """Before the long stages: forecast them, stop as inconclusive when the forecast is
-    over the policy's `detection.max_minutes`, say it when it is long. None when neither
-    applies (no limit, and a quiet scan: no probe is run)."""
-    limit = ctx.policy.detection.max_minutes
+def check_time(ctx: ScanContext) -> Forecast | None:
+    """Before the long stages: forecast them; when the forecast is over the policy's
+    `detection.max_minutes`, take the fast plan ([detection.fast]: the context's policy
+    is replaced, and SS212 says so) if that fits, else stop as inconclusive (SS210); say
+    the forecast when it is long. None when neither applies (no limit, and a quiet scan:
+    no probe is run)."""
+    det = ctx.policy.detection
+    limit = det.max_minutes
     if not limit and not ctx.progress.enabled:
         return None
-    fc = forecast(ctx, labels)
+    labels = scan_labels(ctx)
+    images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
+    per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
+    fc = forecast(ctx, labels, per_row)
+    fast = None
+    if limit and fc.total_s > 60 * limit and det.fast.enabled:
+        thorough, policy = fc, ctx.policy
+        ctx.policy = replace(policy, detection=det.fast_plan())
+        fast = forecast(ctx, scan_labels(ctx), per_row)
+        if fast.total_s > 60 * limit:
+            ctx.policy = policy
+        else:
+            fc = fast
+            ctx.result.findings.append(ctx.catalog.make(
+                "SS212", f"the thorough plan was forecast at {_said(thorough)} on this "
+                f"machine, over detection.max_minutes = {limit:g}: the fast plan was taken "
+                f"({_said(fast)}): a label-free sweep screens the {ctx.n_classes} classes, "
+                f"{det.fast.shortlist} candidates and {det.fast.reference_classes} reference "
+                f"classes are reversed in full on at most {det.fast.reverse_rows} rows a step",
+                thorough_s=round(thorough.total_s, 1), fast_s=round(fast.total_s, 1)))
+            ctx.progress.stage("the thorough plan would take longer than the policy allows: "
+                               "taking the fast plan (SS212)")
     if limit and fc.total_s > 60 * limit:
-        what = (f"data-free synthesis about {duration(fc.synthesis_s)}, then "
-                if fc.synthesis_s else "")
+        also = "" if fast is None else f"; the fast plan: {_said(fast)}"
         raise Inconclusive(
-            f"inconclusive: this scan would take longer than the policy allows: {what}"
-            f"trigger reverse about {duration(fc.reverse_s)} on this machine "
-            f"({ctx.n_classes} classes), over detection.max_minutes = {limit:g}; raise the "
-            "limit in a policy file, or scan on a GPU (--device cuda)", rule_id="SS210")
+            f"inconclusive: this scan would take longer than the policy allows: "
+            f"{_said(fc)} on this machine ({ctx.n_classes} classes){also}, over "
+            f"detection.max_minutes = {limit:g}; raise the limit in a policy file, or scan on "
+            "a GPU (--device cuda)", rule_id="SS210")
     if ctx.progress.enabled:
         announce(ctx.progress, fc.reverse_s, ctx.model.path.name)
     return fc
+
+
+def _said(fc: Forecast) -> str:
+    what = f"data-free synthesis about {duration(fc.synthesis_s)}, then " if fc.synthesis_s else ""
+    return f"{what}trigger reverse about {duration(fc.reverse_s)}"
 
 
 def announce(progress: Progress, reverse_s: float, model: str) -> bool:

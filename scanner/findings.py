@@ -87,14 +87,16 @@ class ClassReverse:
 
 @dataclass(frozen=True)
 class Shortlist:
-    """A many-class scan's screen (reverse.screen): which classes were reversed in full."""
+    """A many-class scan's screen (reverse.screen or reverse.sweep): which classes were
+    reversed in full."""
 
     classes: int  # the model's
     candidates: list[int]  # the classes the screen found easiest to reach, best first
     reference: list[int]  # random others: the yardstick of the anomaly indices
     screen_steps: int
-    screen_images: int
+    screen_images: int  # per class ("classes"), in all ("sweep")
     seconds: float
+    screen: str = "classes"  # or "sweep" (policy detection.screen)
 
 
 @dataclass

@@ -122,6 +122,20 @@ def load_catalog() -> Catalog:
 
 
 @dataclass(frozen=True)
+class FastPlan:
+    """[detection.fast]: what a scan does instead of stopping (SS210) when the thorough plan
+    is forecast over `detection.max_minutes`: the label-free sweep screens the classes
+    (`reverse.sweep`), fewer classes are reversed in full on fewer rows a step, and
+    data-free synthesis makes inputs for fewer classes. SS212 says it was taken."""
+
+    enabled: bool = True
+    shortlist: int = 8
+    reference_classes: int = 16
+    reverse_rows: int = 360
+    synthesised_classes: int = 24
+
+
+@dataclass(frozen=True)
 class DetectionPolicy:
     anomaly_threshold: float = 2.5  # flag a class (SS201) above this anomaly index
     warn_threshold: float = 2.0  # report a suspicious class (SS202) above this
@@ -168,6 +182,27 @@ class DetectionPolicy:
     reference_classes: int = 48
     screen_steps: int = 40
     screen_images: int = 2
+    # which screen: "classes" (every class's triggers, as above) or "sweep" (label-free
+    # triggers that move images out of their class: `sweep_restarts` per family, for
+    # `sweep_steps` steps on `sweep_images` images; its cost does not grow with the classes)
+    screen: str = "classes"
+    sweep_steps: int = 40
+    sweep_images: int = 32
+    sweep_restarts: int = 2
+    # rows of one full reverse step at most (reverse.ReverseConfig.max_rows)
+    reverse_rows: int = 3000
+    # inputs data-free synthesis makes on a shortlisted model: this many random classes
+    synthesised_classes: int = 64
+    fast: FastPlan = FastPlan()
+
+    def fast_plan(self) -> DetectionPolicy:
+        """This policy with [detection.fast] taken: the sweep screens any model with more
+        classes than the fast plan reverses in full."""
+        f = self.fast
+        return dataclasses.replace(
+            self, screen="sweep", shortlist=f.shortlist, reference_classes=f.reference_classes,
+            shortlist_over=f.shortlist + f.reference_classes, reverse_rows=f.reverse_rows,
+            synthesised_classes=f.synthesised_classes)
 
 
 @dataclass(frozen=True)
@@ -299,6 +334,15 @@ _RANGES: dict[str, _Range] = {
     "detection.reference_classes": (3, None, True, True),
     "detection.screen_steps": (1, 100_000, True, True),
     "detection.screen_images": (1, 1_000, True, True),
+    "detection.sweep_steps": (1, 100_000, True, True),
+    "detection.sweep_images": (1, 100_000, True, True),
+    "detection.sweep_restarts": (1, 1_000, True, True),
+    "detection.reverse_rows": (1, None, True, True),
+    "detection.synthesised_classes": (1, None, True, True),
+    "detection.fast.shortlist": (1, None, True, True),
+    "detection.fast.reference_classes": (3, None, True, True),
+    "detection.fast.reverse_rows": (1, None, True, True),
+    "detection.fast.synthesised_classes": (1, None, True, True),
     "detection.selectivity_floor": (None, None, True, True),
     "detection.margin_scale": (0.0, None, True, True),
     "detection.margin_gate": (None, None, True, True),
@@ -324,6 +368,7 @@ _RANGES: dict[str, _Range] = {
 }
 # List-valued keys and the strings they may hold.
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "detection.screen": ("classes", "sweep"),
     "repair.recover.parameters": ("Conv", "Gemm", "MatMul", "BatchNormalization",
                                   "LayerNormalization"),
 }
@@ -408,6 +453,11 @@ class _PolicyParser:
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise self.fail(key, f"expected true or false, got {value!r}")
+            return value
+        if isinstance(default, str):
+            if not isinstance(value, str) or value not in _CHOICES[key]:
+                raise self.fail(key, f"expected one of {', '.join(_CHOICES[key])}, "
+                                     f"got {value!r}")
             return value
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

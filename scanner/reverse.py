@@ -432,6 +432,8 @@ class ScreenConfig:
     chunk: int = 64  # classes reversed together: bounds the triggers' memory
     candidates: int = 16  # the classes easiest to reach: reversed again in full
     reference: int = 48  # a random sample of the others, reversed in full as the yardstick
+    restarts: int = 2  # `sweep`: triggers per family
+    sweep_images: int = 32  # `sweep`: images in all (one per class as far as they go)
 
 
 @dataclass
@@ -492,6 +494,79 @@ def screen(program: GradientProgram, prep: Preprocess, images: ImageSet, n_class
     return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
                   {f: -key for f, key in keys.items()}, passes, time.perf_counter() - start,
                   [int(t) for t in order])
+
+
+def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classes: int,
+          cfg: ReverseConfig, screen_cfg: ScreenConfig, seed: int = 0,
+          progress: Progress | None = None) -> Screen:
+    """A screen whose cost does not grow with the class count: per family, `restarts`
+    triggers with no target start small and are optimised to move `images` images (as
+    many classes as possible, one image each) out of their own class, the loss
+    -log(1 - p(own class)), under the family's adaptive penalty. A trigger that must stay
+    small and still move every image goes where one small change moves them all: a
+    backdoor's target, if there is one. Classes rank, per family, by the probability
+    mass the stamped images put on them over the second half of the steps (their own
+    class left out); a class's score is its best family rank, as in `screen`."""
+    start = time.perf_counter()
+    sc = screen_cfg
+    rng = np.random.default_rng(seed)
+    short = replace(cfg, steps=sc.steps, start_small=True)
+    pick = _rows_for(images.labels, -1, sc.sweep_images, rng)  # -1: no class left out
+    slots = np.arange(sc.restarts)
+    families = [_FAMILY_TYPES[name](slots, images.pixels.shape[1:], short, rng)
+                for name in cfg.families]
+    row_slot = np.repeat(slots, len(pick))
+    row_image = np.tile(pick, sc.restarts)
+    labels = images.labels[row_image] % n_classes
+    rows = np.arange(len(row_slot))
+    p_own = np.full(len(row_slot), 0.5)
+    own = {f: p_own.copy() for f in range(len(families))}
+    mass = np.zeros((len(families), n_classes))
+    passes = 0
+    for step in range(1, sc.steps + 1):
+        for f, fam in enumerate(families):
+            stamped = fam.stamp(images.pixels[row_image], row_slot)
+            # d[-log(1 - p)] = p / (1 - p) d[log p]: a weight of -p / (1 - p) on the own
+            # class's log-probability (from the last step's p; CE is -sum w log p)
+            p = np.clip(own[f], 0.0, 0.99)
+            weights = np.zeros((len(rows), n_classes), np.float32)
+            weights[rows, labels] = -p / (1 - p) / len(pick)
+            res = program.run(prep.to_model(stamped), weights)
+            passes += len(rows)
+            probs = _softmax(res.logits)
+            own[f] = probs[rows, labels]
+            moved = np.bincount(row_slot, probs.argmax(1) != labels,
+                                minlength=sc.restarts) / len(pick)
+            grads = fam.backward(images.pixels[row_image], row_slot,
+                                 prep.grad_to_pixels(res.grad))
+            fam.adam.step(grads)
+            fam.update(step, moved)
+            if 2 * step > sc.steps:
+                probs[rows, labels] = 0.0
+                mass[f] += probs.sum(0)
+        if progress:
+            progress(step, sc.steps)
+    ranks = []
+    for f in range(len(families)):
+        rank = np.empty(n_classes)
+        rank[np.argsort(-mass[f], kind="stable")] = np.arange(n_classes)
+        ranks.append(rank / n_classes)
+    scores = np.min(ranks, axis=0)
+    order = np.argsort(scores, kind="stable")
+    candidates = order[:sc.candidates]
+    others = np.setdiff1d(np.arange(n_classes), candidates)
+    reference = np.sort(rng.choice(others, min(sc.reference, len(others)), replace=False))
+    total = mass.sum(1, keepdims=True)
+    shares = {fam.name: np.log(np.maximum(mass[f] / np.maximum(total[f], 1e-12), 1e-12))
+              for f, fam in enumerate(families)}
+    return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
+                  shares, passes, time.perf_counter() - start, [int(t) for t in order])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
 
 
 @dataclass(frozen=True)

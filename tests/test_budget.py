@@ -72,12 +72,16 @@ def test_a_scan_forecast_over_the_time_limit_is_inconclusive(run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_classic_1000_class_zoo_model_stops_at_the_time_limit_not_in_memory(run_cli):
+def test_a_classic_1000_class_zoo_model_stops_at_the_time_limit_not_in_memory(run_cli, tmp_path):
     """SqueezeNet from the onnx wheel (1,000 classes, 224x224): data-free synthesis alone
-    would take hours on a CPU, so the default policy stops it before it starts (SS210),
-    instead of the 10-23 GB synthesis that used to end out of memory."""
+    would take hours on a CPU, and the fast plan still most of an hour, so a 5-minute
+    limit stops it before it starts (SS210, naming both forecasts), instead of the
+    10-23 GB synthesis that used to end out of memory."""
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-    result = run_cli("scan", light / "light_squeezenet.onnx", "--data-free")
+    policy = tmp_path / "five.toml"
+    policy.write_text("[detection]\nmax_minutes = 5\n")
+    result = run_cli("scan", light / "light_squeezenet.onnx", "--data-free", "--policy", policy)
     assert result.code == 3
     assert "SS210" in result.err and "1000 classes" in result.err
+    assert "; the fast plan: data-free synthesis about" in result.err
     assert "Traceback" not in result.err

@@ -340,6 +340,47 @@ def test_the_summary_says_which_rows_each_figure_was_measured_on(capsys):
     assert "few-shot" not in out.split("[", 1)[0]  # above the findings
 
 
+def test_a_scan_forecast_over_its_limit_takes_the_fast_plan_and_says_so(run_cli, tmp_path,
+                                                                       monkeypatch):
+    """estimate.check_time: the thorough plan forecast over detection.max_minutes, the fast
+    plan ([detection.fast]) under it: the scan takes the fast plan (the sweep picks the
+    candidates) instead of stopping, and says so (SS212, LOW; JSON shortlist.screen =
+    "sweep"). A gradient row is priced at 1 ms (the timing itself is machine noise): on
+    cnn_badnets' 10 images the thorough reverse is 3 x 10 x 9 rows x 120 steps = 38.9 s,
+    the fast one (2 candidates + 3 reference classes, 5 images each) 3 x 5 x 5 x 120 +
+    the sweep's 3 x 2 x 10 x 40 = 11.4 s; the limit is 20 s. With the fast plan off the
+    same scan stops as inconclusive (SS210) and names both forecasts."""
+    import jsonschema
+
+    import scanner.estimate
+
+    monkeypatch.setattr(scanner.estimate, "row_seconds", lambda *a: 1e-3)
+    policy = tmp_path / "fast.toml"
+    body = ("[detection]\nmax_minutes = 0.34\nsynthesised_view = false\nmargin_steps = 0\n"
+            "[detection.fast]\nshortlist = 2\nreference_classes = 3\nreverse_rows = 15\n"
+            "{}[repair]\nenabled = false\n")
+    policy.write_text(body.format(""))
+    report = tmp_path / "r.json"
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
+                     "--report", report)
+    assert result.code in (0, 1) and "Traceback" not in result.err
+    doc = json.loads(report.read_text())
+    schema = json.loads((Path(__file__).parent.parent / "rules" / "schemas" /
+                         "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    res = doc["results"][0]
+    findings = {f["rule_id"]: f for f in res["findings"]}
+    assert findings["SS212"]["severity"] == "low"
+    assert "the fast plan was taken" in findings["SS212"]["message"]
+    sl = res["detection"]["shortlist"]
+    assert sl["screen"] == "sweep" and len(sl["candidates"]) == 2 and len(sl["reference"]) == 3
+    assert 0 in res["detection"]["flagged_targets"]  # the sweep ranks the target first
+    policy.write_text(body.format("enabled = false\n"))
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy)
+    assert result.code == 3 and "SS210" in result.err and "SS212" not in result.err
+    assert "the fast plan" not in result.err
+
+
 def test_a_many_class_scan_reverses_its_shortlist_and_says_so(run_cli, tmp_path):
     """Above detection.shortlist_over classes the screen picks the candidates, a random
     reference sample stands beside them, only those are reversed in full, and the report
@@ -362,7 +403,7 @@ def test_a_many_class_scan_reverses_its_shortlist_and_says_so(run_cli, tmp_path)
     sl = det["shortlist"]
     assert sl["classes"] == 10 and len(sl["candidates"]) == 3 and len(sl["reference"]) == 4
     assert not set(sl["candidates"]) & set(sl["reference"])
-    assert sl["screen_steps"] == 40 and sl["screen_images"] == 2
+    assert sl["screen_steps"] == 40 and sl["screen_images"] == 2 and sl["screen"] == "classes"
     reversed_ = sorted(c["target"] for c in det["classes"])
     assert reversed_ == sorted(sl["candidates"] + sl["reference"])
     assert set(det["flagged_targets"]) <= set(reversed_)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import FEWSHOT, zoo_model
@@ -13,6 +15,7 @@ from scanner.reverse import (
     _rows_for,
     reverse_triggers,
     screen,
+    sweep,
 )
 from scanner.warp import warp
 
@@ -169,6 +172,25 @@ def test_the_screen_puts_a_real_backdoor_target_first_and_samples_the_reference(
     assert set(found.log_probs) == {"patch", "universal", "warp"}
     again = screen(program, prep, images, 10, ReverseConfig(), cfg, seed=0)
     assert again.candidates == found.candidates and again.reference == found.reference
+
+
+def test_the_sweep_sends_a_real_backdoor_to_its_target_at_a_cost_free_of_the_class_count():
+    """reverse.sweep: label-free triggers (no target class) that must move the images out
+    of their own class go where the backdoor sends them: cnn_badnets' target (class 0)
+    ranks first (seeds 0-2 all put it first). Its cost is families x restarts x images x
+    steps whatever the class count; the same seed gives the same screen."""
+    prep, images, program = _badnets()
+    cfg = ScreenConfig(steps=40, candidates=3, reference=3, restarts=2, sweep_images=32)
+    found = sweep(program, prep, images, 10, ReverseConfig(), cfg, seed=0)
+    assert found.order[0] == 0 and found.candidates == found.order[:3]
+    assert len(found.reference) == 3 and not set(found.reference) & set(found.candidates)
+    assert found.forward_passes == 3 * 2 * len(images) * 40  # 10 images: fewer than 32
+    assert set(found.log_probs) == {"patch", "universal", "warp"}
+    again = sweep(program, prep, images, 10, ReverseConfig(), cfg, seed=0)
+    assert again.order == found.order and again.reference == found.reference
+    few = sweep(program, prep, images, 10, ReverseConfig(), replace(cfg, sweep_images=4,
+                                                                     steps=2), seed=0)
+    assert few.forward_passes == 3 * 2 * 4 * 2
 
 
 def test_a_screening_run_starts_small_with_its_penalty_on():

@@ -124,10 +124,13 @@ def _detection(d: Detection) -> str:
                    + ", ".join(f"{k} {_num(v, 2)}" for k, v in d.views.items()) + ")")
     if d.shortlist is not None:
         sl = d.shortlist
-        source += (f"; of the model's {sl.classes} classes, a {sl.screen_steps}-step screen "
-                   f"on {sl.screen_images} image(s) each chose the {len(sl.candidates)} easiest "
-                   f"to reach for the full reverse, beside {len(sl.reference)} random others "
-                   "whose norms set the median and spread (the chart shows those classes)")
+        chose = (f"a {sl.screen_steps}-step screen on {sl.screen_images} image(s) each chose "
+                 f"the {len(sl.candidates)} easiest to reach" if sl.screen == "classes" else
+                 f"a {sl.screen_steps}-step sweep of label-free triggers on {sl.screen_images} "
+                 f"images chose the {len(sl.candidates)} they sent the images to most")
+        source += (f"; of the model's {sl.classes} classes, {chose} for the full reverse, "
+                   f"beside {len(sl.reference)} random others whose norms set the median and "
+                   "spread (the chart shows those classes)")
     parts = [f'<p class="note">Anomaly index of each class\'s reversed triggers '
              f'(how much smaller than the median, in robust standard deviations of the log '
              f'norm, averaged over the patch and full-image families; the warp family, '

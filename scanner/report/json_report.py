@@ -111,6 +111,7 @@ def _detection(d: Detection) -> dict[str, Any]:
                 "reference": list(d.shortlist.reference),
                 "screen_steps": d.shortlist.screen_steps,
                 "screen_images": d.shortlist.screen_images,
+                "screen": d.shortlist.screen,
                 "seconds": _num(d.shortlist.seconds)}}
 
 
