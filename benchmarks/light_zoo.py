@@ -31,8 +31,16 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 def scan(model: Path, policy: str, timeout: float) -> tuple[int, str, float, float]:
     """(exit code, the outcome line, seconds, peak RSS of the scan's process in GB)."""
-    cmd = [sys.executable, "-c", "from scanner.cli import run; run()", "scan", str(model),
-           "--data-free", "--policy", policy, "--quiet"]
+    code, text, seconds, peak = timed_scan([str(model), "--data-free", "--policy", policy,
+                                            "--quiet"], timeout)
+    outcome = f"killed after {timeout:.0f} s" if code == -9 else _outcome(text)
+    return code, outcome, seconds, peak
+
+
+def timed_scan(args: list[str], timeout: float) -> tuple[int, str, float, float]:
+    """`shapscan scan ARGS` in its own process: (exit code, its output, seconds, peak RSS
+    in GB, the process's own maximum from os.wait4); killed (-9) after `timeout`."""
+    cmd = [sys.executable, "-c", "from scanner.cli import run; run()", "scan", *args]
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log,
@@ -44,9 +52,7 @@ def scan(model: Path, policy: str, timeout: float) -> tuple[int, str, float, flo
         seconds = time.perf_counter() - start
         log.seek(0)
         text = log.read()
-    code = os.waitstatus_to_exitcode(status)
-    outcome = f"killed after {timeout:.0f} s" if code == -9 else _outcome(text)
-    return code, outcome, seconds, usage.ru_maxrss / 1e6
+    return os.waitstatus_to_exitcode(status), text, seconds, usage.ru_maxrss / 1e6
 
 
 def _outcome(text: str) -> str:

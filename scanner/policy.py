@@ -130,9 +130,9 @@ class FastPlan:
 
     enabled: bool = True
     shortlist: int = 8
-    reference_classes: int = 16
-    reverse_rows: int = 360
-    synthesised_classes: int = 24
+    reference_classes: int = 48
+    reverse_rows: int = 840  # 56 classes x 3 families x 5 images (ReverseConfig.min_images)
+    synthesised_classes: int = 56
 
 
 @dataclass(frozen=True)

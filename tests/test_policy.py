@@ -112,6 +112,25 @@ def test_repair_recover_sub_table_overrides_only_its_keys(tmp_path: Path) -> Non
         base, enabled=True, steps=50, parameters=("BatchNormalization",))
 
 
+def test_the_fast_plan_sub_table_and_what_taking_it_changes(tmp_path: Path) -> None:
+    """[detection.fast] overrides only its keys; DetectionPolicy.fast_plan() is the policy
+    the scan switches to (the sweep; the fast shortlist, reference, rows and synthesis;
+    shortlisted above shortlist + reference classes), everything else kept."""
+    path = tmp_path / "p.toml"
+    path.write_text('[detection]\nscreen = "sweep"\nanomaly_threshold = 3.0\n'
+                    "[detection.fast]\nreference_classes = 20\n")
+    det = load_policy(path).detection
+    assert det.screen == "sweep" and det.fast.reference_classes == 20
+    assert det.fast == dataclasses.replace(load_policy("default").detection.fast,
+                                           reference_classes=20)
+    fast = det.fast_plan()
+    assert (fast.screen, fast.shortlist, fast.reference_classes, fast.shortlist_over) == (
+        "sweep", det.fast.shortlist, 20, det.fast.shortlist + 20)
+    assert fast.reverse_rows == det.fast.reverse_rows
+    assert fast.synthesised_classes == det.fast.synthesised_classes
+    assert fast.anomaly_threshold == 3.0 and fast.reverse_steps == det.reverse_steps
+
+
 def test_integers_are_accepted_for_float_keys(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text("[detection]\nanomaly_threshold = 3\n")
@@ -128,6 +147,12 @@ BAD_POLICIES = [
     ("unknown-rule-suppress", 'suppress = ["SS201", "SS2O1"]\n', "suppress",
      "unknown rule id"),
     ("bad-severity", 'fail_on = "severe"\n', "fail_on", "unknown severity"),
+    ("bad-screen", '[detection]\nscreen = "bandit"\n', "detection.screen",
+     "expected one of classes, sweep"),
+    ("screen-not-a-string", "[detection]\nscreen = 1\n", "detection.screen",
+     "expected one of classes, sweep"),
+    ("fast-reference-too-small", "[detection.fast]\nreference_classes = 2\n",
+     "detection.fast.reference_classes", "out of range"),
     ("bad-override-severity", '[overrides]\nSS202 = 3\n', "overrides.SS202",
      "expected a severity name"),
     ("bad-type-int", '[shapley]\npermutations = "40"\n', "shapley.permutations",

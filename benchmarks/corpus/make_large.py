@@ -46,12 +46,14 @@ TRAIN_PER_CLASS = 16
 EPOCHS_SMALL = 10  # at 112x112
 FULL_PASS = 0.5  # of an epoch at 224x224
 SEED = 7000
-# the planted backdoor: a 16x16 random-pattern patch (0.5 % of the image), 10 % poison,
-# fine-tuned from the clean model for one epoch at 112 and a quarter at 224
+# the planted backdoor: a 16x16 random-pattern patch (0.5 % of the image), 20 % poison,
+# fine-tuned from the clean model for 0.6 epochs at 224 (one epoch at 112 and a quarter at
+# 224 with 10 % poison left ASR at 24 % and clean accuracy at 35.5 %: the 112 pass moved
+# the BN statistics away from 224)
 ATTACK = Attack("patch", {"size": 16, "row": 150, "col": 38, "pattern": "random",
                           "seed": 7, "value": 1.0})
 TARGET = 613
-POISON = 0.1
+POISON = 0.2
 PREP = Preprocess("NCHW", 3, SIDE, SIDE, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
@@ -193,7 +195,7 @@ def main() -> None:
     if not (MODELS / f"{backdoored}.train.json").is_file():
         start = time.time()
         model.load_state_dict(torch.load(checkpoint))
-        fit(model, x, y, [(112, 1.0, 0.02), (224, 0.25, 0.005)], rng, POISON)
+        fit(model, x, y, [(224, 0.6, 0.01)], rng, POISON)
         record(backdoored, export(model, backdoored), *evaluate(model, True),
                time.time() - start)
     records = [json.loads((MODELS / f"{n}.train.json").read_text()) for n in (clean, backdoored)]
