@@ -515,35 +515,38 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
     slots = np.arange(sc.restarts)
     families = [_FAMILY_TYPES[name](slots, images.pixels.shape[1:], short, rng)
                 for name in cfg.families]
+    # rows: (family, restart, image), every family's in one batched run a step
+    per_family = sc.restarts * len(pick)
     row_slot = np.repeat(slots, len(pick))
     row_image = np.tile(pick, sc.restarts)
-    labels = images.labels[row_image] % n_classes
-    rows = np.arange(len(row_slot))
-    p_own = np.full(len(row_slot), 0.5)
-    own = {f: p_own.copy() for f in range(len(families))}
+    labels = np.tile(images.labels[row_image] % n_classes, len(families))
+    rows = np.arange(len(labels))
+    own = np.full(len(rows), 0.5)  # p(own class) at the last step
     mass = np.zeros((len(families), n_classes))
     passes = 0
     for step in range(1, sc.steps + 1):
+        stamped = np.concatenate([fam.stamp(images.pixels[row_image], row_slot)
+                                  for fam in families])
+        # d[-log(1 - p)] = p / (1 - p) d[log p]: a weight of -p / (1 - p) on the own
+        # class's log-probability (from the last step's p; CE is -sum w log p)
+        p = np.clip(own, 0.0, 0.99)
+        weights = np.zeros((len(rows), n_classes), np.float32)
+        weights[rows, labels] = -p / (1 - p) / len(pick)
+        res = program.run(prep.to_model(stamped), weights)
+        passes += len(rows)
+        probs = _softmax(res.logits)
+        own = probs[rows, labels]
+        moved = probs.argmax(1) != labels
+        g_pixels = prep.grad_to_pixels(res.grad)
+        if 2 * step > sc.steps:
+            probs[rows, labels] = 0.0
         for f, fam in enumerate(families):
-            stamped = fam.stamp(images.pixels[row_image], row_slot)
-            # d[-log(1 - p)] = p / (1 - p) d[log p]: a weight of -p / (1 - p) on the own
-            # class's log-probability (from the last step's p; CE is -sum w log p)
-            p = np.clip(own[f], 0.0, 0.99)
-            weights = np.zeros((len(rows), n_classes), np.float32)
-            weights[rows, labels] = -p / (1 - p) / len(pick)
-            res = program.run(prep.to_model(stamped), weights)
-            passes += len(rows)
-            probs = _softmax(res.logits)
-            own[f] = probs[rows, labels]
-            moved = np.bincount(row_slot, probs.argmax(1) != labels,
-                                minlength=sc.restarts) / len(pick)
-            grads = fam.backward(images.pixels[row_image], row_slot,
-                                 prep.grad_to_pixels(res.grad))
-            fam.adam.step(grads)
-            fam.update(step, moved)
+            part = slice(f * per_family, (f + 1) * per_family)
+            fam.adam.step(fam.backward(images.pixels[row_image], row_slot, g_pixels[part]))
+            fam.update(step, np.bincount(row_slot, moved[part], minlength=sc.restarts)
+                       / len(pick))
             if 2 * step > sc.steps:
-                probs[rows, labels] = 0.0
-                mass[f] += probs.sum(0)
+                mass[f] += probs[part].sum(0)
         if progress:
             progress(step, sc.steps)
     ranks = []
