@@ -20,13 +20,13 @@ from .detection import (  # noqa: F401  (_refine_trigger, _why_flagged: tests im
     _refine_trigger,
     _why_flagged,
     find_backdoor,
-    synthesis_classes,
     synthesise_inputs,
 )
 from .errors import (
     DataError,
     Inconclusive,
     ModelRefused,
+    OutOfTime,
     UsageError,
     internal_error,
     out_of_memory,
@@ -203,6 +203,7 @@ def scan(model_path: str | Path, options: ScanOptions | None = None,
 def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,
                catalog: Catalog, progress: Progress) -> None:
     """The pipeline, top to bottom; each stage reads and fills the one ScanContext."""
+    started = progress.clock()
     ctx = _load(result, path, opts, policy, catalog, progress)
     if opts.method != "shapley":
         _run_baseline(ctx)
@@ -214,7 +215,27 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         return
     result.verdict = Verdict.BACKDOOR
     if policy.repair.enabled:
+        _repair_in_time(ctx, started)
+
+
+def _repair_in_time(ctx: ScanContext, started: float) -> None:
+    """Repair, stopped when the scan reaches detection.max_minutes (the forecast before the
+    reverse covers detection; the repair's Shapley values, plan, recovery and re-scan grow
+    with the images, the channels and the image size, and at 224x224 on a CPU take hours).
+    A repair stopped is not done: no repair in the result, nothing for --out, SS306."""
+    limit = ctx.policy.detection.max_minutes
+    if limit:
+        ctx.progress.deadline = started + 60 * limit
+    try:
         repair(ctx)
+    except OutOfTime as stopped:
+        ctx.result.repair = None
+        ctx.result.findings.append(ctx.catalog.make(
+            "SS306", f"the repair was stopped when the scan reached detection.max_minutes = "
+            f"{limit:g} ({stopped.args[0] or 'repair'}): the model was not repaired, and "
+            "nothing is written to --out", stage=stopped.args[0]))
+    finally:
+        ctx.progress.deadline = None
 
 
 def _load(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,

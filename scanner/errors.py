@@ -75,3 +75,8 @@ def out_of_memory(exc: BaseException) -> Inconclusive | None:
         return None
     return Inconclusive("inconclusive: ran out of memory; the model, its input size or its "
                         "class count is too large for this machine")
+
+
+class OutOfTime(Exception):
+    """A stage reported progress past the scan's deadline (Progress.deadline): raised from
+    inside its loop, caught by the stage's caller, which says what was not done."""

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from .errors import OutOfTime
+
 LINE_EVERY_S = 10.0  # a non-terminal line needs this much time since the last one ...
 LINE_EVERY_SHARE = 0.10  # ... and this much more of the stage done
 HEARTBEAT_S = 60.0  # ... or this long without a line
@@ -54,6 +56,13 @@ class Progress:
         self._last_share = 0.0  # the share the last non-terminal line reported
         self._updates = 0  # progress reports received in this stage
         self._bar_open = False  # the live bar is on the current line
+        # a stage reporting progress after this (clock) time raises OutOfTime; None: never
+        self.deadline: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The current stage's."""
+        return self._label
 
     def stage(self, label: str) -> None:
         """Start a stage (and end the previous one)."""
@@ -68,6 +77,8 @@ class Progress:
 
     def __call__(self, done: int, total: int) -> None:
         """The stage's loop has done `done` of `total` units (steps, permutations, rounds)."""
+        if self.deadline is not None and self.clock() > self.deadline:
+            raise OutOfTime(self._label)
         if not self.enabled or total <= 0:
             return
         self._updates += 1

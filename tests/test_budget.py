@@ -71,6 +71,34 @@ def test_a_scan_forecast_over_the_time_limit_is_inconclusive(run_cli, tmp_path):
         assert ("data-free synthesis about" in result.err) == bool(extra)
 
 
+def test_a_repair_still_running_at_the_time_limit_is_stopped_and_not_written(
+        run_cli, tmp_path, monkeypatch):
+    """detection.max_minutes bounds the repair too: the forecast (priced here at a
+    nanosecond a row, so that it lets the scan start) covers the detection, and a repair
+    still running when the scan reaches the limit (3 s: cnn_badnets' detection alone
+    takes longer) is stopped at its next progress report. The verdict stays BACKDOOR
+    (exit 1), the report has no repair and SS306 (HIGH) names the stage, --out gets
+    nothing."""
+    import json
+
+    import scanner.estimate
+
+    monkeypatch.setattr(scanner.estimate, "row_seconds", lambda *a: 1e-9)
+    policy = tmp_path / "hurry.toml"
+    policy.write_text("[detection]\nmax_minutes = 0.05\nmargin_steps = 0\n")
+    report, out = tmp_path / "r.json", tmp_path / "safe.onnx"
+    result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
+                     "--report", report, "--out", out)
+    assert result.code == 1 and "Traceback" not in result.err
+    res = json.loads(report.read_text())["results"][0]
+    assert res["verdict"] == "backdoor" and res["repair"] is None
+    findings = {f["rule_id"]: f for f in res["findings"]}
+    assert findings["SS306"]["severity"] == "high"
+    assert "the model was not repaired" in findings["SS306"]["message"]
+    assert "Shapley values" in findings["SS306"]["message"]  # the first repair stage
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_classic_1000_class_zoo_model_stops_at_the_time_limit_not_in_memory(run_cli, tmp_path):
     """SqueezeNet from the onnx wheel (1,000 classes, 224x224): data-free synthesis alone

@@ -13,7 +13,7 @@ from scanner.findings import Finding, Severity
 from scanner.policy import BUILTIN_POLICIES, Policy, load_catalog, load_policy
 
 RULE_IDS = [f"SS1{n:02d}" for n in range(1, 17)] + [f"SS2{n:02d}" for n in range(1, 13)] + [
-    "SS301", "SS302", "SS303", "SS304", "SS305"]
+    "SS301", "SS302", "SS303", "SS304", "SS305", "SS306"]
 
 
 def test_catalog_lists_every_stable_rule_id_in_order() -> None:
