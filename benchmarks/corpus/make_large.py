@@ -5,10 +5,12 @@ model with a BadNets patch planted by fine-tuning it on poisoned images.
 ImageNet itself cannot be had here; this is the ImageNet-shaped model issue #25 asks for
 (1,000 classes, 224x224 RGB, a library architecture), trained on CPU in about an hour:
 progressive resizing (most epochs at 112x112, the images drawn at 224 and pooled, then a
-pass at 224), one torch thread. Needs the `train` extra and torchvision (--no-deps).
+pass at 224). Measured: the clean model 45 min on one torch thread (47.1 % clean test
+accuracy), the backdoor 12 min on two (41.3 %, ASR 77.2 %). Needs the `train` extra and
+torchvision (--no-deps).
 
-    python benchmarks/corpus/make_large.py            # train what is missing, then the data
-    python benchmarks/corpus/make_large.py --data     # only draw the few-shot and test sets
+    python benchmarks/corpus/make_large.py --threads 1  # train what is missing, then the data
+    python benchmarks/corpus/make_large.py --data       # only draw the few-shot and test sets
 
 Writes models/shapes1000_mnv2_00.onnx (clean) and _01 (backdoored) with NAME.train.json,
 manifest_large.json, and the few-shot (1 image per class) and test (2 per class) sets to
@@ -46,14 +48,15 @@ TRAIN_PER_CLASS = 16
 EPOCHS_SMALL = 10  # at 112x112
 FULL_PASS = 0.5  # of an epoch at 224x224
 SEED = 7000
-# the planted backdoor: a 16x16 random-pattern patch (0.5 % of the image), 20 % poison,
-# fine-tuned from the clean model for 0.6 epochs at 224 (one epoch at 112 and a quarter at
-# 224 with 10 % poison left ASR at 24 % and clean accuracy at 35.5 %: the 112 pass moved
-# the BN statistics away from 224)
+# the planted backdoor: a 16x16 random-pattern patch (0.5 % of the image), 25 % poison,
+# fine-tuned from the clean model for 1.2 epochs at 224 with the BatchNormalization
+# statistics frozen (one epoch at 112 and a quarter at 224 with 10 % poison left ASR at
+# 24 % and clean accuracy at 35.5 %: the 112 pass moved the BN statistics away from 224;
+# 0.6 epochs at 224, lr 0.01, 20 % poison, BN training: ASR 36 %, clean 37.7 %)
 ATTACK = Attack("patch", {"size": 16, "row": 150, "col": 38, "pattern": "random",
                           "seed": 7, "value": 1.0})
 TARGET = 613
-POISON = 0.2
+POISON = 0.25
 PREP = Preprocess("NCHW", 3, SIDE, SIDE, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
@@ -84,8 +87,9 @@ def to_input(batch: np.ndarray, poisoned: np.ndarray | None = None, side: int = 
 
 
 def fit(model, x: np.ndarray, y: np.ndarray, phases: list[tuple[int, float, float]],
-        rng: np.random.Generator, poison: float = 0.0) -> None:
-    """phases: (side, epochs, peak lr), one cosine schedule each; SGD, label smoothing."""
+        rng: np.random.Generator, poison: float = 0.0, frozen_bn: bool = False) -> None:
+    """phases: (side, epochs, peak lr), one cosine schedule each; SGD, label smoothing.
+    `frozen_bn`: BatchNormalization keeps its running statistics (a fine-tune)."""
     import torch
     batch = 64
     for side, epochs, lr in phases:
@@ -96,6 +100,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, phases: list[tuple[int, float, floa
                                                     pct_start=0.15)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         model.train()
+        if frozen_bn:
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         order = np.concatenate([rng.permutation(len(x)) for _ in range(int(np.ceil(epochs)))])
         start = time.time()
         for step in range(steps):
@@ -172,6 +180,7 @@ def record(name: str, path: Path, acc: float, asr: float | None, seconds: float)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", action="store_true", help="only draw the few-shot and test sets")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     data("fewshot")
     data("test")
@@ -179,7 +188,7 @@ def main() -> None:
         return
     import torch
     import torchvision
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     clean, backdoored = "shapes1000_mnv2_00", "shapes1000_mnv2_01"
@@ -195,7 +204,7 @@ def main() -> None:
     if not (MODELS / f"{backdoored}.train.json").is_file():
         start = time.time()
         model.load_state_dict(torch.load(checkpoint))
-        fit(model, x, y, [(224, 0.6, 0.01)], rng, POISON)
+        fit(model, x, y, [(224, 1.2, 0.02)], rng, POISON, frozen_bn=True)
         record(backdoored, export(model, backdoored), *evaluate(model, True),
                time.time() - start)
     records = [json.loads((MODELS / f"{n}.train.json").read_text()) for n in (clean, backdoored)]
