@@ -9,8 +9,9 @@ share of the time.
     python benchmarks/large.py                        # detection only, max_minutes = 30
     python benchmarks/large.py --modes fewshot --repair
 
-Detection only by default (`[repair] enabled = false`): at 224x224 the Shapley stage is
-not forecast and would run for hours on 2 cores (benchmarks/README.md, "Large models").
+Detection only by default (`[repair] enabled = false`): at 224x224 the repair would run
+for hours on 2 cores (with it on, --repair, it is stopped at max_minutes: SS306).
+`min_clean_accuracy = 0.3`: the models read under half of their few-shot images right.
 Reports go to --out (default: a temporary folder) as MODEL.MODE.json.
 """
 
@@ -48,10 +49,13 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="shapscan-large-"))
     out.mkdir(parents=True, exist_ok=True)
     policy = out / "policy.toml"
+    # the pair reads 47 % (clean) and 38-45 % (backdoored) of its 1,000 classes right: under
+    # the default 0.5 the few-shot scan would stop at SS206
     policy.write_text(f"[detection]\nmax_minutes = {args.max_minutes:g}\n"
+                      "min_clean_accuracy = 0.3\n"
                       + ("" if args.repair else "[repair]\nenabled = false\n"))
-    print(f"reports in {out}; policy: max_minutes = {args.max_minutes:g}"
-          + ("" if args.repair else ", repair off") + "\n")
+    print(f"reports in {out}; policy: max_minutes = {args.max_minutes:g}, "
+          "min_clean_accuracy = 0.3" + ("" if args.repair else ", repair off") + "\n")
     print("| model | attack (target) | mode | exit | verdict | flagged | plan | seconds | "
           "peak RSS (GB) | share of time per stage |")
     print("|---|---|---|---:|---|---|---|---:|---:|---|")

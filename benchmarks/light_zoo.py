@@ -58,8 +58,11 @@ def timed_scan(args: list[str], timeout: float) -> tuple[int, str, float, float]
 def _outcome(text: str) -> str:
     forecast = re.search(r"(SS210): .*?(data-free synthesis about [^,]+), then "
                          r"(trigger reverse about [^(]+?) on this machine", text)
+    fast = re.search(r"the fast plan: data-free synthesis about ([^,]+), then trigger "
+                     r"reverse about ([^,]+),", text)
     if forecast:  # both stages' forecasts, the whole of what the user is told
-        return f"{forecast.group(1)}: {forecast.group(2)}, then {forecast.group(3)}"
+        return (f"{forecast.group(1)}: {forecast.group(2)}, then {forecast.group(3)}"
+                + (f"; fast plan {fast.group(1)} + {fast.group(2)}" if fast else ""))
     for pattern in (r"(SS2\d\d: inconclusive: [^;(]*)", r"(inconclusive: [^;(]*)",
                     r"verdict[: ]+(\w+)", r"\b(clean|backdoor)\b"):
         m = re.search(pattern, text)
