@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .autodiff import GradientProgram
 from .data import ImageSet, Preprocess
 from .optim import Adam
+from .shapley import softmax
 from .warp import upsample_matrix, warp, warp_flow_grad
 
 log = logging.getLogger(__name__)
@@ -534,7 +535,7 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
         weights[rows, labels] = -p / (1 - p) / len(pick)
         res = program.run(prep.to_model(stamped), weights)
         passes += len(rows)
-        probs = _softmax(res.logits)
+        probs = softmax(res.logits.astype(np.float64))
         own = probs[rows, labels]
         moved = probs.argmax(1) != labels
         g_pixels = prep.grad_to_pixels(res.grad)
@@ -564,12 +565,6 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
               for f, fam in enumerate(families)}
     return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
                   shares, passes, time.perf_counter() - start, [int(t) for t in order])
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
 
 
 @dataclass(frozen=True)
