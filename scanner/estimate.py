@@ -83,16 +83,11 @@ class Forecast:
         return self.synthesis_s + self.reverse_s
 
 
-def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float | None = None
-             ) -> Forecast:
+def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float) -> Forecast:
     """Seconds of the data-free synthesis (when the scan makes its images) and of the
     first view's reverse on images with `labels` (at most: the reverse stops early once
-    every trigger has stopped shrinking), under the context's policy. `per_row`: the
-    seconds of one gradient row, when already timed (`row_seconds`)."""
-    assert ctx.program is not None
-    if per_row is None:
-        images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
-        per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
+    every trigger has stopped shrinking), under the context's policy, at `per_row`
+    seconds a gradient row (`row_seconds`)."""
     synthesis = 0.0
     if ctx.opts.data_free:
         # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
@@ -138,6 +133,7 @@ def check_time(ctx: ScanContext) -> Forecast | None:
     limit = det.max_minutes
     if not limit and not ctx.progress.enabled:
         return None
+    assert ctx.program is not None
     labels = scan_labels(ctx)
     images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
     per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)

@@ -59,11 +59,6 @@ class Progress:
         # a stage reporting progress after this (clock) time raises OutOfTime; None: never
         self.deadline: float | None = None
 
-    @property
-    def label(self) -> str:
-        """The current stage's."""
-        return self._label
-
     def stage(self, label: str) -> None:
         """Start a stage (and end the previous one)."""
         self._end_stage()

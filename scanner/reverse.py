@@ -481,6 +481,16 @@ def screen(program: GradientProgram, prep: Preprocess, images: ImageSet, n_class
         passes += run.forward_passes
         for (fam, t), trig in run.triggers.items():
             keys[fam][t] = -trig.log_prob
+    return _ranked(keys, sc, np.random.default_rng(seed),
+                   {f: -key for f, key in keys.items()}, passes, start)
+
+
+def _ranked(keys: dict[str, np.ndarray], sc: ScreenConfig, rng: np.random.Generator,
+            log_probs: dict[str, np.ndarray], passes: int, start: float) -> Screen:
+    """The screen's outcome from per-family keys (lower: easier to reach): per family a
+    class's rank as a share of the classes, its score the best of them, the `candidates`
+    best scores, and `reference` random others drawn with `rng`."""
+    n_classes = len(next(iter(keys.values())))
     ranks = []
     for key in keys.values():
         rank = np.empty(n_classes)
@@ -490,11 +500,9 @@ def screen(program: GradientProgram, prep: Preprocess, images: ImageSet, n_class
     order = np.argsort(scores, kind="stable")
     candidates = order[:sc.candidates]
     others = np.setdiff1d(np.arange(n_classes), candidates)
-    rng = np.random.default_rng(seed)
     reference = np.sort(rng.choice(others, min(sc.reference, len(others)), replace=False))
     return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
-                  {f: -key for f, key in keys.items()}, passes, time.perf_counter() - start,
-                  [int(t) for t in order])
+                  log_probs, passes, time.perf_counter() - start, [int(t) for t in order])
 
 
 def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classes: int,
@@ -550,21 +558,11 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
                 mass[f] += probs[part].sum(0)
         if progress:
             progress(step, sc.steps)
-    ranks = []
-    for f in range(len(families)):
-        rank = np.empty(n_classes)
-        rank[np.argsort(-mass[f], kind="stable")] = np.arange(n_classes)
-        ranks.append(rank / n_classes)
-    scores = np.min(ranks, axis=0)
-    order = np.argsort(scores, kind="stable")
-    candidates = order[:sc.candidates]
-    others = np.setdiff1d(np.arange(n_classes), candidates)
-    reference = np.sort(rng.choice(others, min(sc.reference, len(others)), replace=False))
     total = mass.sum(1, keepdims=True)
     shares = {fam.name: np.log(np.maximum(mass[f] / np.maximum(total[f], 1e-12), 1e-12))
               for f, fam in enumerate(families)}
-    return Screen([int(t) for t in candidates], [int(t) for t in reference], scores,
-                  shares, passes, time.perf_counter() - start, [int(t) for t in order])
+    return _ranked({fam.name: -mass[f] for f, fam in enumerate(families)}, sc, rng, shares,
+                   passes, start)
 
 
 @dataclass(frozen=True)
