@@ -21,7 +21,7 @@ from .data import ImageSet, Preprocess
 from .detection import shortlisted, synthesis_classes
 from .errors import Inconclusive
 from .progress import Progress, duration
-from .reverse import FAMILIES, ReverseConfig
+from .reverse import FAMILIES, ReverseConfig, reverse_triggers
 
 ANNOUNCE_OVER_S = 60.0  # forecast a reverse at least this long: "large"
 PROBE_ROWS = 64  # a quarter of a zoo reverse step: small batches overstate the per-row cost
@@ -43,14 +43,17 @@ def reverse_rows(labels: np.ndarray, n_classes: int, cfg: ReverseConfig,
 
 def row_seconds(program: GradientProgram, prep: Preprocess, images: ImageSet,
                 n_classes: int) -> float:
-    """Seconds one image costs a gradient pass (the second of two timed runs: the first
-    pays for allocations). A model whose single row takes SLOW_ROW_S or more is timed on
-    that one row: a 64-row probe of a 224x224 VGG-19 would itself take minutes (a batch
-    of one overstates the per-row cost a little, which errs towards the limit)."""
+    """Seconds one row of a reverse step costs: the gradient pass and the trigger
+    families' numpy work (stamping, their gradients: at 224x224 that was as much again as
+    the pass), from the second of two real reverse steps on about PROBE_ROWS rows (the
+    first pays for allocations). A model whose single gradient row takes SLOW_ROW_S or
+    more is timed on that one row alone: a 64-row probe of a 224x224 VGG-19 would itself
+    take minutes, and beside its pass the numpy work is small (a batch of one overstates
+    the per-row cost a little, which errs towards the limit)."""
     one = _probe(program, prep, images, n_classes, 1)
     if one >= SLOW_ROW_S:
         return one
-    return _probe(program, prep, images, n_classes, PROBE_ROWS)
+    return _step_probe(program, prep, images, n_classes)
 
 
 def _probe(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classes: int,
@@ -63,6 +66,19 @@ def _probe(program: GradientProgram, prep: Preprocess, images: ImageSet, n_class
     start = time.perf_counter()
     program.run(x, weights)
     return (time.perf_counter() - start) / len(idx)
+
+
+def _step_probe(program: GradientProgram, prep: Preprocess, images: ImageSet,
+                n_classes: int) -> float:
+    cfg = ReverseConfig(steps=2, max_rows=PROBE_ROWS)
+    families = len(cfg.families)
+    targets = list(range(min(n_classes, max(1, PROBE_ROWS // (families * cfg.min_images)))))
+    ticks: list[float] = []
+    run = reverse_triggers(program, prep, images, n_classes, cfg, targets=targets,
+                           progress=lambda step, total: ticks.append(time.perf_counter()))
+    if len(ticks) < 2 or not run.forward_passes:  # no rows (one class only): the pass alone
+        return _probe(program, prep, images, n_classes, PROBE_ROWS)
+    return (ticks[1] - ticks[0]) * cfg.steps / run.forward_passes
 
 
 def forecast_reverse(program: GradientProgram, prep: Preprocess, images: ImageSet,

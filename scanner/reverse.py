@@ -223,11 +223,11 @@ class _Patch(_Family):
 
     def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
         pattern, mask = self.trigger()
-        m = mask[tix][:, None]
-        g_mask = np.zeros_like(mask)
-        np.add.at(g_mask, tix, (g * (pattern[tix] - pixels)).sum(1))
-        g_pattern = np.zeros_like(pattern)
-        np.add.at(g_pattern, tix, g * m)
+        # per target t: dL/dm = Σ_rows Σ_c g·(p_t − x) = Σ_c p_t·G_t − Σ_rows Σ_c g·x and
+        # dL/dp = m_t·G_t with G_t = Σ_rows g: no per-row copies of the trigger
+        g_sum = _sum_by_target(g, tix, len(mask))
+        g_mask = (pattern * g_sum).sum(1) - _sum_by_target((g * pixels).sum(1), tix, len(mask))
+        g_pattern = g_sum * mask[:, None]
         g_mask += self.cost[:, None, None]  # d(cost·|m|_1)/dm, m ≥ 0
         a_mask, a_pattern = self.params
         return [g_mask * (1 - np.tanh(a_mask) ** 2) / 2,
@@ -259,8 +259,7 @@ class _Universal(_Family):
         t = len(self.targets)
         stamped = pixels + pattern[tix]
         g = g * ((stamped > 0) & (stamped < 1))  # clip passes no gradient where it saturates
-        g_delta = np.zeros_like(pattern)
-        np.add.at(g_delta, tix, g)
+        g_delta = _sum_by_target(g, tix, t)
         norms = self.norms(pattern, None).reshape(t, 1, 1, 1) + 1e-8
         g_delta += self.cost.reshape(t, 1, 1, 1) * pattern / norms
         return [g_delta]
@@ -293,17 +292,32 @@ class _Warp(_Family):
 
     def stamp(self, pixels: np.ndarray, tix: np.ndarray) -> np.ndarray:
         flow, _ = self.trigger()
-        return warp(pixels, flow[tix])
+        return warp(pixels, flow, tix)
 
     def backward(self, pixels: np.ndarray, tix: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
         flow, _ = self.trigger()
         t, _, h, w = flow.shape
-        g_flow = np.zeros_like(flow)
-        np.add.at(g_flow, tix, warp_flow_grad(pixels, flow[tix], g))
+        g_flow = warp_flow_grad(pixels, flow, g, tix)
         norms = self.norms(flow, None).reshape(t, 1, 1, 1) + 1e-8
         g_flow += self.cost.reshape(t, 1, 1, 1) * flow / (h * w * norms)
         # the upsampling is linear: its transpose carries the gradient to the control grid
         return [np.einsum("hk,tdhw,wl->tdkl", self.up_h, g_flow, self.up_w)]
+
+
+def _sum_by_target(values: np.ndarray, tix: np.ndarray, count: int) -> np.ndarray:
+    """The rows of `values` summed per target index [count, ...]. A family's rows come
+    grouped by target (reverse_triggers), so one `np.add.reduceat` does it (at 224x224
+    `np.add.at` took 0.55 s a call, this 0.2 s); other orders fall back to `np.add.at`."""
+    out = np.zeros((count, *values.shape[1:]), values.dtype)
+    if len(tix) == 0:
+        return out
+    step = np.diff(tix)
+    if (step < 0).any():
+        np.add.at(out, tix, values)
+        return out
+    starts = np.flatnonzero(np.r_[True, step != 0])
+    out[tix[starts]] = np.add.reduceat(values, starts, axis=0)
+    return out
 
 
 _FAMILY_TYPES: dict[str, type[_Family]] = {f.name: f for f in (_Patch, _Universal, _Warp)}
@@ -357,9 +371,11 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     kept: dict[int, dict[tuple[str, int], ReversedTrigger]] = {}
     for step in range(1, cfg.steps + 1):
         stamped = np.empty((len(row_target_a), *images.pixels.shape[1:]), np.float32)
+        clean = []  # each family's rows' clean images, for its stamp and its backward
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            stamped[sel] = fam.stamp(images.pixels[row_image_a[sel]], row_tix_a[sel])
+            clean.append(images.pixels[row_image_a[sel]])
+            stamped[sel] = fam.stamp(clean[f], row_tix_a[sel])
         res = program.run(prep.to_model(stamped), weights)
         passes += len(stamped)
         g_pixels = prep.grad_to_pixels(res.grad)
@@ -372,7 +388,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         log_prob /= np.maximum(counts, 1)
         for f, fam in enumerate(families):
             sel = row_family_a == f
-            grads = fam.backward(images.pixels[row_image_a[sel]], row_tix_a[sel], g_pixels[sel])
+            grads = fam.backward(clean[f], row_tix_a[sel], g_pixels[sel])
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if step in snapshots:

@@ -3,8 +3,11 @@
 One implementation serves the WaNet attack (`attacks.wanet`) and the warp family of the
 trigger reverse (`reverse`), so the reversed trigger samples images exactly as the attack
 does: bilinear interpolation at (row + flow[0], column + flow[1]), coordinates clamped to
-the border. Images are float32 NCHW; flows are in pixels, [2, H, W] or one per image
-[N, 2, H, W].
+the border. Images are NCHW; flows are in pixels, [2, H, W], one per image [N, 2, H, W],
+or F flows [F, 2, H, W] with an index naming each image's flow (the reverse: one flow per
+candidate class, several images each). The work is done in the images' and flows' float
+type (float32 in a scan) and one flow at a time: its sampling is set up once and its
+images are gathered with one `np.take` along the pixels.
 """
 
 from __future__ import annotations
@@ -28,62 +31,102 @@ def upsample_matrix(k: int, n: int) -> np.ndarray:
 
 @dataclass
 class _Sampling:
-    """Where every output pixel reads: the top-left corner (flat index) and the weights."""
+    """Where every output pixel of each flow reads: the top-left corner (flat index) and
+    the weights, [F, H·W] for F flows."""
 
-    top_left: np.ndarray  # [N or 1, 1, H·W] flat index of (y0, x0)
-    wy: np.ndarray  # [N or 1, H, W]
+    top_left: np.ndarray  # flat index of (y0, x0)
+    wy: np.ndarray
     wx: np.ndarray
     inside_y: np.ndarray  # the unclamped coordinate lies strictly inside: it has a gradient
     inside_x: np.ndarray
 
 
 def _sampling(flow: np.ndarray, h: int, w: int) -> _Sampling:
-    flow = flow if flow.ndim == 4 else flow[None]
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+    """In the flow's float type: floor and clamp stay in floats, so the weights are exact
+    differences (sy - y0 is exact in float32 too) and a float32 flow keeps float32 work."""
+    gy, gx = np.meshgrid(np.arange(h, dtype=flow.dtype), np.arange(w, dtype=flow.dtype),
                          indexing="ij")
     ry = gy + flow[:, 0]
     rx = gx + flow[:, 1]
     sy = np.clip(ry, 0, h - 1)
     sx = np.clip(rx, 0, w - 1)
-    y0 = np.clip(np.floor(sy).astype(np.intp), 0, h - 2)
-    x0 = np.clip(np.floor(sx).astype(np.intp), 0, w - 2)
-    top_left = (y0 * w + x0).reshape(len(flow), 1, h * w)
-    return _Sampling(top_left, sy - y0, sx - x0, (ry > 0) & (ry < h - 1),
-                     (rx > 0) & (rx < w - 1))
+    y0 = np.clip(np.floor(sy), 0, h - 2)
+    x0 = np.clip(np.floor(sx), 0, w - 2)
+    top_left = (y0.astype(np.intp) * w + x0.astype(np.intp)).reshape(len(flow), h * w)
+    flat = (len(flow), h * w)
+    return _Sampling(top_left, (sy - y0).reshape(flat), (sx - x0).reshape(flat),
+                     ((ry > 0) & (ry < h - 1)).reshape(flat),
+                     ((rx > 0) & (rx < w - 1)).reshape(flat))
 
 
-def _corners(x: np.ndarray, s: _Sampling) -> tuple[np.ndarray, ...]:
-    """The four neighbours (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)."""
+def _groups(x: np.ndarray, flow: np.ndarray, index: np.ndarray | None):
+    """(flow number, the images that use it) for `flow` [2, H, W] (shared), [N, 2, H, W]
+    (one per image) or [F, 2, H, W] with `index` [N] naming each image's flow."""
+    if flow.ndim == 3:
+        return flow[None], [(0, np.arange(len(x)))]
+    if index is None:
+        if len(flow) != len(x):
+            raise ValueError(f"{len(flow)} flows for {len(x)} images: pass an index")
+        return flow, [(i, np.array([i])) for i in range(len(x))]
+    index = np.asarray(index)
+    if not len(index):
+        return flow, []
+    order = np.argsort(index, kind="stable")
+    cuts = np.flatnonzero(np.diff(index[order])) + 1
+    return flow, [(int(index[rows[0]]), rows) for rows in np.split(order, cuts)]
+
+
+def _corners(images: np.ndarray, top_left: np.ndarray, w: int) -> list[np.ndarray]:
+    """The four neighbours (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1) of every
+    output pixel, [K, C, H·W] for K images sampled alike (one gather along the pixels)."""
+    k, c, h, _ = images.shape
+    n = top_left.size
+    taken = np.take(images.reshape(k * c, h * w),
+                    np.concatenate([top_left + off for off in (0, 1, w, w + 1)]), axis=1)
+    return [taken[:, i * n:(i + 1) * n].reshape(k, c, n) for i in range(4)]
+
+
+def _work_type(x: np.ndarray, flow: np.ndarray) -> np.dtype:
+    return np.result_type(x.dtype if x.dtype.kind == "f" else np.float32, flow.dtype)
+
+
+def warp(x: np.ndarray, flow: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """Resample images `x` [N, C, H, W] along `flow` (pixels): [2, H, W] for all images,
+    [N, 2, H, W] one per image, or [F, 2, H, W] with `index` naming each image's flow."""
     n, c, h, w = x.shape
-    flat = x.reshape(n, c, h * w)
-    shape = (n, c, h * w)
-    return tuple(np.take_along_axis(flat, np.broadcast_to(s.top_left + off, shape), 2)
-                 .reshape(n, c, h, w) for off in (0, 1, w, w + 1))
+    dt = _work_type(x, flow)
+    flows, groups = _groups(x, np.asarray(flow, dt), index)
+    s = _sampling(flows, h, w)
+    out = np.empty(x.shape, x.dtype)
+    for f, rows in groups:
+        v00, v01, v10, v11 = _corners(x[rows].astype(dt, copy=False), s.top_left[f], w)
+        wy, wx = s.wy[f], s.wx[f]
+        top = v00 + wx * (v01 - v00)
+        bottom = v10 + wx * (v11 - v10)
+        out[rows] = (top + wy * (bottom - top)).reshape(len(rows), c, h, w)
+    return out
 
 
-def warp(x: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """Resample images `x` [N, C, H, W] along `flow` (pixels; [2, H, W] or [N, 2, H, W])."""
-    _, _, h, w = x.shape
-    s = _sampling(flow, h, w)
-    v00, v01, v10, v11 = _corners(x, s)
-    wy, wx = s.wy[:, None], s.wx[:, None]
-    top = (1 - wx) * v00 + wx * v01
-    bottom = (1 - wx) * v10 + wx * v11
-    return ((1 - wy) * top + wy * bottom).astype(x.dtype)
-
-
-def warp_flow_grad(x: np.ndarray, flow: np.ndarray, grad_out: np.ndarray) -> np.ndarray:
-    """d loss / d flow [N, 2, H, W] from d loss / d warp(x, flow) [N, C, H, W].
+def warp_flow_grad(x: np.ndarray, flow: np.ndarray, grad_out: np.ndarray,
+                   index: np.ndarray | None = None) -> np.ndarray:
+    """d loss / d flow, in the flow's shape (a flow that several images share gets the sum
+    of their gradients), from d loss / d warp(x, flow, index) [N, C, H, W].
 
     Bilinear sampling is linear in each coordinate between grid lines, so the derivative
     along y is the difference of the bottom and top interpolants (along x likewise), summed
     over channels; a coordinate clamped to the border has none.
     """
-    _, _, h, w = x.shape
-    s = _sampling(flow, h, w)
-    v00, v01, v10, v11 = _corners(x, s)
-    wy, wx = s.wy[:, None], s.wx[:, None]
-    d_sy = (1 - wx) * (v10 - v00) + wx * (v11 - v01)
-    d_sx = (1 - wy) * (v01 - v00) + wy * (v11 - v10)
-    return np.stack([(grad_out * d_sy).sum(1) * s.inside_y,
-                     (grad_out * d_sx).sum(1) * s.inside_x], axis=1).astype(np.float32)
+    n, c, h, w = x.shape
+    dt = _work_type(x, flow)
+    flows, groups = _groups(x, np.asarray(flow, dt), index)
+    s = _sampling(flows, h, w)
+    grad = np.zeros((len(flows), 2, h * w), dt)
+    for f, rows in groups:
+        v00, v01, v10, v11 = _corners(x[rows].astype(dt, copy=False), s.top_left[f], w)
+        g = grad_out[rows].astype(dt, copy=False).reshape(len(rows), c, h * w)
+        wy, wx = s.wy[f], s.wx[f]
+        d_sy = (v10 - v00) + wx * ((v11 - v01) - (v10 - v00))
+        d_sx = (v01 - v00) + wy * ((v11 - v10) - (v01 - v00))
+        grad[f, 0] = np.einsum("kcp,kcp->p", g, d_sy) * s.inside_y[f]
+        grad[f, 1] = np.einsum("kcp,kcp->p", g, d_sx) * s.inside_x[f]
+    return grad.reshape(flow.shape).astype(np.float32)

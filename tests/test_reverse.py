@@ -321,3 +321,16 @@ def test_a_shortlisted_reverse_keeps_the_classes_it_must_judge():
     ref_member = listed.reference[0]
     _, as_candidate = reverse_classes(ctx, program, images, cfg, include=[ref_member])
     assert ref_member in as_candidate.candidates and ref_member not in as_candidate.reference
+
+
+def test_rows_sum_per_target_in_grouped_and_in_any_order():
+    from scanner.reverse import _sum_by_target
+
+    values = np.random.default_rng(0).normal(size=(7, 2, 3))
+    grouped = np.array([0, 0, 2, 2, 2, 3, 3])  # target 1 has no rows
+    expected = np.stack([values[grouped == t].sum(0) for t in range(5)])
+    np.testing.assert_allclose(_sum_by_target(values, grouped, 5), expected)
+    shuffled = np.array([3, 0, 2, 0, 2, 3, 2])
+    expected = np.stack([values[shuffled == t].sum(0) for t in range(5)])
+    np.testing.assert_allclose(_sum_by_target(values, shuffled, 5), expected)
+    assert _sum_by_target(values[:0], grouped[:0], 5).shape == (5, 2, 3)

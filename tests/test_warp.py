@@ -27,6 +27,28 @@ def test_one_flow_per_image_matches_the_shared_flow():
     np.testing.assert_allclose(warp(x, np.broadcast_to(flow, (3, 2, 9, 11))), warp(x, flow))
 
 
+def test_flows_named_by_an_index_match_one_flow_per_image_and_sum_their_gradients():
+    # the reverse's form: F flows (one per candidate class), each image naming its own
+    x = _images(6).astype(np.float32)
+    flows = np.random.default_rng(1).normal(0, 1.5, (3, 2, 9, 11)).astype(np.float32)
+    index = np.array([2, 0, 2, 1, 0, 2])
+    np.testing.assert_allclose(warp(x, flows, index), warp(x, flows[index]), atol=1e-6)
+    g = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+    per_image = warp_flow_grad(x, flows[index], g)
+    summed = np.stack([per_image[index == f].sum(0) for f in range(3)])
+    np.testing.assert_allclose(warp_flow_grad(x, flows, g, index), summed, atol=1e-5)
+    assert warp(x, flows, index).dtype == np.float32
+
+
+def test_a_shared_flow_gets_the_gradient_summed_over_its_images():
+    x = _images()
+    flow = np.random.default_rng(1).normal(0, 1.5, (2, 9, 11))
+    g = np.random.default_rng(2).normal(size=x.shape)
+    per_image = warp_flow_grad(x, np.broadcast_to(flow, (3, 2, 9, 11)), g)
+    np.testing.assert_allclose(warp_flow_grad(x, flow, g), per_image.sum(0), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_upsample_matrix_is_the_wanet_control_grid_upsampling():
     rng = np.random.default_rng(3)  # wanet_flow's draw for seed 3
     ctrl = rng.uniform(-1, 1, size=(2, 4, 4)).astype(np.float32)

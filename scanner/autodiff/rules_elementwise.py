@@ -55,7 +55,10 @@ def _prelu(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -
 @rule("Clip")
 def _clip(ctx: VJPContext, node: onnx.NodeProto, g: Grads, needs: list[bool]) -> Grads:
     _only_first(node, needs)
-    x = node.input[0]
+    # lo < x < hi exactly where lo < Clip(x) < hi (Clip(x) is x there and a bound elsewhere):
+    # reading the output leaves the input unread, so onnxruntime can fuse the Clip (ReLU6)
+    # into the Conv before it, as for Relu
+    x = node.output[0]
     lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
     hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
     inside: str | None = None
