@@ -205,6 +205,7 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
     """The pipeline, top to bottom; each stage reads and fills the one ScanContext."""
     started = progress.clock()
     ctx = _load(result, path, opts, policy, catalog, progress)
+    ctx.started = started
     if opts.method != "shapley":
         _run_baseline(ctx)
         return
@@ -215,17 +216,17 @@ def _scan_into(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy
         return
     result.verdict = Verdict.BACKDOOR
     if policy.repair.enabled:
-        _repair_in_time(ctx, started)
+        _repair_in_time(ctx)
 
 
-def _repair_in_time(ctx: ScanContext, started: float) -> None:
+def _repair_in_time(ctx: ScanContext) -> None:
     """Repair, stopped when the scan reaches detection.max_minutes (the forecast before the
     reverse covers detection; the repair's Shapley values, plan, recovery and re-scan grow
     with the images, the channels and the image size, and at 224x224 on a CPU take hours).
     A repair stopped is not done: no repair in the result, nothing for --out, SS306."""
     limit = ctx.policy.detection.max_minutes
     if limit:
-        ctx.progress.deadline = started + 60 * limit
+        ctx.progress.deadline = ctx.started + 60 * limit
     try:
         repair(ctx)
     except OutOfTime as stopped:

@@ -81,6 +81,11 @@ class ScanContext:
     second_images: ImageSet | None = None
     second_bn_layers: int = 0
     verdict: DetectVerdict | None = None
+    # what detection.max_minutes is measured against: the scan's start on the progress
+    # clock, and one reverse row's seconds as estimate.check_time timed them (None: not
+    # timed: no limit and a quiet scan)
+    started: float = 0.0
+    row_s: float | None = None
 
     @property
     def view(self) -> str:

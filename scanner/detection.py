@@ -21,10 +21,11 @@ from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
 from .detect import EvidenceRule, class_scores, detect, most_suspicious, score, selectivity
 from .detect import Verdict as DetectVerdict
+from .errors import OutOfTime
 from .evidence import Evidence, MarginConfig, max_margins, selectivities
 from .findings import ClassReverse, ScanResult, Shortlist
 from .policy import Catalog, DetectionPolicy
-from .progress import Progress
+from .progress import Progress, duration
 from .reverse import (
     ReverseConfig,
     ReverseResult,
@@ -48,8 +49,8 @@ def find_backdoor(ctx: ScanContext) -> DetectVerdict:
                                      ctx.bn_layers, det.reverse_steps)
         verdict.detection.views = {ctx.view: _decision_score(verdict, det)}
     if not verdict.detection.flagged_targets and not ctx.opts.data_free \
-            and det.synthesised_view:
-        verdict = _second_view(ctx, verdict)
+            and det.synthesised_view and ctx.program.bn_layers:  # BN layers: see _second_view
+        verdict = _second_view_in_time(ctx, verdict)
     ctx.result.detection = verdict.detection
     _detection_findings(ctx.result, verdict, ctx.catalog, ctx.images, det)
     shortlist = verdict.detection.shortlist
@@ -179,6 +180,40 @@ def gather_evidence(ctx: ScanContext, program: GradientProgram, images: ImageSet
     return Evidence(margins, passes, select)
 
 
+def _second_view_in_time(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
+    """The second view, within detection.max_minutes: not started when its forecast
+    (estimate.second_view_s) is over the time left, stopped if it runs past the limit
+    anyway; then the verdict is the few-shot images' alone, and SS213 says so."""
+    from .estimate import second_view_s  # estimate imports this module
+
+    limit = ctx.policy.detection.max_minutes
+    if not limit or ctx.row_s is None:
+        return _second_view(ctx, first)
+    left = ctx.started + 60 * limit - ctx.progress.clock()
+    need = second_view_s(ctx)
+    if need > left:
+        _one_view(ctx, f"the second view was not run: it was forecast at {duration(need)} "
+                  f"on this machine, and {duration(max(0.0, left))} of detection.max_minutes "
+                  f"= {limit:g} was left", "forecast")
+        return first
+    ctx.progress.deadline = ctx.started + 60 * limit
+    try:
+        return _second_view(ctx, first)
+    except OutOfTime as stopped:
+        _one_view(ctx, f"the second view was stopped when the scan reached "
+                  f"detection.max_minutes = {limit:g} ({stopped.args[0]})", "stopped")
+        return first
+    finally:
+        ctx.progress.deadline = None
+
+
+def _one_view(ctx: ScanContext, what: str, why: str) -> None:
+    ctx.result.findings.append(ctx.catalog.make(
+        "SS213", f"{what}: the verdict rests on the few-shot images alone, which can hide a "
+        "full-image backdoor that inputs synthesised from the model show", reason=why))
+    ctx.progress.stage("second view skipped: over detection.max_minutes (SS213)")
+
+
 def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
     """The few-shot images flagged nothing: look again on inputs synthesised from the model.
 
@@ -191,8 +226,6 @@ def _second_view(ctx: ScanContext, first: DetectVerdict) -> DetectVerdict:
     largest per-class decision score): both views must point at the same target.
     """
     assert ctx.program is not None
-    if not ctx.program.bn_layers:  # counted with or without the BN-statistics head
-        return first
     det = ctx.policy.detection
     with ctx.timed("second_view"):
         synthetic, bn_layers = synthesise_inputs(

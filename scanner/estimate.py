@@ -99,20 +99,22 @@ class Forecast:
         return self.synthesis_s + self.reverse_s
 
 
-def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float) -> Forecast:
-    """Seconds of the data-free synthesis (when the scan makes its images) and of the
-    first view's reverse on images with `labels` (at most: the reverse stops early once
-    every trigger has stopped shrinking), under the context's policy, at `per_row`
-    seconds a gradient row (`row_seconds`)."""
-    synthesis = 0.0
-    if ctx.opts.data_free:
-        # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
-        synthesis = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
+def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float,
+             synthesis: bool | None = None, steps: int | None = None) -> Forecast:
+    """Seconds of the data-free synthesis (when the scan makes its images, or `synthesis`)
+    and of a reverse of `steps` (default: the first view's) on images with `labels` (at
+    most: the reverse stops early once every trigger has stopped shrinking), under the
+    context's policy, at `per_row` seconds a reverse row (`row_seconds`)."""
     det = ctx.policy.detection
+    steps = det.reverse_steps if steps is None else steps
+    synthesis_s = 0.0
+    if ctx.opts.data_free if synthesis is None else synthesis:
+        # the BN-statistics head costs about 40 % more per row (GradientProgram's note)
+        synthesis_s = 1.4 * per_row * len(labels) * ctx.opts.synthesis.steps
     full = replace(ctx.opts.reverse, max_rows=det.reverse_rows)
     if shortlisted(ctx):  # the screen, then the full reverse of a few classes
         rows = reverse_rows(labels, ctx.n_classes, full,
-                            det.shortlist + det.reference_classes) * det.reverse_steps
+                            det.shortlist + det.reference_classes) * steps
         if det.screen == "sweep":  # reverse.sweep: restarts x images rows per family
             rows += (len(full.families) * det.sweep_restarts
                      * min(det.sweep_images, len(labels)) * det.sweep_steps)
@@ -120,8 +122,18 @@ def forecast(ctx: ScanContext, labels: np.ndarray, per_row: float) -> Forecast:
             screening = replace(full, max_rows=0, min_images=det.screen_images)
             rows += reverse_rows(labels, ctx.n_classes, screening) * det.screen_steps
     else:
-        rows = reverse_rows(labels, ctx.n_classes, full) * det.reverse_steps
-    return Forecast(synthesis, per_row * rows)
+        rows = reverse_rows(labels, ctx.n_classes, full) * steps
+    return Forecast(synthesis_s, per_row * rows)
+
+
+def second_view_s(ctx: ScanContext) -> float:
+    """Seconds the second view (detection._second_view: synthesis, then a reverse of
+    `second_view_steps` on the synthesised inputs) will take, at the row time check_time
+    measured."""
+    assert ctx.row_s is not None
+    labels = np.repeat(synthesis_classes(ctx), ctx.opts.synthesis.per_class)
+    return forecast(ctx, labels, ctx.row_s, synthesis=True,
+                    steps=ctx.policy.detection.second_view_steps).total_s
 
 
 def scan_labels(ctx: ScanContext) -> np.ndarray:
@@ -152,7 +164,7 @@ def check_time(ctx: ScanContext) -> Forecast | None:
     assert ctx.program is not None
     labels = scan_labels(ctx)
     images = ctx.images if ctx.images is not None else _noise(ctx.prep, labels)
-    per_row = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
+    per_row = ctx.row_s = row_seconds(ctx.program, ctx.prep, images, ctx.n_classes)
     fc = forecast(ctx, labels, per_row)
     fast = None
     if limit and fc.total_s > 60 * limit and det.fast.enabled:

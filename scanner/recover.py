@@ -33,6 +33,7 @@ from .graph.quantized import quantized
 from .optim import Adam
 from .reverse import ReversedTrigger
 from .runtime import Device
+from .shapley import softmax
 
 log = logging.getLogger(__name__)
 REFUSED_RULE = "SS205"  # the gradient rule: recovery cannot differentiate/train this model
@@ -201,11 +202,6 @@ def _translate(x: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def recover(original: onnx.ModelProto, zeroed: onnx.ModelProto, prep: Preprocess,
             clean: ImageSet, triggers: Sequence[ReversedTrigger],
             cfg: RecoverConfig = RecoverConfig(), *, targets: Sequence[int] = (),
@@ -241,7 +237,7 @@ def recover(original: onnx.ModelProto, zeroed: onnx.ModelProto, prep: Preprocess
     n_stamp = int(round(cfg.batch * cfg.stamped_share)) if triggers else 0
     history: list[float] = []
     draw = _draw(pool.labels, targets, cfg.flagged_share)
-    reference = _softmax(teacher.run(prep.to_model(pool.pixels),
+    reference = softmax(teacher.run(prep.to_model(pool.pixels),
                                      np.zeros((len(pool), 1), np.float32), {}).logits
                          / cfg.temperature) if cfg.flagged_cap else None
     for step in range(1, cfg.steps + 1):
@@ -320,7 +316,7 @@ def _targets(logits: np.ndarray, b: Batch, labels: np.ndarray, flagged: Sequence
     with `flagged_cap`): the original is backdoored, and its dark knowledge leans towards
     the target on trigger-like inputs. Blended with the mixed labels (`label_weight`)."""
     k = logits.shape[1]
-    soft = _softmax(logits / cfg.temperature)
+    soft = softmax(logits / cfg.temperature)
     flagged = [t for t in flagged if 0 <= t < k]
     if flagged and (cfg.flagged_mass < 1.0 or reference is not None):
         honest = ~np.isin(labels[b.first], flagged) & ~np.isin(labels[b.second], flagged)

@@ -309,6 +309,33 @@ def test_the_policy_sets_each_views_step_budget(tmp_path):
     assert result.detection.forward_passes == 3 * rows + 2 * rows
 
 
+@pytest.mark.parametrize(("forecast_s", "reason"), [(1e9, "forecast"), (-1e9, "stopped")])
+def test_a_second_view_over_the_time_left_is_not_run_and_the_scan_says_so(
+        tmp_path, monkeypatch, forecast_s, reason):
+    """detection._second_view_in_time: the few-shot images flag nothing on cnn_clean; the
+    second view's forecast (estimate.second_view_s, priced here) over the time left of
+    detection.max_minutes: not started; forecast under it but the scan past the limit (a
+    limit of 0.6 ms, a forecast that says it fits): stopped at its first step. Either way
+    the verdict is the few-shot view's, and SS213 (low) says the second view did not run."""
+    import scanner.estimate
+    from scanner.api import ScanOptions, scan
+    from scanner.findings import Verdict
+
+    monkeypatch.setattr(scanner.estimate, "row_seconds", lambda *a: 1e-12)
+    monkeypatch.setattr(scanner.estimate, "second_view_s", lambda ctx: forecast_s)
+    policy = tmp_path / "limit.toml"
+    limit = 60 if reason == "forecast" else 1e-5
+    policy.write_text(f"[detection]\nreverse_steps = 3\nmax_minutes = {limit}\n"
+                      "evidence = false\n[repair]\nenabled = false\n")
+    result = scan(zoo_model("cnn_clean"), ScanOptions(data=FEWSHOT, policy=policy, quiet=True))
+    assert result.verdict == Verdict.CLEAN
+    assert list(result.detection.views) == ["few-shot"]
+    (one,) = [f for f in result.findings if f.rule_id == "SS213"]
+    assert one.severity.name == "LOW" and one.details["reason"] == reason
+    assert "the verdict rests on the few-shot images alone" in one.message
+    assert ("was not run" if reason == "forecast" else "was stopped") in one.message
+
+
 def test_a_step_budget_in_scan_options_is_refused_not_ignored():
     from scanner.api import ScanOptions, scan
     from scanner.errors import UsageError
