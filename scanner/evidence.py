@@ -41,6 +41,7 @@ from .shapley import softmax
 
 PRUNE_SHARE = 0.02  # channels the selectivity test zeroes, as a share of all
 OWN_COPIES = 8  # shifted copies of the class's own images in the selectivity test
+SELECTIVITY_ROWS = 20  # images of other classes each trigger is stamped on there
 EPS = 1e-4  # probabilities are compared as log ratios; this keeps a 0 finite
 
 
@@ -54,7 +55,7 @@ class Evidence:
 
 def selectivities(program: MaskGradientProgram, prep: Preprocess, images: ImageSet,
                   triggers: dict[tuple[str, int], ReversedTrigger], n_classes: int,
-                  rows_per_target: int = 20, prune_share: float = PRUNE_SHARE
+                  rows_per_target: int = SELECTIVITY_ROWS, prune_share: float = PRUNE_SHARE
                   ) -> tuple[dict[tuple[str, int], float], int]:
     """Selectivity of every reversed trigger (see the module doc).
 

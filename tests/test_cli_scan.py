@@ -373,9 +373,10 @@ def test_a_scan_forecast_over_its_limit_takes_the_fast_plan_and_says_so(run_cli,
     plan ([detection.fast]) under it: the scan takes the fast plan (the sweep picks the
     candidates) instead of stopping, and says so (SS212, LOW; JSON shortlist.screen =
     "sweep"). A gradient row is priced at 1 ms (the timing itself is machine noise): on
-    cnn_badnets' 10 images the thorough reverse is 3 x 10 x 9 rows x 120 steps = 38.9 s,
-    the fast one (2 candidates + 3 reference classes, 5 images each) 3 x 5 x 5 x 120 +
-    the sweep's 3 x 2 x 10 x 40 = 11.4 s; the limit is 20 s. With the fast plan off the
+    cnn_badnets' 10 images the thorough reverse is 3 x 10 x 9 rows x 120 steps = 38.9 s
+    and its selectivity tests 3 x (3 x 90 + 2 x 90) rows = 1.4 s, the fast one (2
+    candidates + 3 reference classes, 5 images each) 3 x 5 x 5 x 120 + the sweep's 3 x 2 x
+    10 x 40 = 11.4 s and 0.7 s of selectivity tests; the limit is 20 s. With the fast plan off the
     same scan stops as inconclusive (SS210) and names both forecasts."""
     import jsonschema
 

@@ -12,7 +12,7 @@ from scanner.errors import UsageError
 from scanner.findings import Finding, Severity
 from scanner.policy import BUILTIN_POLICIES, Policy, load_catalog, load_policy
 
-RULE_IDS = [f"SS1{n:02d}" for n in range(1, 17)] + [f"SS2{n:02d}" for n in range(1, 13)] + [
+RULE_IDS = [f"SS1{n:02d}" for n in range(1, 17)] + [f"SS2{n:02d}" for n in range(1, 14)] + [
     "SS301", "SS302", "SS303", "SS304", "SS305", "SS306"]
 
 

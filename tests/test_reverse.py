@@ -334,3 +334,25 @@ def test_rows_sum_per_target_in_grouped_and_in_any_order():
     expected = np.stack([values[shuffled == t].sum(0) for t in range(5)])
     np.testing.assert_allclose(_sum_by_target(values, shuffled, 5), expected)
     assert _sum_by_target(values[:0], grouped[:0], 5).shape == (5, 2, 3)
+
+
+def test_the_forecast_counts_the_evidence_stage_rows():
+    """estimate.evidence_rows: per reversed class, MM-BD's restarts x (steps + 1) rows and
+    per family the selectivity test's 3 x (images of other classes, at most 20) + 2 x own
+    images with their 8 shifted copies; none with the evidence off."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from scanner.estimate import evidence_rows
+    from scanner.policy import DetectionPolicy
+
+    def ctx(**det):
+        policy = SimpleNamespace(detection=replace(DetectionPolicy(), **det))
+        return SimpleNamespace(n_classes=10, policy=policy,
+                               opts=SimpleNamespace(reverse=ReverseConfig()))
+
+    labels = np.arange(10)  # one image per class
+    assert evidence_rows(ctx(margin_steps=100), labels) == (
+        2 * 101 * 10 + 3 * (3 * 10 * 9 + 2 * 10 * 9))
+    assert evidence_rows(ctx(margin_steps=0), labels) == 3 * (3 * 10 * 9 + 2 * 10 * 9)
+    assert evidence_rows(ctx(evidence=False), labels) == 0
