@@ -1,8 +1,9 @@
 """How long a scan will take, said before the long stages start when the model is large.
 
 Trigger reverse is the first long stage, and the others scale with the same thing (what
-one image costs the model), so the forecast times one gradient pass over a few of the
-scan's own images and multiplies: steps x rows per step x seconds per row. On the sample
+one image costs the model), so the forecast times two reverse steps on a few of the scan's
+own images and multiplies: steps x rows per step x seconds per row, plus the evidence
+stage's rows after the reverse. On the sample
 zoo a scan that finds a backdoor and repairs it took 2-3 times its reverse (cnn_badnets
 88 s for a 29 s reverse, resnet_badnets 214 s for 108 s, on busy cores); a clean few-shot
 scan with its second view on synthesised inputs about 1.5-2 times.
