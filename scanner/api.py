@@ -224,19 +224,15 @@ def _repair_in_time(ctx: ScanContext) -> None:
     reverse covers detection; the repair's Shapley values, plan, recovery and re-scan grow
     with the images, the channels and the image size, and at 224x224 on a CPU take hours).
     A repair stopped is not done: no repair in the result, nothing for --out, SS306."""
-    limit = ctx.policy.detection.max_minutes
-    if limit:
-        ctx.progress.deadline = ctx.started + 60 * limit
     try:
-        repair(ctx)
+        with ctx.within_limit():
+            repair(ctx)
     except OutOfTime as stopped:
         ctx.result.repair = None
         ctx.result.findings.append(ctx.catalog.make(
             "SS306", f"the repair was stopped when the scan reached detection.max_minutes = "
-            f"{limit:g} ({stopped.args[0] or 'repair'}): the model was not repaired, and "
-            "nothing is written to --out", stage=stopped.args[0]))
-    finally:
-        ctx.progress.deadline = None
+            f"{ctx.policy.detection.max_minutes:g} ({stopped.args[0] or 'repair'}): the "
+            "model was not repaired, and nothing is written to --out", stage=stopped.args[0]))
 
 
 def _load(result: ScanResult, path: Path, opts: ScanOptions, policy: Policy,

@@ -93,6 +93,18 @@ class ScanContext:
         return "synthesised" if self.opts.data_free else "few-shot"
 
     @contextmanager
+    def within_limit(self) -> Iterator[None]:
+        """Stages run inside stop at the scan's detection.max_minutes (if any): their
+        progress reports raise errors.OutOfTime past it (Progress.deadline)."""
+        limit = self.policy.detection.max_minutes
+        if limit:
+            self.progress.deadline = self.started + 60 * limit
+        try:
+            yield
+        finally:
+            self.progress.deadline = None
+
+    @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Add the stage's wall time to the result's (only when it completes)."""
         start = time.perf_counter()

@@ -196,15 +196,13 @@ def _second_view_in_time(ctx: ScanContext, first: DetectVerdict) -> DetectVerdic
                   f"on this machine, and {duration(max(0.0, left))} of detection.max_minutes "
                   f"= {limit:g} was left", "forecast")
         return first
-    ctx.progress.deadline = ctx.started + 60 * limit
     try:
-        return _second_view(ctx, first)
+        with ctx.within_limit():
+            return _second_view(ctx, first)
     except OutOfTime as stopped:
         _one_view(ctx, f"the second view was stopped when the scan reached "
                   f"detection.max_minutes = {limit:g} ({stopped.args[0]})", "stopped")
         return first
-    finally:
-        ctx.progress.deadline = None
 
 
 def _one_view(ctx: ScanContext, what: str, why: str) -> None:

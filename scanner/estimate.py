@@ -83,14 +83,6 @@ def _step_probe(program: GradientProgram, prep: Preprocess, images: ImageSet,
     return (ticks[1] - ticks[0]) * cfg.steps / run.forward_passes
 
 
-def forecast_reverse(program: GradientProgram, prep: Preprocess, images: ImageSet,
-                     n_classes: int, cfg: ReverseConfig, steps: int) -> float:
-    """Seconds the first view's trigger reverse will take (at most: it stops early once
-    every trigger has stopped shrinking)."""
-    return (row_seconds(program, prep, images, n_classes)
-            * reverse_rows(images.labels, n_classes, cfg) * steps)
-
-
 @dataclass(frozen=True)
 class Forecast:
     synthesis_s: float  # data-free synthesis (0 on a few-shot scan)

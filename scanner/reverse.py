@@ -363,6 +363,10 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     np.add.at(counts, (row_family_a, row_tix_a), 1)
     weights = np.zeros((len(row_target_a), n_classes), np.float32)
     weights[np.arange(len(row_target_a)), row_target_a] = 1.0 / counts[row_family_a, row_tix_a]
+    # each family's rows, their target indices and clean images: the same at every step
+    sels = [row_family_a == f for f in range(len(families))]
+    tixs = [row_tix_a[sel] for sel in sels]
+    clean = [images.pixels[row_image_a[sel]] for sel in sels]
 
     passes = 0
     asr = np.zeros((len(families), len(targets)))
@@ -371,11 +375,8 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
     kept: dict[int, dict[tuple[str, int], ReversedTrigger]] = {}
     for step in range(1, cfg.steps + 1):
         stamped = np.empty((len(row_target_a), *images.pixels.shape[1:]), np.float32)
-        clean = []  # each family's rows' clean images, for its stamp and its backward
         for f, fam in enumerate(families):
-            sel = row_family_a == f
-            clean.append(images.pixels[row_image_a[sel]])
-            stamped[sel] = fam.stamp(clean[f], row_tix_a[sel])
+            stamped[sels[f]] = fam.stamp(clean[f], tixs[f])
         res = program.run(prep.to_model(stamped), weights)
         passes += len(stamped)
         g_pixels = prep.grad_to_pixels(res.grad)
@@ -387,8 +388,7 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
         np.add.at(log_prob, (row_family_a, row_tix_a), _log_softmax_at(res.logits, row_target_a))
         log_prob /= np.maximum(counts, 1)
         for f, fam in enumerate(families):
-            sel = row_family_a == f
-            grads = fam.backward(clean[f], row_tix_a[sel], g_pixels[sel])
+            grads = fam.backward(clean[f], tixs[f], g_pixels[sels[f]])
             fam.adam.step(grads)
             fam.update(step, asr[f])
         if step in snapshots:
@@ -544,14 +544,14 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
     per_family = sc.restarts * len(pick)
     row_slot = np.repeat(slots, len(pick))
     row_image = np.tile(pick, sc.restarts)
+    clean = images.pixels[row_image]  # every family stamps the same images each step
     labels = np.tile(images.labels[row_image] % n_classes, len(families))
     rows = np.arange(len(labels))
     own = np.full(len(rows), 0.5)  # p(own class) at the last step
     mass = np.zeros((len(families), n_classes))
     passes = 0
     for step in range(1, sc.steps + 1):
-        stamped = np.concatenate([fam.stamp(images.pixels[row_image], row_slot)
-                                  for fam in families])
+        stamped = np.concatenate([fam.stamp(clean, row_slot) for fam in families])
         # d[-log(1 - p)] = p / (1 - p) d[log p]: a weight of -p / (1 - p) on the own
         # class's log-probability (from the last step's p; CE is -sum w log p)
         p = np.clip(own, 0.0, 0.99)
@@ -567,7 +567,7 @@ def sweep(program: GradientProgram, prep: Preprocess, images: ImageSet, n_classe
             probs[rows, labels] = 0.0
         for f, fam in enumerate(families):
             part = slice(f * per_family, (f + 1) * per_family)
-            fam.adam.step(fam.backward(images.pixels[row_image], row_slot, g_pixels[part]))
+            fam.adam.step(fam.backward(clean, row_slot, g_pixels[part]))
             fam.update(step, np.bincount(row_slot, moved[part], minlength=sc.restarts)
                        / len(pick))
             if 2 * step > sc.steps:

@@ -93,7 +93,7 @@ def _work_type(x: np.ndarray, flow: np.ndarray) -> np.dtype:
 def warp(x: np.ndarray, flow: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
     """Resample images `x` [N, C, H, W] along `flow` (pixels): [2, H, W] for all images,
     [N, 2, H, W] one per image, or [F, 2, H, W] with `index` naming each image's flow."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     dt = _work_type(x, flow)
     flows, groups = _groups(x, np.asarray(flow, dt), index)
     s = _sampling(flows, h, w)
@@ -116,7 +116,7 @@ def warp_flow_grad(x: np.ndarray, flow: np.ndarray, grad_out: np.ndarray,
     along y is the difference of the bottom and top interpolants (along x likewise), summed
     over channels; a coordinate clamped to the border has none.
     """
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     dt = _work_type(x, flow)
     flows, groups = _groups(x, np.asarray(flow, dt), index)
     s = _sampling(flows, h, w)

@@ -253,7 +253,7 @@ def test_each_trigger_says_how_many_images_its_success_rate_is_on():
 
 
 def test_the_reverse_forecast_counts_the_rows_a_step_runs_and_times_them():
-    from scanner.estimate import forecast_reverse, reverse_rows
+    from scanner.estimate import reverse_rows, row_seconds
 
     prep, images, program = _badnets()
     cfg = ReverseConfig(steps=4)
@@ -262,7 +262,7 @@ def test_the_reverse_forecast_counts_the_rows_a_step_runs_and_times_them():
     assert reverse_rows(np.arange(100), 100, cfg, targets=32) == 3 * 32 * 31
     run = reverse_triggers(program, prep, images, 10, cfg, seed=0)
     assert run.forward_passes == 4 * reverse_rows(images.labels, 10, cfg)
-    forecast = forecast_reverse(program, prep, images, 10, cfg, 4)
+    forecast = row_seconds(program, prep, images, 10) * reverse_rows(images.labels, 10, cfg) * 4
     # a timing on shared cores: the forecast is right within a factor of a few, not exact
     assert run.seconds / 5 < forecast < run.seconds * 5
 
