@@ -91,13 +91,16 @@ def result_path(name: str, mode: str, seed: int, repair: bool, tag: str = "") ->
 # (scans saved before the concentration statistic was dropped also list
 # patch/universal/warp_concentration: every reader goes by the record's class_fields)
 CLASS_FIELDS = ("mask_l1", "universal_norm", "warp_norm", "reversed_asr", "max_margin",
-                "patch_selectivity", "universal_selectivity", "warp_selectivity")
+                "patch_selectivity", "universal_selectivity", "warp_selectivity",
+                "patch_asr", "universal_asr", "warp_asr")
 
 
 def class_row(c) -> list[float | None]:  # c: scanner.findings.ClassReverse
     sel = c.selectivity
+    asr = c.family_asr
     return [c.mask_l1, c.universal_norm, c.warp_norm, c.reversed_asr, c.max_margin,
-            sel.get("patch"), sel.get("universal"), sel.get("warp")]
+            sel.get("patch"), sel.get("universal"), sel.get("warp"),
+            asr.get("patch"), asr.get("universal"), asr.get("warp")]
 
 
 def scan_one(entry: dict, mode: str, seed: int, repair: bool, policy_file: str = "",
@@ -221,11 +224,11 @@ def redecide(record: dict) -> dict:
         return record
     import numpy as np
 
-    from scanner.detect import class_scores, detect
+    from scanner.detect import detect, score
     from scanner.detection import evidence_rule
     from scanner.evidence import Evidence
     from scanner.policy import load_policy
-    from scanner.reverse import ReversedTrigger, ReverseResult
+    from scanner.reverse import ReverseConfig, ReversedTrigger, ReverseResult
 
     det = load_policy("default").detection
     rows = [dict(zip(record["class_fields"], row, strict=True)) for row in record["classes"]]
@@ -237,25 +240,29 @@ def redecide(record: dict) -> dict:
         for fam, key in (("patch", "mask_l1"), ("universal", "universal_norm"),
                          ("warp", "warp_norm")):
             if row.get(key) is not None:
+                asr = row.get(f"{fam}_asr")
                 triggers[(fam, t)] = ReversedTrigger(fam, t, np.zeros(1), None, row[key],
-                                                     row["reversed_asr"])
+                                                     row["reversed_asr"] if asr is None
+                                                     else asr)
             if row.get(f"{fam}_selectivity") is not None:
                 select[(fam, t)] = row[f"{fam}_selectivity"]
     margins = [row.get("max_margin") for row in rows]
     by_class = np.full(n_classes, np.nan)
     by_class[ids] = [np.nan if m is None else m for m in margins]
     evidence = Evidence(None if None in margins else by_class, selectivity=select)
+    # records saved before the per-family success rates were: every reference trigger
+    # counts as having reached the goal (the yardstick is the whole reference, as it was)
+    saved_asr = "patch_asr" in record["class_fields"]
     result = ReverseResult(triggers, steps=0, forward_passes=0, seconds=0.0,
                            classes=n_classes, targets=None if shortlist is None else ids,
-                           reference=None if shortlist is None else shortlist["reference"])
+                           reference=None if shortlist is None else shortlist["reference"],
+                           asr_goal=ReverseConfig().asr_goal if saved_asr else -np.inf)
     verdict = detect(result, det.anomaly_threshold, det.warn_threshold,
                      det.isolation_threshold, warp_ratio=det.warp_ratio, evidence=evidence,
                      evidence_rule=evidence_rule(det))
-    scores = class_scores(verdict.detection.classes, det.anomaly_threshold,
-                          det.warn_threshold, det.isolation_threshold, det.warp_ratio,
-                          evidence_rule(det))
     return {**record, "flagged": verdict.detection.flagged_targets,
-            "score": max(scores.values())}
+            "score": score(verdict.detection, det.warn_threshold, det.isolation_threshold,
+                           warp_ratio=det.warp_ratio, evidence_rule=evidence_rule(det))}
 
 
 def _score(r: dict) -> float:

@@ -82,7 +82,7 @@ def _row(report: Path, text: str) -> dict:
     rules = {f["rule_id"] for f in res["findings"]}
     det = res.get("detection") or {}
     timings = {k: v for k, v in res.get("timings", {}).items() if v}
-    total = sum(timings.values()) or 1.0
+    total = timings.pop("total", None) or sum(timings.values()) or 1.0
     return {"verdict": res["verdict"], "flagged": det.get("flagged_targets", "-"),
             "plan": "fast (SS212)" if "SS212" in rules else
             ("inconclusive (SS210)" if "SS210" in rules else "thorough"),

@@ -25,6 +25,9 @@ from .reverse import ReversedTrigger, ReverseResult
 
 MAD_TO_SIGMA = 1.4826
 MIN_REFERENCE = 3  # reference classes below which `detect` measures against all reversed
+# reference triggers that reached the goal, per family, below which a shortlisted scan's
+# yardstick keeps the ones that did not (`yardsticks`)
+MIN_CONVERGED = 8
 
 
 def _robust(norms: np.ndarray, log: bool = True, reference: np.ndarray | None = None
@@ -80,10 +83,11 @@ def most_suspicious(detection: Detection, warn_threshold: float, isolation_thres
                     warp_ratio: float = WARP_RATIO, evidence_rule: EvidenceRule | None = None
                     ) -> int | None:
     """The class that comes closest to being flagged: the largest per-class decision score
-    (`class_scores`; None when no class has a finite one)."""
+    (`class_scores`; None when no class that can be flagged has a finite one)."""
     finite = {t: v for t, v in class_scores(
         detection.classes, detection.threshold, warn_threshold, isolation_threshold,
-        warp_ratio, evidence_rule).items() if np.isfinite(v)}
+        warp_ratio, evidence_rule).items()
+        if np.isfinite(v) and t not in detection.yardstick_classes}
     return max(finite, key=finite.__getitem__) if finite else None
 
 
@@ -141,20 +145,17 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     """
     ids = list(range(result.classes)) if result.targets is None else list(result.targets)
     n = len(ids)  # positions 0..n-1 below; ids[i] is the class
-    # the median and spread come from the reference classes when the scan was shortlisted
-    # (from every class reversed when there are too few of them for a spread: a screen
-    # whose candidates left fewer than MIN_REFERENCE other classes)
-    ref = (None if result.reference is None or len(result.reference) < MIN_REFERENCE
-           else np.isin(ids, result.reference))
     families = sorted({fam for fam, _ in result.triggers})
+    refs = yardsticks(result)
     norms = {fam: np.array([result.triggers[(fam, t)].norm for t in ids])
              for fam in families}
-    index = {fam: anomaly_indices(norms[fam], reference=ref) for fam in families}
+    index = {fam: anomaly_indices(norms[fam], reference=refs[fam]) for fam in families}
     averaged = [f for f in COMBINED if f in index] or families
     combined = np.mean([index[f] for f in averaged], axis=0)
-    alone = {fam: isolation(norms[fam], reference=ref) for fam in ("patch", "warp")
+    alone = {fam: isolation(norms[fam], reference=refs[fam]) for fam in ("patch", "warp")
              if fam in norms}
-    ratio = ({"warp": np.median(norms["warp"] if ref is None else norms["warp"][ref])
+    ratio = ({"warp": np.median(norms["warp"] if refs["warp"] is None
+                                else norms["warp"][refs["warp"]])
               / np.maximum(norms["warp"], 1e-12)} if "warp" in norms else {})
     margins = (margin_index(evidence.max_margin[ids])
                if evidence is not None and evidence.max_margin is not None else None)
@@ -172,18 +173,19 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
                for i in range(n)]
     decision = class_scores(classes, threshold, warn_threshold, isolation_threshold,
                             warp_ratio, evidence_rule)
+    yardstick = yardstick_classes(result)
     flagged, suspicious, chosen, reasons = [], [], {}, {}
     every: dict[int, list[ReversedTrigger]] = {}
     for i, c in enumerate(classes):
         t, best_fam = ids[i], best[i]
-        c.flagged = decision[t] > 1.0
+        c.flagged = decision[t] > 1.0 and t not in yardstick
         if c.flagged:
             flagged.append(t)
             chosen[t] = result.triggers[(best_fam, t)]
             every[t] = [result.triggers[(f, t)] for f in families if (f, t) in result.triggers]
             reasons[t] = ("combined" if combined[i] > threshold else "patch" if by_patch[i]
                           else "warp" if by_warp[i] else "evidence")
-        elif combined[i] > warn_threshold:
+        elif combined[i] > warn_threshold or decision[t] > 1.0:
             suspicious.append(t)
     # the strongest is repaired first: the largest of its combined index and isolations
     strength = {ids[i]: max([combined[i]] + [alone[f][i] for f in alone])
@@ -192,8 +194,55 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     detection = Detection(classes=classes, flagged_targets=flagged, threshold=threshold,
                           data_free=data_free, bn_layers_matched=bn_layers,
                           forward_passes=result.forward_passes
-                          + (evidence.forward_passes if evidence else 0))
+                          + (evidence.forward_passes if evidence else 0),
+                          yardstick_classes=sorted(yardstick))
     return Verdict(detection, chosen, reasons, suspicious, families=every)
+
+
+def yardsticks(result: ReverseResult) -> dict[str, np.ndarray | None]:
+    """Per trigger family, which reversed classes (positions in `result.targets` order)
+    set the median and spread of the anomaly indices; None: all of them.
+
+    A scan that reversed every class measures against every class. A shortlisted scan
+    measures against its random reference classes (against every class reversed when a
+    screen left fewer than MIN_REFERENCE of them), and of those only the ones whose
+    trigger of the family reached the reverse's success goal, when at least MIN_CONVERGED
+    did: a trigger that never flipped its rows has no size yet, its norm is wherever the
+    step budget ran out. On the 1,000-class 224x224 MobileNetV2 pair, 35 and 38 of the 56
+    classes reversed never reached the goal in 120 steps; their masks (7,500-12,500
+    pixels) formed a tight cluster whose spread made every class that did converge look
+    anomalous (17 flags on the clean model)."""
+    families = sorted({fam for fam, _ in result.triggers})
+    if result.reference is None or len(result.reference) < MIN_REFERENCE:
+        return dict.fromkeys(families)
+    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
+    ref = np.isin(ids, result.reference)
+    return {fam: reached if reached.sum() >= MIN_CONVERGED else ref
+            for fam, reached in reached_goal(result).items()}
+
+
+def yardstick_classes(result: ReverseResult) -> set[int]:
+    """The classes `detect` measures against but never flags: a shortlisted scan's
+    reference (when it is the yardstick, `yardsticks`). The screen chose the candidates as
+    the classes a backdoor would make easy to reach, and the reference at random; testing
+    the reference too would test 56 classes against a cut chosen on scans of 10 to 43
+    (more honest outliers by chance alone: on the clean 1,000-class 224x224 MobileNetV2
+    one reference class's full-image trigger came out 2.4 times below the median, combined
+    index 2.99), to catch a target the screen missed only when the random draw happened
+    to pick it. Such a class is reported as suspicious (SS202), not flagged."""
+    if result.reference is None or len(result.reference) < MIN_REFERENCE:
+        return set()
+    return set(result.reference)
+
+
+def reached_goal(result: ReverseResult) -> dict[str, np.ndarray]:
+    """Per trigger family, which reference classes' triggers reached the reverse's goal
+    (positions in `result.targets` order; none without a reference)."""
+    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
+    ref = np.isin(ids, result.reference or [])
+    families = sorted({fam for fam, _ in result.triggers})
+    return {fam: ref & np.array([result.triggers[(fam, t)].asr >= result.asr_goal
+                                 for t in ids]) for fam in families}
 
 
 def margin_index(margins: np.ndarray) -> np.ndarray:
@@ -231,6 +280,8 @@ def _class_reverse(result: ReverseResult, t: int, i: int, index: dict[str, np.nd
         warp_anomaly_index=at(index, "warp"),
         warp_isolation=at(alone, "warp"),
         warp_ratio=at(ratio, "warp"),
+        family_asr={fam: float(trig.asr) for (fam, c), trig in result.triggers.items()
+                    if c == t},
         selectivity={} if evidence is None else {
             fam: v for (fam, c), v in evidence.selectivity.items() if c == t},
         max_margin=(None if evidence is None or evidence.max_margin is None
@@ -307,8 +358,10 @@ def score(detection: Detection, warn_threshold: float, isolation_threshold: floa
           classes: Collection[int] | None = None, warp_ratio: float = WARP_RATIO,
           evidence_rule: EvidenceRule | None = None) -> float:
     """One number per model for ROC analysis: the largest `class_scores` entry among
-    `classes` (default all), -inf when there is none."""
+    `classes` (default all that can be flagged: not a shortlisted scan's yardstick), -inf
+    when there is none."""
     per_class = class_scores(detection.classes, detection.threshold, warn_threshold,
                              isolation_threshold, warp_ratio, evidence_rule)
-    return max((v for t, v in per_class.items() if classes is None or t in classes),
-               default=-np.inf)
+    return max((v for t, v in per_class.items()
+                if (t in classes if classes is not None
+                    else t not in detection.yardstick_classes)), default=-np.inf)

@@ -19,7 +19,16 @@ from .autodiff import GradientProgram
 from .autodiff.masks import MaskGradientProgram
 from .context import ScanContext, ScanOptions
 from .data import ImageSet, Preprocess
-from .detect import EvidenceRule, class_scores, detect, most_suspicious, score, selectivity
+from .detect import (
+    MIN_CONVERGED,
+    EvidenceRule,
+    class_scores,
+    detect,
+    most_suspicious,
+    reached_goal,
+    score,
+    selectivity,
+)
 from .detect import Verdict as DetectVerdict
 from .errors import OutOfTime
 from .evidence import Evidence, MarginConfig, max_margins, selectivities
@@ -62,10 +71,20 @@ def find_backdoor(ctx: ScanContext) -> DetectVerdict:
             f"{shortlist.classes} classes were reversed in full: the {len(shortlist.candidates)} "
             f"a {shortlist.screen_steps}-step {shortlist.screen} screen {how} "
             f"({', '.join(map(str, shortlist.candidates))}) and {len(shortlist.reference)} "
-            "random others as the yardstick; a backdoor towards a class the screen ranked "
-            "low is not seen", candidates=list(shortlist.candidates),
-            reference=list(shortlist.reference), screen=shortlist.screen))
+            f"random others as the yardstick ({_yardstick_words(shortlist)}); a backdoor "
+            "towards a class the screen ranked low is not seen",
+            candidates=list(shortlist.candidates), reference=list(shortlist.reference),
+            screen=shortlist.screen, yardstick=dict(shortlist.yardstick)))
     return verdict
+
+
+def _yardstick_words(shortlist: Shortlist) -> str:
+    """'the triggers of 14 (patch), 20 (universal) of them reached the reverse's goal and
+    set the median and spread; ...'"""
+    counts = ", ".join(f"{n} ({fam})" for fam, n in shortlist.yardstick.items())
+    return (f"the triggers of {counts} of them reached the reverse's goal and set the "
+            f"median and spread; a family where fewer than {MIN_CONVERGED} did is measured "
+            "against all of them")
 
 
 def synthesise_inputs(ctx: ScanContext, stage: str = "synthesising data (data-free)"
@@ -99,6 +118,9 @@ def reverse_and_detect(ctx: ScanContext, program: GradientProgram, images: Image
     verdict = detect(reversed_, det.anomaly_threshold, det.warn_threshold,
                      det.isolation_threshold, synthetic, bn_layers, det.warp_ratio, found,
                      evidence_rule(det))
+    if shortlist is not None:
+        shortlist = replace(shortlist, yardstick={
+            fam: int(reached.sum()) for fam, reached in reached_goal(reversed_).items()})
     verdict.detection.shortlist = shortlist
     return verdict
 
@@ -357,7 +379,9 @@ def _detection_findings(result: ScanResult, verdict: DetectVerdict, catalog: Cat
         det.examples[t] = trig.apply(example)[0]
     for t in verdict.suspicious:
         index = by_class[t].anomaly_index
+        why = ("; not flagged: a reference class (the yardstick), which the screen did not "
+               "rank among its candidates" if t in det.yardstick_classes else "")
         result.findings.append(catalog.make(
             "SS202", f"class {t} is unusually easy to reach (anomaly index {index:.2f}, "
-            f"flag threshold {det.threshold:g})", location=f"class {t}", target=t,
+            f"flag threshold {det.threshold:g}){why}", location=f"class {t}", target=t,
             anomaly_index=index))

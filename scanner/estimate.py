@@ -193,7 +193,10 @@ def check_time(ctx: ScanContext) -> Forecast | None:
                 f"machine, over detection.max_minutes = {limit:g}: the fast plan was taken "
                 f"({_said(fast)}): a label-free sweep screens the {ctx.n_classes} classes, "
                 f"{det.fast.shortlist} candidates and {det.fast.reference_classes} reference "
-                f"classes are reversed in full on at most {det.fast.reverse_rows} rows a step",
+                f"classes are reversed in full on at most {det.fast.reverse_rows} rows a step"
+                + ("" if ctx.policy.detection.evidence or not det.evidence else
+                   "; the evidence beside the trigger norms (MM-BD margins, selectivity), "
+                   "which this policy's decision does not use, is not gathered"),
                 thorough_s=round(thorough.total_s, 1), fast_s=round(fast.total_s, 1)))
             ctx.progress.stage("the thorough plan would take longer than the policy allows: "
                                "taking the fast plan (SS212)")

@@ -77,6 +77,9 @@ class ClassReverse:
     warp_anomaly_index: float | None = None
     warp_isolation: float | None = None  # gap to the next smallest warp (σ units)
     warp_ratio: float | None = None  # median class's warp norm / this class's
+    # per family: share of the rows its reversed trigger sent to `target` (below the
+    # reverse's goal: the trigger never worked, its norm is where the steps ran out)
+    family_asr: dict[str, float] = field(default_factory=dict)
     # evidence.py: per family, log ratio of what zeroing the trigger's top channels costs
     # the class's own images against what it costs the trigger (large: a separate path)
     selectivity: dict[str, float] = field(default_factory=dict)
@@ -97,6 +100,9 @@ class Shortlist:
     screen_images: int  # per class ("classes"), in all ("sweep")
     seconds: float
     screen: str = "classes"  # or "sweep" (policy detection.screen)
+    # per trigger family: how many reference classes' triggers reached the goal; they set
+    # the median and spread when there are enough of them (detect.yardsticks)
+    yardstick: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +131,8 @@ class Detection:
     views: dict[str, float] = field(default_factory=dict)
     # a many-class scan reverses only some classes in full (`classes` then lists those)
     shortlist: Shortlist | None = None
+    # its reference classes when they are the yardstick: reported, never flagged (detect)
+    yardstick_classes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ class ReverseResult:
     reference: list[int] | None = None
     # the triggers as they stood after each step named in reverse_triggers(snapshots=...)
     snapshots: dict[int, dict[tuple[str, int], ReversedTrigger]] = field(default_factory=dict)
+    asr_goal: float = 0.95  # ReverseConfig.asr_goal: a trigger at or above it reached it
 
 
 class _Family:
@@ -403,7 +404,8 @@ def reverse_triggers(program: GradientProgram, prep: Preprocess, images: ImageSe
 
     return ReverseResult(_triggers(families, asr, counts, log_prob), step, passes,
                          time.perf_counter() - start, n_classes, snapshots=kept,
-                         targets=None if len(targets) == n_classes else targets.tolist())
+                         targets=None if len(targets) == n_classes else targets.tolist(),
+                         asr_goal=cfg.asr_goal)
 
 
 def _triggers(families: list[_Family], asr: np.ndarray, counts: np.ndarray,

@@ -376,8 +376,9 @@ def test_a_scan_forecast_over_its_limit_takes_the_fast_plan_and_says_so(run_cli,
     cnn_badnets' 10 images the thorough reverse is 3 x 10 x 9 rows x 120 steps = 38.9 s
     and its selectivity tests 3 x (3 x 90 + 2 x 90) rows = 1.4 s, the fast one (2
     candidates + 3 reference classes, 5 images each) 3 x 5 x 5 x 120 + the sweep's 3 x 2 x
-    10 x 40 = 11.4 s and 0.7 s of selectivity tests; the limit is 20 s. With the fast plan off the
-    same scan stops as inconclusive (SS210) and names both forecasts."""
+    10 x 40 = 11.4 s, without the selectivity tests (the default decision does not use
+    them); the limit is 20 s. With the fast plan off the same scan stops as inconclusive
+    (SS210) and names both forecasts."""
     import jsonschema
 
     import scanner.estimate
@@ -400,8 +401,12 @@ def test_a_scan_forecast_over_its_limit_takes_the_fast_plan_and_says_so(run_cli,
     findings = {f["rule_id"]: f for f in res["findings"]}
     assert findings["SS212"]["severity"] == "low"
     assert "the fast plan was taken" in findings["SS212"]["message"]
+    assert "is not gathered" in findings["SS212"]["message"]
+    assert all(not c["selectivity"] for c in res["detection"]["classes"])
     sl = res["detection"]["shortlist"]
     assert sl["screen"] == "sweep" and len(sl["candidates"]) == 2 and len(sl["reference"]) == 3
+    assert set(sl["yardstick"]) == {"patch", "universal", "warp"}
+    assert all(0 <= n <= 3 for n in sl["yardstick"].values())
     assert 0 in res["detection"]["flagged_targets"]  # the sweep ranks the target first
     policy.write_text(body.format("enabled = false\n"))
     result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy)

@@ -3,7 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.detect import EvidenceRule, anomaly_indices, detect, margin_index, score
+from scanner.detect import (
+    MIN_CONVERGED,
+    EvidenceRule,
+    anomaly_indices,
+    detect,
+    margin_index,
+    most_suspicious,
+    score,
+)
 from scanner.evidence import Evidence
 from scanner.reverse import ReversedTrigger, ReverseResult
 
@@ -80,6 +88,81 @@ def test_a_shortlisted_reverse_is_judged_against_its_reference_classes():
                                reference=ids[-2:]), 2.5, 2.0)
     assert [c.anomaly_index for c in few.detection.classes] == \
         [c.anomaly_index for c in alone.detection.classes]
+
+
+def _shortlisted(norms: dict[int, tuple[float, float, float]], reference: list[int]
+                 ) -> ReverseResult:
+    """A shortlisted reverse: class -> (patch mask, universal norm, success rate of both)."""
+    triggers = {}
+    for t, (p, u, asr) in norms.items():
+        triggers[("patch", t)] = ReversedTrigger("patch", t, np.zeros((1, 4, 4)),
+                                                 np.zeros((4, 4)), p, asr)
+        triggers[("universal", t)] = ReversedTrigger("universal", t, np.zeros((1, 4, 4)),
+                                                     None, u, asr)
+    return ReverseResult(triggers, 1, 0, 0.0, classes=1000, targets=list(norms),
+                         reference=reference)
+
+
+# The clean 1,000-class 224x224 MobileNetV2 (shapes1000_mnv2_00, few-shot, fast plan): the
+# masks of the reference classes whose triggers flipped their rows, and of those that never
+# did in 120 steps (success rate below the 0.95 goal), rounded from the saved report.
+REACHED_1000 = [784, 1156, 1243, 1301, 1439, 2064, 2401, 3017, 3493, 3679, 3735, 6509, 7093,
+                7127, 7696]
+UNREACHED_1000 = [7510, 8258, 8365, 8401, 8534, 8650, 8676, 8766, 8867, 9183, 9237, 9331,
+                  9359, 9405, 9419, 9449, 9450, 9543, 9831, 9845, 9991, 10091, 10252, 10277,
+                  10333, 10410, 10472, 10512, 10567, 10587, 10590, 10965, 11985, 12116, 12553]
+
+
+def test_the_yardstick_of_a_shortlisted_scan_is_the_triggers_that_reached_the_goal():
+    """A trigger that never flipped its rows has no size yet: on the clean 1,000-class model
+    35 of 50 reference triggers stopped, unconverged, in a tight cluster of large masks whose
+    small spread made every converged class anomalous (the smallest, 784 pixels, far over
+    the threshold). Measured against the references that converged, the same classes are
+    ordinary, and a trigger 50 times smaller than them still stands out."""
+    ids = list(range(1, 51))
+    candidates, reference = ids[:5], ids[5:]  # the five easiest converged: candidates
+    reached = dict(zip(ids, REACHED_1000, strict=False))
+    unreached = dict(zip(ids[len(REACHED_1000):], UNREACHED_1000, strict=True))
+    norms = {t: (m, m / 250.0, 1.0) for t, m in reached.items()}
+    norms |= {t: (m, m / 250.0, 0.4) for t, m in unreached.items()}
+    clean = detect(_shortlisted(norms, reference), threshold=2.5, warn_threshold=2.0)
+    assert clean.detection.flagged_targets == []
+    assert max(c.anomaly_index for c in clean.detection.classes) < 2.5
+    assert clean.detection.classes[0].family_asr == {"patch": 1.0, "universal": 1.0}
+    # the rule it replaces: every reference norm in the yardstick flags the candidates
+    old = detect(_shortlisted({t: (p, u, 1.0) for t, (p, u, _) in norms.items()},
+                              reference), threshold=2.5, warn_threshold=2.0)
+    assert set(old.detection.flagged_targets) == set(candidates)
+    backdoored = detect(_shortlisted(norms | {0: (43.0, 0.5, 1.0)}, reference), 2.5, 2.0)
+    assert backdoored.detection.flagged_targets == [0]
+    # fewer than MIN_CONVERGED reference triggers reached the goal: no spread can be
+    # measured from them, so the whole reference is the yardstick, as before
+    few = {t: (p, u, 1.0 if t < 5 + MIN_CONVERGED else 0.4) for t, (p, u, _) in norms.items()}
+    assert detect(_shortlisted(few, reference), 2.5, 2.0).detection.flagged_targets == \
+        old.detection.flagged_targets
+
+
+def test_a_shortlisted_scan_never_flags_its_reference_classes():
+    """The reference is the yardstick, drawn at random: an outlier among it is reported as
+    suspicious, not flagged, and does not count in the decision score or as the class
+    closest to a flag (the clean 1,000-class model: a reference class's full-image trigger
+    2.4 times below the median, combined index 2.99). The same class as a candidate is
+    flagged."""
+    ids = list(range(1, 51))
+    norms = {t: (m, m / 250.0, 1.0) for t, m in zip(ids, np.geomspace(1000, 8000, 50),
+                                                    strict=True)}
+    norms[30] = (norms[30][0], norms[30][1] / 100.0, 1.0)  # a small full-image trigger
+    reference = ids[5:]
+    verdict = detect(_shortlisted(norms, reference), threshold=2.5, warn_threshold=2.0)
+    det = verdict.detection
+    by_class = {c.target: c for c in det.classes}
+    assert by_class[30].anomaly_index > 2.5 and not by_class[30].flagged
+    assert det.flagged_targets == [] and 30 in verdict.suspicious
+    assert det.yardstick_classes == reference
+    assert score(det, 2.0, 1.0) < 1.0 < score(det, 2.0, 1.0, classes=[30])
+    assert most_suspicious(det, 2.0, 1.0) in ids[:5]
+    as_candidate = detect(_shortlisted(norms, [t for t in reference if t != 30]), 2.5, 2.0)
+    assert as_candidate.detection.flagged_targets == [30]
 
 
 def test_clean_model_is_not_flagged():

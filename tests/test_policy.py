@@ -129,6 +129,11 @@ def test_the_fast_plan_sub_table_and_what_taking_it_changes(tmp_path: Path) -> N
     assert fast.reverse_rows == det.fast.reverse_rows
     assert fast.synthesised_classes == det.fast.synthesised_classes
     assert fast.anomaly_threshold == 3.0 and fast.reverse_steps == det.reverse_steps
+    # the evidence beside the norms is gathered by the fast plan only for a decision that
+    # uses it
+    assert det.evidence and not fast.evidence
+    floor = dataclasses.replace(det, selectivity_floor=-0.5)
+    assert floor.evidence_decides and floor.fast_plan().evidence
 
 
 def test_integers_are_accepted_for_float_keys(tmp_path: Path) -> None:

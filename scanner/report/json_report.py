@@ -96,6 +96,7 @@ def _class(c: ClassReverse) -> dict[str, Any]:
             "patch_isolation": _num(c.patch_isolation),
             "warp_norm": _num(c.warp_norm), "warp_anomaly_index": _num(c.warp_anomaly_index),
             "warp_isolation": _num(c.warp_isolation), "warp_ratio": _num(c.warp_ratio),
+            "family_asr": {k: _num(v) for k, v in c.family_asr.items()},
             "selectivity": {k: _num(v) for k, v in c.selectivity.items()},
             "max_margin": _num(c.max_margin), "margin_index": _num(c.margin_index),
             "flagged": c.flagged}
@@ -111,7 +112,7 @@ def _detection(d: Detection) -> dict[str, Any]:
                 "reference": list(d.shortlist.reference),
                 "screen_steps": d.shortlist.screen_steps,
                 "screen_images": d.shortlist.screen_images,
-                "screen": d.shortlist.screen,
+                "screen": d.shortlist.screen, "yardstick": dict(d.shortlist.yardstick),
                 "seconds": _num(d.shortlist.seconds)}}
 
 
