@@ -389,10 +389,11 @@ def test_a_scan_forecast_over_its_limit_takes_the_fast_plan_and_says_so(run_cli,
             "[detection.fast]\nshortlist = 2\nreference_classes = 3\nreverse_rows = 15\n"
             "{}[repair]\nenabled = false\n")
     policy.write_text(body.format(""))
-    report = tmp_path / "r.json"
+    report, html = tmp_path / "r.json", tmp_path / "r.html"
     result = run_cli("scan", zoo_model("cnn_badnets"), "--data", FEWSHOT, "--policy", policy,
-                     "--report", report)
+                     "--report", report, "--html", html)
     assert result.code in (0, 1) and "Traceback" not in result.err
+    assert "which are never flagged themselves" in html.read_text()
     doc = json.loads(report.read_text())
     schema = json.loads((Path(__file__).parent.parent / "rules" / "schemas" /
                          "report.schema.json").read_text())

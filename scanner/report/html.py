@@ -12,6 +12,7 @@ from importlib import resources
 import numpy as np
 
 from .. import __version__
+from ..detect import MIN_CONVERGED
 from ..findings import Detection, Finding, ModelSummary, Repair, ScanResult, Verdict
 from .charts import (
     BAR,
@@ -130,9 +131,13 @@ def _detection(d: Detection) -> str:
                  f"images chose the {len(sl.candidates)} they sent the images to most")
         source += (f"; of the model's {sl.classes} classes, {chose} for the full reverse, "
                    f"beside {len(sl.reference)} random others whose norms set the median and "
-                   "spread (the chart shows those classes; of them, those whose triggers "
-                   "reached the reverse's goal: "
-                   + ", ".join(f"{n} ({fam})" for fam, n in sl.yardstick.items()) + ")")
+                   "spread and which are never flagged themselves (the chart shows those "
+                   "classes)")
+        if sl.yardstick:
+            source += ("; of those, the triggers that reached the reverse's goal, which "
+                       f"alone set a family's median and spread where {MIN_CONVERGED} or more "
+                       "did: "
+                       + ", ".join(f"{n} ({fam})" for fam, n in sl.yardstick.items()))
     parts = [f'<p class="note">Anomaly index of each class\'s reversed triggers '
              f'(how much smaller than the median, in robust standard deviations of the log '
              f'norm, averaged over the patch and full-image families; the warp family, '
