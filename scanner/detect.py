@@ -143,9 +143,9 @@ def detect(result: ReverseResult, threshold: float, warn_threshold: float,
     With `evidence` and an `evidence_rule`, the evidence beside the norms enters the
     decision (`class_scores`, `EvidenceRule`).
     """
-    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
+    ids = _reversed(result)
     n = len(ids)  # positions 0..n-1 below; ids[i] is the class
-    families = sorted({fam for fam, _ in result.triggers})
+    families = _families(result)
     refs = yardsticks(result)
     norms = {fam: np.array([result.triggers[(fam, t)].norm for t in ids])
              for fam in families}
@@ -212,11 +212,9 @@ def yardsticks(result: ReverseResult) -> dict[str, np.ndarray | None]:
     classes reversed never reached the goal in 120 steps; their masks (7,500-12,500
     pixels) formed a tight cluster whose spread made every class that did converge look
     anomalous (17 flags on the clean model)."""
-    families = sorted({fam for fam, _ in result.triggers})
-    if result.reference is None or len(result.reference) < MIN_REFERENCE:
-        return dict.fromkeys(families)
-    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
-    ref = np.isin(ids, result.reference)
+    if not yardstick_classes(result):
+        return dict.fromkeys(_families(result))
+    ref = np.isin(_reversed(result), result.reference)
     return {fam: reached if reached.sum() >= MIN_CONVERGED else ref
             for fam, reached in reached_goal(result).items()}
 
@@ -238,11 +236,19 @@ def yardstick_classes(result: ReverseResult) -> set[int]:
 def reached_goal(result: ReverseResult) -> dict[str, np.ndarray]:
     """Per trigger family, which reference classes' triggers reached the reverse's goal
     (positions in `result.targets` order; none without a reference)."""
-    ids = list(range(result.classes)) if result.targets is None else list(result.targets)
+    ids = _reversed(result)
     ref = np.isin(ids, result.reference or [])
-    families = sorted({fam for fam, _ in result.triggers})
     return {fam: ref & np.array([result.triggers[(fam, t)].asr >= result.asr_goal
-                                 for t in ids]) for fam in families}
+                                 for t in ids]) for fam in _families(result)}
+
+
+def _reversed(result: ReverseResult) -> list[int]:
+    """The classes reversed, in the order of `detect`'s per-class arrays."""
+    return list(range(result.classes)) if result.targets is None else list(result.targets)
+
+
+def _families(result: ReverseResult) -> list[str]:
+    return sorted({fam for fam, _ in result.triggers})
 
 
 def margin_index(margins: np.ndarray) -> np.ndarray:
