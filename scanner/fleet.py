@@ -180,19 +180,22 @@ def scan_on_ray(jobs: Sequence[Job], several: bool, ray_options: RayOptions,
                 scan_fn: ScanFn = scan) -> Iterator[ScanResult]:
     """Submit one task per model at once and yield the results in the jobs' order (the
     summaries then read as a local run's). A bug in a task (its exception) stops the run
-    as it would locally, and the tasks still queued are cancelled."""
+    as it would locally. The tasks still out are not cancelled one by one: in Ray 2.x,
+    `ray.cancel` racing a task's reply in flight aborts the driver ("Tried to complete
+    task that was not pending"; it stopped two of our CI runs). A session this
+    run started ends with it, and Ray stops the ended job's tasks; in a session the caller
+    holds (a test, a notebook), they run to their end and their results are dropped."""
     ray = import_ray()
     started = _connect(ray, ray_options.address)
     threads = os.environ.get(THREADS_ENV) or str(max(1, math.ceil(ray_options.cpus)))
-    pending: list = []
     try:
         _check_resources(ray, ray_options)
         task = ray.remote(_ray_task).options(
             num_cpus=ray_options.cpus, num_gpus=ray_options.gpus,
             max_retries=ray_options.retries, retry_exceptions=False, name="shapscan-scan")
-        pending = [task.remote(path, options, several, threads, scan_fn)
+        refs = [task.remote(path, options, several, threads, scan_fn)
                    for path, options in jobs]
-        for (path, options), ref in zip(jobs, list(pending), strict=True):
+        for (path, options), ref in zip(jobs, refs, strict=True):
             try:
                 outcome: _TaskOutcome = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
@@ -200,12 +203,9 @@ def scan_on_ray(jobs: Sequence[Job], several: bool, ray_options: RayOptions,
                 raise cause if isinstance(cause, Exception) else exc from None
             except ray.exceptions.RayError as exc:
                 outcome = _TaskOutcome(_lost(ray, path, options, exc, ray_options.retries))
-            pending.remove(ref)
             if outcome.usage_error is not None:
                 raise UsageError(outcome.usage_error)
             yield outcome.result
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
