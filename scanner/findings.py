@@ -240,6 +240,8 @@ class Repair:
     stamped_copies: int = 0
     clean_images: int = 0
     clean_copies: int = 0
+    # the scan's images, when the repair drew `clean_images` of them ([repair] max_images)
+    scan_images: int = 0
     trigger_gain: float = 1.0
     # mean target probability that clean images of other classes get from the repaired
     # model: the stop rule compares the stamped images' with it
@@ -264,17 +266,24 @@ class Repair:
         if not self.stamped_images:
             return f"the stamped {self.images_word}"
         rows = self.stamped_images * (1 + self.stamped_copies)
-        return (f"{rows} rows: the {self.stamped_images} {self.images_word} of other classes "
-                f"and {self.stamped_copies} shifted copies of each, stamped with the reversed "
-                f"trigger at {self.trigger_gain:g}x its strength")
+        return (f"{rows} rows: the {self.stamped_images} {self.images_word} of other classes"
+                f"{self.drawn()} and {self.stamped_copies} shifted copies of each, stamped "
+                f"with the reversed trigger at {self.trigger_gain:g}x its strength")
 
     def clean_rows(self) -> str:
         """Which rows the clean accuracy before and after is on."""
         if not self.clean_images:
             return f"the {self.images_word}"
         rows = self.clean_images * (1 + self.clean_copies)
-        return (f"{rows} rows: the {self.clean_images} {self.images_word} and "
+        return (f"{rows} rows: the {self.clean_images} {self.images_word}{self.drawn()} and "
                 f"{self.clean_copies} shifted copies of each")
+
+    def drawn(self) -> str:
+        """How the repair's images came from the scan's, when it did not use them all."""
+        if self.scan_images <= self.clean_images:
+            return ""
+        return (f" (drawn from the scan's {self.scan_images}: at most repair.max_images, the "
+                "flagged class's own among them)")
 
 
 @dataclass

@@ -251,6 +251,8 @@ class RepairPolicy:
     # ... and so does a target whose reversed trigger of another family (patch, universal,
     # warp) still succeeds above target_asr on the repaired model
     every_family: bool = True
+    # memory bound: the repair works on at most this many of the scan's images (0: all)
+    max_images: int = 100
     recover: RecoverPolicy = RecoverPolicy()
 
 
@@ -360,6 +362,7 @@ _RANGES: dict[str, _Range] = {
     "repair.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.max_clean_drop": (0.0, 1.0, True, True),
     "repair.min_trigger_growth": (0.0, None, True, True),
+    "repair.max_images": (0, None, True, True),
     "repair.recover.max_channel_fraction": (0.0, 1.0, False, True),
     "repair.recover.min_trigger_growth": (0.0, None, True, True),
     "repair.recover.steps": (1, 100_000, True, True),

@@ -38,11 +38,12 @@ def repair(ctx: ScanContext) -> None:
     assert ctx.verdict is not None and ctx.images is not None
     target, *others = ctx.verdict.detection.flagged_targets
     triggers = ctx.verdict.triggers
+    images = repair_images(ctx.images, target, ctx.policy.repair.max_images, ctx.opts.seed)
     with ctx.timed("shapley"):
         # shifted copies: the utilities average over more rows, so they are less noisy
         # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
-        stamped = _stamped(ctx.images, target, triggers[target], ctx.opts.trigger_gain)
-        clean = shifted(ctx.images, CLEAN_COPIES)
+        stamped = _stamped(images, target, triggers[target], ctx.opts.trigger_gain)
+        clean = shifted(images, CLEAN_COPIES)
         backdoor_eval = CoalitionEvaluator(
             ctx.model.runnable, ctx.layers, ctx.prep.to_model(stamped), ctx.device,
             max_batch_rows=forward_rows(ctx.model.runnable, ctx.policy.load.max_batch_bytes))
@@ -57,13 +58,13 @@ def repair(ctx: ScanContext) -> None:
         ctx.progress.stage("choosing channels to zero")
         chosen = plan(backdoor_eval, clean_eval, clean.labels, utility, values,
                       _prune_config(ctx), progress=ctx.progress)
-        _record_repair(ctx, backdoor_eval, values, chosen, target,
+        _record_repair(ctx, images, backdoor_eval, values, chosen, target,
                        backdoor_eval.forward_passes + clean_eval.forward_passes)
         assert ctx.result.repair is not None
         ctx.result.repair.players = None if players is None else len(players)
     rep = ctx.result.repair
     # wanted but untrainable (float16, QDQ): _recover says so in SS301 and returns None
-    recovered = _recover(ctx, rep) if chosen.channels and recovery_wanted(ctx) else None
+    recovered = _recover(ctx, rep, images) if chosen.channels and recovery_wanted(ctx) else None
     # the weights the export carries: the original's with the plan's channels masked, or
     # the recovered ones; the checks below are of that model
     repaired_eval = backdoor_eval
@@ -74,11 +75,11 @@ def repair(ctx: ScanContext) -> None:
     with ctx.timed("prune"):
         if chosen.channels:
             rep.family_asr = _family_asr(
-                ctx, backdoor_eval, repaired_eval, chosen.channels, target,
+                ctx, images, backdoor_eval, repaired_eval, chosen.channels, target,
                 ctx.verdict.families.get(target) or [triggers[target]])
         if others and chosen.channels:
             _check_other_targets(ctx.result, backdoor_eval, repaired_eval, ctx.prep,
-                                 ctx.images, chosen.channels, target,
+                                 images, chosen.channels, target,
                                  {t: triggers[t] for t in others}, ctx.opts, ctx.catalog,
                                  ctx.policy.repair)
     # the re-scan repeats the detection the scan ran (none: a stage driven by hand)
@@ -114,12 +115,12 @@ def _judge_recovered(ctx: ScanContext, repair: Repair, recovered: Recovered,
     return stamped_eval
 
 
-def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
+def _recover(ctx: ScanContext, repair: Repair, images: ImageSet) -> Recovered | None:
     """[repair.recover]: fine-tune the zeroed model (recover.py) against the original's
-    outputs on the scan's images, unlearning every reversed trigger family of the flagged
-    classes. The trained initializers go into the re-scanned and the exported model;
-    None (and a note in SS301's message) when the model cannot be trained."""
-    assert ctx.verdict is not None and ctx.images is not None
+    outputs on the repair's images (`repair_images`), unlearning every reversed trigger
+    family of the flagged classes. The trained initializers go into the re-scanned and the
+    exported model; None (and a note in SS301's message) when the model cannot be trained."""
+    assert ctx.verdict is not None
     rc = ctx.policy.repair.recover
     cfg = RecoverConfig(steps=rc.steps, lr=rc.lr, ops=rc.parameters,
                         temperature=rc.temperature, unlearn_weight=rc.unlearn_weight,
@@ -135,7 +136,7 @@ def _recover(ctx: ScanContext, repair: Repair) -> Recovered | None:
             return None
         zeroed = sanitize(ctx.model.runnable, zeroed_channels(repair), verify=False)
         try:
-            res = recover(ctx.model.runnable, zeroed, ctx.prep, ctx.images, triggers, cfg,
+            res = recover(ctx.model.runnable, zeroed, ctx.prep, images, triggers, cfg,
                           targets=flagged, device=ctx.device, progress=ctx.progress)
         except Inconclusive as exc:
             repair.recovery_note = f"recovery skipped: {exc}"
@@ -206,6 +207,19 @@ def _prune_config(ctx: ScanContext) -> PruneConfig:
                        give_back=not ctx.opts.data_free)
 
 
+def repair_images(images: ImageSet, target: int, most: int, seed: int) -> ImageSet:
+    """The scan's images the repair works on ([repair] max_images, 0: all): every one up to
+    `most`, else the flagged class's own and a seeded random draw of the others, in their
+    order. A memory bound: each evaluator of the repair holds 5 or 9 rows per image (shifted
+    copies), and at 1,000 classes of 224x224 the clean rows alone were 5.4 GB of pixels."""
+    if not most or len(images) <= most:
+        return images
+    own = np.flatnonzero(images.labels == target)[:most]
+    rest = np.flatnonzero(images.labels != target)
+    drawn = np.random.default_rng(seed).choice(rest, most - len(own), replace=False)
+    return images.subset(np.sort(np.concatenate([own, drawn])))
+
+
 def _stamped(images: ImageSet, target: int, trigger: ReversedTrigger, gain: float
              ) -> np.ndarray:
     """The trigger on the images of the other classes and shifted copies of each."""
@@ -230,15 +244,15 @@ def _success(original: CoalitionEvaluator, repaired: CoalitionEvaluator, prep: P
     return float(before), float(after), shipped.forward_passes + fixed.forward_passes
 
 
-def _family_asr(ctx: ScanContext, original: CoalitionEvaluator,
+def _family_asr(ctx: ScanContext, images: ImageSet, original: CoalitionEvaluator,
                 repaired: CoalitionEvaluator, channels: list[int], target: int,
                 family_triggers: list[ReversedTrigger]) -> dict[str, tuple[float, float]]:
     """Each of the target's reversed triggers (one per family): its success on the model as
     shipped and on the repaired one."""
-    assert ctx.images is not None and ctx.result.repair is not None
+    assert ctx.result.repair is not None
     out = {}
     for trigger in family_triggers:
-        before, after, passes = _success(original, repaired, ctx.prep, ctx.images, channels,
+        before, after, passes = _success(original, repaired, ctx.prep, images, channels,
                                          target, trigger, ctx.opts.trigger_gain)
         ctx.result.repair.forward_passes += passes
         out[trigger.family] = (before, after)
@@ -268,8 +282,8 @@ def _check_other_targets(result: ScanResult, original: CoalitionEvaluator,
                 reversed_asr_before=before, reversed_asr_after=after))
 
 
-def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: ShapleyResult,
-                   chosen: PrunePlan, target: int, passes: int) -> None:
+def _record_repair(ctx: ScanContext, images: ImageSet, evaluator: CoalitionEvaluator,
+                   values: ShapleyResult, chosen: PrunePlan, target: int, passes: int) -> None:
     def channel_value(flat: int, pruned: bool) -> ChannelValue:
         layer, ch = evaluator.channel(flat)
         return ChannelValue(layer.name, ch, float(values.values[flat]),
@@ -286,8 +300,9 @@ def _record_repair(ctx: ScanContext, evaluator: CoalitionEvaluator, values: Shap
         target_reached=chosen.target_reached, target_probability_before=chosen.backdoor_before,
         target_probability_after=chosen.backdoor_after,
         given_back=[channel_value(c, False) for c in chosen.given_back], frontier=chosen.frontier,
-        inputs=ctx.view, stamped_images=int((ctx.images.labels != target).sum()),
-        stamped_copies=STAMPED_COPIES, clean_images=len(ctx.images),
+        inputs=ctx.view, stamped_images=int((images.labels != target).sum()),
+        stamped_copies=STAMPED_COPIES, clean_images=len(images),
+        scan_images=len(ctx.images or images),
         clean_copies=CLEAN_COPIES, trigger_gain=ctx.opts.trigger_gain,
         clean_target_probability_after=chosen.clean_target_prob_after,
         channel_budget=channel_budget(ctx))

@@ -125,6 +125,8 @@ def _repair(r: Repair) -> dict[str, Any]:
     return {
         "target": r.target, "estimator": r.estimator, "permutations": r.permutations,
         "players": r.players,
+        "images": {"used": r.clean_images, "of": max(r.scan_images, r.clean_images)}
+        if r.clean_images else None,
         "forward_passes": r.forward_passes, "channels_total": r.channels_total,
         "pruned_count": len(r.pruned), "pruned_fraction": _num(r.pruned_fraction),
         "target_reached": r.target_reached, "output_path": r.output_path,
