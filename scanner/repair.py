@@ -44,12 +44,14 @@ def repair(ctx: ScanContext) -> None:
         # (FINDINGS 5); the clean cost (a divergence, see prune.py) gets the most
         stamped = _stamped(images, target, triggers[target], ctx.opts.trigger_gain)
         clean = shifted(images, CLEAN_COPIES)
+        # the first-order ranking's gradient session is gone before the evaluators cache
+        # their images' prefix activations: the two never hold memory at once
+        players = narrow_players(ctx, stamped, target)
         backdoor_eval = CoalitionEvaluator(
             ctx.model.runnable, ctx.layers, ctx.prep.to_model(stamped), ctx.device,
             max_batch_rows=forward_rows(ctx.model.runnable, ctx.policy.load.max_batch_bytes))
         clean_eval = backdoor_eval.with_images(ctx.prep.to_model(clean.pixels))
         cfg = _shapley_config(ctx)
-        players = narrow_players(ctx, stamped, target)
         ctx.progress.stage(f"Shapley values towards class {target}")
         utility = Utility(target)
         values = estimate(backdoor_eval, utility, cfg, ctx.opts.seed, players=players,

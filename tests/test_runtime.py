@@ -71,6 +71,29 @@ def test_session_options_threads_and_quiet_logs(monkeypatch):
     assert session_options().intra_op_num_threads == 2
 
 
+def test_the_predictor_keeps_no_memory_arena_and_gives_the_same_logits():
+    """The scan holds its Predictor to the end and runs it a few times: without an arena its
+    session does not keep its largest run's memory (1.5 GB on the 1,000-class 224x224 pair),
+    and its logits are the arena session's, bit for bit."""
+    from conftest import FEWSHOT, zoo_model
+
+    from scanner import api
+    from scanner.data import load_images
+    from scanner.graph.load import load_model
+
+    assert session_options().enable_cpu_mem_arena and not session_options(
+        arena=False).enable_cpu_mem_arena
+    model = load_model(zoo_model("cnn_badnets"))
+    prep = api.model_preprocess(model)
+    predict = api.Predictor(model, prep)
+    assert not predict.session.get_session_options().enable_cpu_mem_arena
+    pixels = load_images(FEWSHOT, prep).pixels
+    with_arena = make_session(model.runnable)
+    name, _ = model.image_input()
+    np.testing.assert_array_equal(predict(pixels),
+                                  with_arena.run(None, {name: prep.to_model(pixels)})[0])
+
+
 def test_a_kernel_failure_raises_without_printing_a_second_copy(capfd):
     # the failure reaches the user as the exception's one line; ORT used to log it as well
     from onnx import TensorProto, helper, numpy_helper
