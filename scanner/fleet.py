@@ -194,7 +194,7 @@ def scan_on_ray(jobs: Sequence[Job], several: bool, ray_options: RayOptions,
             num_cpus=ray_options.cpus, num_gpus=ray_options.gpus,
             max_retries=ray_options.retries, retry_exceptions=False, name="shapscan-scan")
         refs = [task.remote(path, options, several, threads, scan_fn)
-                   for path, options in jobs]
+                for path, options in jobs]
         for (path, options), ref in zip(jobs, refs, strict=True):
             try:
                 outcome: _TaskOutcome = ray.get(ref)

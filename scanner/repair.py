@@ -286,6 +286,8 @@ def _check_other_targets(result: ScanResult, original: CoalitionEvaluator,
 
 def _record_repair(ctx: ScanContext, images: ImageSet, evaluator: CoalitionEvaluator,
                    values: ShapleyResult, chosen: PrunePlan, target: int, passes: int) -> None:
+    assert ctx.images is not None
+
     def channel_value(flat: int, pruned: bool) -> ChannelValue:
         layer, ch = evaluator.channel(flat)
         return ChannelValue(layer.name, ch, float(values.values[flat]),
@@ -304,7 +306,7 @@ def _record_repair(ctx: ScanContext, images: ImageSet, evaluator: CoalitionEvalu
         given_back=[channel_value(c, False) for c in chosen.given_back], frontier=chosen.frontier,
         inputs=ctx.view, stamped_images=int((images.labels != target).sum()),
         stamped_copies=STAMPED_COPIES, clean_images=len(images),
-        scan_images=len(ctx.images or images),
+        scan_images=len(ctx.images),
         clean_copies=CLEAN_COPIES, trigger_gain=ctx.opts.trigger_gain,
         clean_target_probability_after=chosen.clean_target_prob_after,
         channel_budget=channel_budget(ctx))
