@@ -493,6 +493,21 @@ def detected_clean(e: dict, mode: str, seed: int) -> dict | None:
     return None
 
 
+@functools.cache
+def code_version() -> str:
+    """The commit the scans ran at ("+dirty": with uncommitted changes; "unknown" outside
+    a git checkout): records of different code are not one experiment."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "scanner", "rules"],
+                               cwd=ROOT, text=True, capture_output=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float,
                   policy_file: str = "", tag: str = "", scan_clean: bool = False,
                   method: str = "shapley") -> None:
@@ -502,6 +517,7 @@ def scan_and_save(e: dict, mode: str, seed: int, repair: bool, timeout: float,
         r = {**reused, "written": False, "reused_detection": True}
     else:
         r = run_child(e, mode, seed, repair, timeout, policy_file, method)
+        r["code"] = code_version()
     path = result_path(e["name"], mode, seed, repair, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(r, indent=1) + "\n")
