@@ -333,7 +333,7 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
     growth = rp.recover.min_trigger_growth if recovered is not None else rp.min_trigger_growth
-    repair.incomplete_reasons = _incomplete_reasons(result, repair, growth,
+    repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.target_asr, growth,
                                                     rp.target_asr if rp.every_family else None)
     repair.status = "incomplete" if repair.incomplete_reasons else "complete"
     if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
@@ -367,15 +367,14 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         location=f"class {repair.target}", repstatus=repair.status))
 
 
-def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 0.0,
-                        family_asr: float | None = None) -> list[str]:
+def _incomplete_reasons(result: ScanResult, repair: Repair, target_asr: float,
+                        min_growth: float = 0.0, family_asr: float | None = None) -> list[str]:
     """Why the repaired model may still obey a trigger; empty when nothing says so.
-    `family_asr`: the most any of the target's reversed triggers may still succeed on."""
+    `target_asr`: the plan's success target; `family_asr`: the most any of the target's
+    reversed triggers may still succeed on."""
     reasons = []
     if not repair.target_reached:
-        reasons.append(f"the reversed trigger still works on "
-                       f"{100 * repair.reversed_asr_after:.0f}% of the stamped "
-                       f"{repair.images_word} (SS302)")
+        reasons.append(_missed(repair, target_asr))
     survivors = [f.details["target"] for f in result.findings if f.rule_id == "SS304"]
     if survivors:
         reasons.append(f"the reversed trigger of flagged class "
@@ -398,6 +397,21 @@ def _incomplete_reasons(result: ScanResult, repair: Repair, min_growth: float = 
                 f"{f} trigger still works on {100 * a:.0f}%" for f, a in alive.items())
                 + f" of the stamped {repair.images_word}")
     return reasons
+
+
+def _missed(repair: Repair, target_asr: float) -> str:
+    """SS302's reason in a line: the success rate, or, when that met its target, the
+    target probability the trigger still lifts ("still works on 0%" read as a
+    contradiction)."""
+    asr = 100 * repair.reversed_asr_after
+    rows = f"the stamped {repair.images_word}"
+    prob, clean = repair.target_probability_after, repair.clean_target_probability_after
+    if repair.reversed_asr_after > target_asr or prob is None or clean is None:
+        return f"the reversed trigger still works on {asr:.0f}% of {rows} (SS302)"
+    flips = "none" if repair.reversed_asr_after == 0 else f"only {asr:.0f}%"
+    return (f"the reversed trigger sends {flips} of {rows} to class {repair.target} but "
+            f"still lifts its mean probability on them to {prob:.3f} (clean images of other "
+            f"classes: {clean:.3f}) (SS302)")
 
 
 def _incomplete_message(repair: Repair, out: Path | None) -> str:

@@ -139,6 +139,22 @@ def test_every_family_makes_a_repair_another_trigger_survives_incomplete(tmp_pat
             "images"]
 
 
+def test_a_repair_that_missed_only_the_probability_part_says_so_in_its_reason(tmp_path):
+    """SS305's one line, like SS302: 0 % flipped is not "still works on 0 %" (the reason
+    the corpus's records carried); the probability that kept the target out of reach is."""
+    ctx = _context(tmp_path)
+    repair = _repair(ctx, reached=False, rescan=Rescan(["few-shot"], [], {}))
+    repair.reversed_asr_after = 0.0
+    repair.target_probability_after, repair.clean_target_probability_after = 0.031, 0.002
+    finish_repair(ctx, repair)
+    assert repair.incomplete_reasons == [
+        "the reversed trigger sends none of the stamped few-shot images to class 0 but still "
+        "lifts its mean probability on them to 0.031 (clean images of other classes: "
+        "0.002) (SS302)"]
+    [ss305] = [f for f in ctx.result.findings if f.rule_id == "SS305"]
+    assert "still works on 0%" not in ss305.message and "0.031" in ss305.message
+
+
 @pytest.mark.parametrize(("reached", "rescan", "reason"), [
     (False, None, "still works on 40% of the stamped few-shot images"),
     (True, Rescan(["few-shot"], [0, 6], {0: 3.1, 6: 2.7}), "still flags class 0, 6")])
