@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -316,26 +317,36 @@ DET_HEADER = ("| group | runs +/- | ROC-AUC | TPR @ FPR<=5 % | TPR (rule) | FPR 
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def complete(r: dict, min_growth: float | None = 0.0, every_family: bool = False) -> bool:
+def complete(r: dict, min_growth: float | None = 0.0,
+             every_family: bool | None = False) -> bool:
     """Whether a repair record counts as complete, judged again from what it saved (as
     redecide does for detection) at `repair.min_trigger_growth` = min_growth and
-    `repair.every_family`: complete as scanned, its target's trigger grew at least that
-    much in the re-scan, and (every_family) none of its reversed triggers still works.
-    min_growth None: the shipped policy's, [repair.recover]'s for a repair recovery
-    followed (its record keeps the zeroed plan), [repair]'s otherwise."""
+    `repair.every_family`: complete as scanned, or incomplete only because one of its
+    target's reversed triggers still worked (the family check) and every_family is off; its
+    target's trigger grew at least min_growth in the re-scan; and (every_family) none of
+    its reversed triggers still works. None: the shipped policy's, [repair.recover]'s for a
+    repair recovery followed (its record keeps the zeroed plan), [repair]'s otherwise."""
+    shipped = shipped_repair()
+    recovered = "zeroed" in r
     if min_growth is None:
-        shipped = shipped_repair()
-        min_growth = (shipped.recover.min_trigger_growth if "zeroed" in r
+        min_growth = (shipped.recover.min_trigger_growth if recovered
                       else shipped.min_trigger_growth)
-    if r.get("repair_status") != "complete":
+    if every_family is None:
+        every_family = shipped.recover.every_family if recovered else shipped.every_family
+    reasons = r.get("incomplete_reasons") or []
+    family_only = bool(reasons) and all(FAMILY_REASON.match(x) for x in reasons)
+    if r.get("repair_status") != "complete" and not (family_only and not every_family):
         return False
     growth = r.get("rescan_growth")
     if min_growth and growth is not None and growth < min_growth:
         return False
     if not every_family:
         return True
-    target_asr = shipped_repair().target_asr
-    return not any(a > target_asr for _, a in (r.get("family_asr") or {}).values())
+    return not any(a > shipped.target_asr for _, a in (r.get("family_asr") or {}).values())
+
+
+# repair._incomplete_reasons' line for the family check (repair.every_family)
+FAMILY_REASON = re.compile(r"class \d+'s reversed .* trigger still works on ")
 
 
 @functools.cache
@@ -347,7 +358,8 @@ def shipped_repair():
 
 
 def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
-                min_growth: float | None = 0.0, every_family: bool = False) -> list[str]:
+                min_growth: float | None = 0.0,
+                every_family: bool | None = False) -> list[str]:
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for e in entries:
         for r in runs.get(e["name"], []):
@@ -394,7 +406,7 @@ def repair_rows(entries: list[dict], runs: dict[str, list[dict]], key: str,
 
 def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: str = "",
            baseline: bool = False, min_growth: float | None = 0.0,
-           every_family: bool = False
+           every_family: bool | None = False
            ) -> str:
     """The detection tables (none for a baseline: it detects nothing), then with `repair`
     the repair tables."""
@@ -437,11 +449,14 @@ def tables(entries: list[dict], mode: str, seeds: list[int], repair: bool, tag: 
 
 def repair_tables(entries: list[dict], runs: dict[str, list[dict]],
                   min_growth: float | None = 0.0,
-                  every_family: bool = False) -> list[str]:
+                  every_family: bool | None = False) -> list[str]:
+    def shown(value: float | bool | None) -> str:
+        return ("the shipped policy's" if value is None else str(value).lower()
+                if isinstance(value, bool) else f"{value:g}")
+
     lines: list[str] = []
     lines += ["", "(complete: judged from the saved re-scan at repair.min_trigger_growth = "
-              + ("the shipped policy's" if min_growth is None else f"{min_growth:g}")
-              + f", repair.every_family = {str(every_family).lower()})"]
+              f"{shown(min_growth)}, repair.every_family = {shown(every_family)})"]
     for key in ("split", "family_label", "attack"):
         lines += ["", *repair_rows(entries, runs, key, min_growth, every_family)]
     return lines
@@ -553,7 +568,8 @@ def main() -> None:
                     "policy's; no rescanning)")
     ap.add_argument("--every-family", default=None, choices=("true", "false"),
                     help="tables: judge repairs complete again with this repair.every_family "
-                    "(default: the default policy's; no rescanning)")
+                    "(default: the default policy's, [repair.recover]'s for a repair recovery followed; "
+                    "no rescanning)")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
@@ -565,10 +581,9 @@ def main() -> None:
     policy_file = str(Path(args.policy).resolve()) if args.policy else ""
     tag = "-".join(t for t in (Path(args.policy).stem if args.policy else "",
                                "" if args.method == "shapley" else args.method) if t)
-    shipped = shipped_repair()
-    min_growth = args.min_growth  # None: the shipped policy's, per record (complete)
-    every_family = (shipped.every_family if args.every_family is None
-                    else args.every_family == "true")
+    # None: the shipped policy's, per record (complete)
+    min_growth = args.min_growth
+    every_family = None if args.every_family is None else args.every_family == "true"
     entries = manifest(args.many)
     if args.split != "all":
         entries = [e for e in entries if e["split"] == args.split]

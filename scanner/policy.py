@@ -222,8 +222,11 @@ class RecoverPolicy:
     # the channel budget of a plan that recovery follows (repair.max_channel_fraction is
     # the budget of zeroing alone: recovery off, or a model it cannot train)
     max_channel_fraction: float = 0.10
-    # repair.min_trigger_growth for a repair that recovery followed
+    # repair.min_trigger_growth and repair.every_family for a repair that recovery followed
+    # (recovery unlearns the very triggers the family check stamps: the re-scan, which
+    # reverses new ones, is the independent check)
     min_trigger_growth: float = 0.0
+    every_family: bool = False
     steps: int = 300  # Adam steps
     lr: float = 3e-4
     # op types whose float parameters are trained (weights and biases; BN/LN scale and bias)

@@ -332,9 +332,12 @@ def finish_repair(ctx: ScanContext, repair: Repair, recovered: Recovered | None 
         result.findings.append(catalog.make(
             "SS303", f"repair lowers clean accuracy on the {repair.images_word} by "
             f"{100 * drop:.1f} points", location=f"class {repair.target}"))
-    growth = rp.recover.min_trigger_growth if recovered is not None else rp.min_trigger_growth
+    # a repair recovery followed has checks of its own ([repair.recover])
+    growth, every_family = ((rp.recover.min_trigger_growth, rp.recover.every_family)
+                            if recovered is not None else
+                            (rp.min_trigger_growth, rp.every_family))
     repair.incomplete_reasons = _incomplete_reasons(result, repair, rp.target_asr, growth,
-                                                    rp.target_asr if rp.every_family else None)
+                                                    rp.target_asr if every_family else None)
     repair.status = "incomplete" if repair.incomplete_reasons else "complete"
     if opts.out is not None and (repair.status == "complete" or opts.keep_incomplete):
         model = ctx.model

@@ -123,17 +123,26 @@ def test_the_growth_a_recovered_repair_needs_is_its_own(tmp_path, recovered, com
         assert "may never have been backdoored" in reason
 
 
-@pytest.mark.parametrize("every_family", [False, True])
-def test_every_family_makes_a_repair_another_trigger_survives_incomplete(tmp_path,
-                                                                         every_family):
+@pytest.mark.parametrize(("every_family", "recovered", "complete"), [
+    (False, False, True), (True, False, False),
+    # after recovery [repair.recover] every_family rules, off by default: recovery unlearnt
+    # those very triggers
+    (True, True, True), ("recover", True, False)])
+def test_every_family_makes_a_repair_another_trigger_survives_incomplete(
+        tmp_path, every_family, recovered, complete):
     ctx = _context(tmp_path)
-    ctx.policy = replace(ctx.policy, repair=replace(ctx.policy.repair,
-                                                    every_family=every_family))
+    rp = ctx.policy.repair
+    assert rp.every_family and not rp.recover.every_family  # the shipped defaults
+    if every_family == "recover":
+        rp = replace(rp, recover=replace(rp.recover, every_family=True))
+    else:
+        rp = replace(rp, every_family=every_family)
+    ctx.policy = replace(ctx.policy, repair=rp)
     repair = _repair(ctx, reached=True, rescan=Rescan(["few-shot"], [], {}))
     repair.family_asr = {"patch": (1.0, 0.0), "universal": (0.9, 0.4)}
-    finish_repair(ctx, repair)
-    assert (repair.status == "complete") is not every_family
-    if every_family:
+    finish_repair(ctx, repair, Recovered({}, "test") if recovered else None)
+    assert (repair.status == "complete") is complete
+    if not complete:
         assert repair.incomplete_reasons == [
             "class 0's reversed universal trigger still works on 40% of the stamped few-shot "
             "images"]
