@@ -568,8 +568,8 @@ def main() -> None:
                     "policy's; no rescanning)")
     ap.add_argument("--every-family", default=None, choices=("true", "false"),
                     help="tables: judge repairs complete again with this repair.every_family "
-                    "(default: the default policy's, [repair.recover]'s for a repair recovery followed; "
-                    "no rescanning)")
+                    "(default: the default policy's, [repair.recover]'s for a repair recovery "
+                    "followed; no rescanning)")
     ap.add_argument("--rerun", action="store_true", help="scan again what has a result")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per scan")
