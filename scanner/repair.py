@@ -22,7 +22,7 @@ from .recover import RecoverConfig, Recovered, describe, recover, untrainable, w
 from .rescan import rescan, zeroed_channels
 from .reverse import ReversedTrigger
 from .shapley import ShapleyConfig, ShapleyResult, Utility, estimate
-from .wording import target_missed
+from .wording import target_missed, target_missed_reason
 
 # shifted copies of each image (FINDINGS 5): of the other classes' images the trigger is
 # stamped on, and of the clean images the repair's clean cost is measured on
@@ -377,7 +377,7 @@ def _incomplete_reasons(result: ScanResult, repair: Repair, target_asr: float,
     reversed triggers may still succeed on."""
     reasons = []
     if not repair.target_reached:
-        reasons.append(_missed(repair, target_asr))
+        reasons.append(target_missed_reason(repair, target_asr))
     survivors = [f.details["target"] for f in result.findings if f.rule_id == "SS304"]
     if survivors:
         reasons.append(f"the reversed trigger of flagged class "
@@ -400,21 +400,6 @@ def _incomplete_reasons(result: ScanResult, repair: Repair, target_asr: float,
                 f"{f} trigger still works on {100 * a:.0f}%" for f, a in alive.items())
                 + f" of the stamped {repair.images_word}")
     return reasons
-
-
-def _missed(repair: Repair, target_asr: float) -> str:
-    """SS302's reason in a line: the success rate, or, when that met its target, the
-    target probability the trigger still lifts ("still works on 0%" read as a
-    contradiction)."""
-    asr = 100 * repair.reversed_asr_after
-    rows = f"the stamped {repair.images_word}"
-    prob, clean = repair.target_probability_after, repair.clean_target_probability_after
-    if repair.reversed_asr_after > target_asr or prob is None or clean is None:
-        return f"the reversed trigger still works on {asr:.0f}% of {rows} (SS302)"
-    flips = "none" if repair.reversed_asr_after == 0 else f"only {asr:.0f}%"
-    return (f"the reversed trigger sends {flips} of {rows} to class {repair.target} but "
-            f"still lifts its mean probability on them to {prob:.3f} (clean images of other "
-            f"classes: {clean:.3f}) (SS302)")
 
 
 def _incomplete_message(repair: Repair, out: Path | None) -> str:

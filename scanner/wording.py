@@ -39,17 +39,42 @@ def target_missed(repair: Repair, rp: RepairPolicy) -> str:
             "no other candidate channel lowered it within the clean-accuracy budget")
     rows = (f"{repair.stamped_images * (1 + repair.stamped_copies)} stamped rows"
             if repair.stamped_images else "stamped rows")
-    asr = 100 * repair.reversed_asr_after
     head = f"after zeroing {n} channels ({stop}) the reversed trigger "
-    prob, clean = repair.target_probability_after, repair.clean_target_probability_after
-    if repair.reversed_asr_after > rp.target_asr or prob is None or clean is None:
-        return (head + f"still sends {asr:.0f}% of the {rows} ({repair.images_word} of "
-                f"other classes) to class {t} (the target: at most {100 * rp.target_asr:g}%)"
-                ": the backdoor is weakened, not removed")
-    flips = "none" if repair.reversed_asr_after == 0 else f"only {asr:.0f}%"
+    flips = _flips(repair, rp.target_asr)
+    if flips is None:
+        return (head + f"still sends {100 * repair.reversed_asr_after:.0f}% of the {rows} "
+                f"({repair.images_word} of other classes) to class {t} (the target: at most "
+                f"{100 * rp.target_asr:g}%): the backdoor is weakened, not removed")
     return (head + f"sends {flips} of the {rows} ({repair.images_word} of other classes) to "
-            f"class {t}, but still lifts class {t}'s mean probability on them to {prob:.3f} "
-            f"against {clean:.3f} on the clean {repair.images_word} of other classes (the "
-            f"target: at most {rp.target_probability:g} above): a trigger that still moves "
-            "the output may still work at full strength, and the real one is stronger than "
-            "the reversed one")
+            f"class {t}, but still lifts class {t}'s mean probability on them to "
+            f"{repair.target_probability_after:.3f} against "
+            f"{repair.clean_target_probability_after:.3f} on the clean {repair.images_word} "
+            f"of other classes (the target: at most {rp.target_probability:g} above): a "
+            "trigger that still moves the output may still work at full strength, and the "
+            "real one is stronger than the reversed one")
+
+
+def target_missed_reason(repair: Repair, target_asr: float) -> str:
+    """SS302 in the one line of SS305's reasons: the success rate, or, when that met its
+    target, the probability the trigger still lifts ("still works on 0%" read as a
+    contradiction)."""
+    rows = f"the stamped {repair.images_word}"
+    flips = _flips(repair, target_asr)
+    if flips is None:
+        return (f"the reversed trigger still works on {100 * repair.reversed_asr_after:.0f}% "
+                f"of {rows} (SS302)")
+    return (f"the reversed trigger sends {flips} of {rows} to class {repair.target} but "
+            f"still lifts its mean probability on them to "
+            f"{repair.target_probability_after:.3f} (clean images of other classes: "
+            f"{repair.clean_target_probability_after:.3f}) (SS302)")
+
+
+def _flips(repair: Repair, target_asr: float) -> str | None:
+    """Which half of the plan's target a repair missed: None when the stamped rows' success
+    is still above `target_asr` (or the probabilities are unknown); else how many rows
+    still flip ("none", "only 3%"), the probability half being what was missed."""
+    prob, clean = repair.target_probability_after, repair.clean_target_probability_after
+    if repair.reversed_asr_after > target_asr or prob is None or clean is None:
+        return None
+    return ("none" if repair.reversed_asr_after == 0
+            else f"only {100 * repair.reversed_asr_after:.0f}%")
